@@ -1,0 +1,163 @@
+"""``AsyncEngine``: the asyncio face of the engine, for the gRPC services.
+
+NOTE: one thread owns the ``LLMEngine``. Everything that touches it — adding, aborting, the PD
+hooks, load figures — is a command queued to that thread and run between steps, so the engine
+needs no locks and the event loop never blocks on the model. Step outputs go back to the loop in
+one ``call_soon_threadsafe`` per step and are fanned out to per-request queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+from pdmesh.engine.errors import EngineDeadError
+from pdmesh.engine.llm_engine import LLMEngine
+from pdmesh.engine.outputs import EngineLoad, RequestOutput
+from pdmesh.engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_IDLE_WAIT_S = 0.05  # how long the idle engine thread sleeps on its command queue
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._commands: queue.Queue[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = (
+            queue.Queue()
+        )
+        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._dead: BaseException | None = None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="pdmesh-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- public API -----------------------------------------------------------------------
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prefill_only: bool = False,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; closing the iterator early aborts the request.
+
+        Raises the engine's typed errors (``InvalidRequestError``…) before the first output.
+        """
+        stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._streams[request_id] = stream
+        finished = False
+        try:
+            await self.call(
+                self.engine.add_request, request_id, prompt_token_ids, params, prefill_only
+            )
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if self._streams.get(request_id) is stream:
+                del self._streams[request_id]
+            if not finished and self._dead is None:
+                # the caller went away (cancelled, disconnected) or the request failed to start
+                self._submit(lambda: self.engine.abort(request_id))
+
+    async def abort(self, request_id: str) -> bool:
+        return await self.call(self.engine.abort, request_id)
+
+    async def load(self) -> EngineLoad:
+        return await self.call(self.engine.load)
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the engine thread between steps and return its result."""
+        return await asyncio.wrap_future(self._submit(lambda: fn(*args)))
+
+    # -- engine thread --------------------------------------------------------------------
+
+    def _submit(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+        if self._dead is not None:
+            fut.set_exception(EngineDeadError(f"engine stopped: {self._dead}"))
+        else:
+            self._commands.put((fn, fut))
+        return fut
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._run_commands(block=not self.engine.has_work)
+                if self.engine.has_work:
+                    outputs = self.engine.step()
+                    if outputs:
+                        self._emit(outputs)
+        except BaseException as e:  # the engine is unusable: fail every stream and caller
+            log.exception("engine loop crashed")
+            self._dead = e
+            self._fail_all(EngineDeadError(f"engine loop crashed: {e!r}"))
+            return
+        self._dead = EngineDeadError("engine shut down")
+        self._fail_all(self._dead)
+
+    def _run_commands(self, block: bool) -> None:
+        try:
+            item = self._commands.get(timeout=_IDLE_WAIT_S) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            fn, fut = item
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except Exception as e:  # a typed error for the caller, not an engine failure
+                    fut.set_exception(e)
+            try:
+                item = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _emit(self, outputs: list[RequestOutput]) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._dispatch, outputs)
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                stream.put_nowait(out)
+
+    def _fail_all(self, error: BaseException) -> None:
+        while True:
+            try:
+                _, fut = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(error)
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._fail_streams, error)
+
+    def _fail_streams(self, error: BaseException) -> None:
+        for stream in self._streams.values():
+            stream.put_nowait(error)

@@ -1,0 +1,82 @@
+"""Paged attention over the KV cache, and the per-step metadata it reads.
+
+KV cache layout (one tensor for the whole cache, so it is one registered memory region):
+
+    kv_cache: [num_layers, 2 (K, V), num_pages, page_size, num_kv_heads, head_dim]
+
+Page ``p`` of layer ``l``'s K is the contiguous byte range ``kv_cache[l, 0, p]``; a token in slot
+``s`` lives at page ``s // page_size``, offset ``s % page_size``. Attention writes the step's new
+K/V into their slots, then reads each sequence's context through a gathered view of its slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSegment:
+    """One sequence's chunk inside the flat token batch."""
+
+    start: int  # first row of the chunk in the flat batch
+    num_tokens: int
+    context_len: int  # tokens of context after this chunk (cached prefix + chunk)
+    slots: torch.Tensor  # [context_len] cache slots of the whole context
+    causal_mask: torch.Tensor | None  # [num_tokens, context_len] bool; None = plain causal
+
+
+@dataclass
+class AttentionMetadata:
+    """Built once per step by the model runner, read by every layer."""
+
+    slot_mapping: torch.Tensor  # [T] cache slot of every new token
+    num_decode: int  # the first num_decode rows are single-token decodes
+    decode_slots: torch.Tensor | None  # [B, L] context slots, padded with slot 0
+    decode_mask: torch.Tensor | None  # [B, 1, 1, L] bool, True where a key is attended
+    prefills: list[PrefillSegment]
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, num_heads, head_dim]
+    k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+    v: torch.Tensor,
+    k_cache: torch.Tensor,  # [num_slots, num_kv_heads, head_dim] (a view of one layer's K)
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:  # [T, num_heads, head_dim]
+    k_cache.index_copy_(0, meta.slot_mapping, k)
+    v_cache.index_copy_(0, meta.slot_mapping, v)
+    out = torch.empty_like(q)
+    if meta.num_decode:
+        assert meta.decode_slots is not None
+        qd = q[: meta.num_decode].unsqueeze(2)  # [B, H, 1, D]
+        kd = k_cache[meta.decode_slots].transpose(1, 2)  # [B, Hkv, L, D]
+        vd = v_cache[meta.decode_slots].transpose(1, 2)
+        od = F.scaled_dot_product_attention(
+            qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True
+        )
+        out[: meta.num_decode] = od.squeeze(2)
+    for seg in meta.prefills:
+        rows = slice(seg.start, seg.start + seg.num_tokens)
+        qp = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+        if seg.causal_mask is None:  # no cached prefix: the chunk is its whole context
+            kp, vp = k[rows], v[rows]
+        else:
+            kp, vp = k_cache[seg.slots], v_cache[seg.slots]
+        kp = kp.transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
+        vp = vp.transpose(0, 1).unsqueeze(0)
+        op = F.scaled_dot_product_attention(
+            qp,
+            kp,
+            vp,
+            attn_mask=seg.causal_mask,
+            is_causal=seg.causal_mask is None,
+            scale=scale,
+            enable_gqa=True,
+        )
+        out[rows] = op.squeeze(0).transpose(0, 1)
+    return out

@@ -1,0 +1,58 @@
+"""Engine configuration: one frozen dataclass, each field a ``--flag`` of the worker services."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pdmesh.config import flag
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = flag(
+        "smollm2-135m-instruct",
+        "model to serve: 'smollm2-135m-instruct' (fetched and converted on first use), a local "
+        "Hugging Face directory, or 'random:<preset>' (e.g. random:llama-3.1-8b)",
+    )
+    device: str = flag("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'")
+    dtype: str = flag(
+        "auto",
+        "'auto' (bfloat16 on CUDA, float32 on CPU, where it measured faster), 'float32', "
+        "'bfloat16' or 'float16'",
+    )
+    page_size: int = flag(16, "tokens per KV page")
+    num_pages: int = flag(0, "KV pages in the pool; 0 sizes the pool from --kv-cache-memory-gb")
+    kv_cache_memory_gb: float = flag(
+        0.0, "memory for the KV pool when --num-pages is 0; 0 = 1 GB on CPU, 80%% of free on CUDA"
+    )
+    max_running_requests: int = flag(64, "most requests decoding at once")
+    max_num_batched_tokens: int = flag(512, "token budget of one step (prefill chunk size)")
+    max_model_len: int = flag(0, "context length; 0 = the model's, capped at 32768")
+    enable_prefix_cache: bool = flag(True, "reuse KV of full pages shared with earlier prompts")
+    seed: int = flag(0, "seed of the engine's generator for unseeded requests")
+
+    def __post_init__(self) -> None:
+        for name in ("page_size", "max_running_requests", "max_num_batched_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        for name in ("num_pages", "max_model_len"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.kv_cache_memory_gb < 0:
+            raise ValueError(f"kv_cache_memory_gb={self.kv_cache_memory_gb} must be >= 0")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}; choose auto, {', '.join(DTYPES)}")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return DTYPES[self.dtype]

@@ -1,0 +1,36 @@
+"""Typed errors the engine raises for bad input or exhausted resources.
+
+Services map these once, at their gRPC/HTTP boundary: ``InvalidRequestError`` →
+INVALID_ARGUMENT / HTTP 400, ``ResourceExhaustedError`` → RESOURCE_EXHAUSTED / HTTP 429,
+``RequestNotFoundError`` → NOT_FOUND.
+"""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base class of every error the engine raises on purpose."""
+
+
+class InvalidRequestError(EngineError, ValueError):
+    """A request field is invalid; ``field`` names it (e.g. ``sampling_params.top_p``)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class ResourceExhaustedError(EngineError):
+    """The request can never fit (e.g. it needs more KV pages than the pool holds)."""
+
+
+class RequestNotFoundError(EngineError, KeyError):
+    """No request with that id is known to the engine."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; keep the message readable
+        return str(self.args[0]) if self.args else "request not found"
+
+
+class EngineDeadError(EngineError):
+    """The engine loop stopped (crashed or shut down); no more requests are served."""

@@ -1,0 +1,145 @@
+"""The only place that builds tensors: owns the model, the KV cache and the sampler.
+
+``run(batch)`` flattens a ``ScheduledBatch`` into one token batch (decodes first, then prefill
+chunks), runs the model once, computes logits only for the rows that sample, and samples.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from pdmesh.engine.attention import AttentionMetadata, PrefillSegment
+from pdmesh.engine.sampler import Sampler, SampleRow
+from pdmesh.engine.scheduler import ScheduledBatch
+from pdmesh.engine.sequence import Sequence, TokenLogprob
+from pdmesh.models.config import ModelConfig
+from pdmesh.models.llama import LlamaForCausalLM, rope_cos_sin
+
+log = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        num_pages: int,
+        page_size: int,
+        max_model_len: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        seed: int = 0,
+    ) -> None:
+        cfg: ModelConfig = model.config
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.page_size = page_size
+        # zeroed: padded decode rows read slots nobody wrote, and 0 × garbage may be NaN
+        self.kv_cache = torch.zeros(
+            cfg.num_layers,
+            2,
+            num_pages,
+            page_size,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            dtype=dtype,
+            device=device,
+        )
+        cos, sin = rope_cos_sin(cfg, max_model_len)
+        self.rope = (cos.to(device), sin.to(device))
+        self.sampler = Sampler(device, seed)
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> list[tuple[int, TokenLogprob | None] | None]:
+        """Compute the batch; per sequence the sampled (token, logprob), or None mid-prefill."""
+        input_ids, positions, meta, sample_rows = self._prepare(batch)
+        hidden = self.model(input_ids, positions, self.kv_cache, meta, self.rope)
+        results: list[tuple[int, TokenLogprob | None] | None] = [None] * len(batch.seqs)
+        if not sample_rows:
+            return results
+        idx = torch.tensor([row for _, row in sample_rows], device=self.device)
+        logits = self.model.compute_logits(hidden[idx])
+        rows = [_sample_row(batch.seqs[i]) for i, _ in sample_rows]
+        tokens, logprobs = self.sampler(logits, rows)
+        for (i, _), tok, lp in zip(sample_rows, tokens, logprobs):
+            results[i] = (tok, lp)
+        return results
+
+    def _prepare(
+        self, batch: ScheduledBatch
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[tuple[int, int]]]:
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[tuple[int, int]] = []  # (index in batch, row in the flat batch)
+        decode_ctx: list[list[int]] = []
+        prefills: list[PrefillSegment] = []
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            row0 = len(ids)
+            ids += seq.token_ids[start:end]
+            pos += range(start, end)
+            ctx_slots = self._slots(seq, end)
+            slots += ctx_slots[start:end]
+            if batch.samples(i):
+                sample_rows.append((i, row0 + n - 1))
+            if n == 1 and not prefills:  # single-token rows lead the batch: batched decode
+                decode_ctx.append(ctx_slots)
+            else:
+                prefills.append(self._segment(row0, start, n, ctx_slots))
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            num_decode=len(decode_ctx),
+            decode_slots=None,
+            decode_mask=None,
+            prefills=prefills,
+        )
+        if decode_ctx:
+            width = max(len(c) for c in decode_ctx)
+            meta.decode_slots = torch.tensor(
+                [c + [0] * (width - len(c)) for c in decode_ctx], dtype=torch.long, device=dev
+            )
+            lens = torch.tensor([len(c) for c in decode_ctx], device=dev)
+            meta.decode_mask = (torch.arange(width, device=dev) < lens.unsqueeze(1))[:, None, None]
+        return (
+            torch.tensor(ids, dtype=torch.long, device=dev),
+            torch.tensor(pos, dtype=torch.long, device=dev),
+            meta,
+            sample_rows,
+        )
+
+    def _slots(self, seq: Sequence, num_tokens: int) -> list[int]:
+        ps = self.page_size
+        return [seq.block_table[t // ps] * ps + t % ps for t in range(num_tokens)]
+
+    def _segment(self, row0: int, start: int, n: int, ctx_slots: list[int]) -> PrefillSegment:
+        dev = self.device
+        mask = None
+        if start > 0:  # a cached prefix or an earlier chunk: query i sees keys 0..start+i
+            q_pos = torch.arange(start, start + n, device=dev).unsqueeze(1)
+            mask = torch.arange(start + n, device=dev).unsqueeze(0) <= q_pos
+        return PrefillSegment(
+            start=row0,
+            num_tokens=n,
+            context_len=start + n,
+            slots=torch.tensor(ctx_slots, dtype=torch.long, device=dev),
+            causal_mask=mask,
+        )
+
+    # -- page access for KV transfer ------------------------------------------------------
+
+    def read_pages(self, page_ids: list[int]) -> torch.Tensor:
+        """KV of ``page_ids``: [layers, 2, len(page_ids), page_size, kv_heads, head_dim]."""
+        idx = torch.tensor(page_ids, dtype=torch.long, device=self.device)
+        return self.kv_cache.index_select(2, idx)
+
+    def write_pages(self, page_ids: list[int], data: torch.Tensor) -> None:
+        idx = torch.tensor(page_ids, dtype=torch.long, device=self.device)
+        self.kv_cache.index_copy_(2, idx, data.to(self.device, self.dtype))
+
+
+def _sample_row(seq: Sequence) -> SampleRow:
+    return SampleRow(seq.params, seq.token_ids[: seq.num_prompt_tokens], seq.completion_token_ids)

