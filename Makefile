@@ -7,10 +7,11 @@ STAMP := $(VENV)/.stamp-install
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-gpu lint typecheck model bench clean help
+.PHONY: install protos test test-gpu lint typecheck model bench clean help
 
 help:
 	@echo "make install    create $(VENV) and install pdmesh with its dev tools"
+	@echo "make protos     generate the gRPC stubs (pdmesh/v1/) from protos/"
 	@echo "make test       install if needed, then run the test suite (GPU tests skip without a GPU)"
 	@echo "make test-gpu   run only the GPU-marked tests"
 	@echo "make lint       ruff"
@@ -25,25 +26,35 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-install: $(STAMP)
+PROTO_SRCS := $(wildcard protos/pdmesh/v1/*.proto)
+PROTO_STAMP := pdmesh/v1/.stamp-protos
 
-test: $(STAMP)
+# generated stubs are not committed: they are rebuilt whenever a .proto changes
+$(PROTO_STAMP): $(STAMP) $(PROTO_SRCS) scripts/gen_protos.sh
+	PYTHON=$(PY) scripts/gen_protos.sh
+	touch $@
+
+install: $(STAMP) $(PROTO_STAMP)
+
+protos: $(PROTO_STAMP)
+
+test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-test-gpu: $(STAMP)
+test-gpu: install
 	$(PY) -m pytest -q -m gpu $(PYTEST_ARGS)
 
-lint: $(STAMP)
+lint: install
 	$(PY) -m ruff check pdmesh services tests
 	$(PY) -m ruff format --check pdmesh services tests
 
-typecheck: $(STAMP)
+typecheck: install
 	$(PY) -m mypy pdmesh services
 
 model: $(STAMP)
 	$(PY) -m pdmesh.models.fetch
 
-bench: $(STAMP)
+bench: install
 	$(PY) -m pdmesh.bench $(BENCH_ARGS)
 
 clean:

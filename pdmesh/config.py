@@ -31,12 +31,18 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
             help_text += f" (env {env})"
         if typ is bool:
             parser.add_argument(
-                name, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                name,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=default,
                 help=help_text + f" (default: {default})",
             )
         else:
             parser.add_argument(
-                name, dest=f.name, type=typ, default=default,
+                name,
+                dest=f.name,
+                type=typ,
+                default=default,
                 help=help_text + f" (default: {default!r})",
             )
 
@@ -67,4 +73,6 @@ def _parse_env(typ: type, raw: str, name: str) -> Any:
     try:
         return typ(raw)
     except ValueError as e:
-        raise ValueError(f"environment variable {name}={raw!r} is not a valid {typ.__name__}") from e
+        raise ValueError(
+            f"environment variable {name}={raw!r} is not a valid {typ.__name__}"
+        ) from e

@@ -7,17 +7,17 @@
 
 from pdmesh.engine.async_engine import AsyncEngine
 from pdmesh.engine.config import EngineConfig
-from pdmesh.engine.errors import (
+from pdmesh.engine.llm_engine import LLMEngine
+from pdmesh.engine.outputs import EngineLoad, KVLayout, RequestOutput
+from pdmesh.engine.sampling_params import SamplingParams
+from pdmesh.engine.sequence import FinishReason, TokenLogprob
+from pdmesh.errors import (
     EngineDeadError,
     EngineError,
     InvalidRequestError,
     RequestNotFoundError,
     ResourceExhaustedError,
 )
-from pdmesh.engine.llm_engine import LLMEngine
-from pdmesh.engine.outputs import EngineLoad, KVLayout, RequestOutput
-from pdmesh.engine.sampling_params import SamplingParams
-from pdmesh.engine.sequence import FinishReason, TokenLogprob
 
 __all__ = [
     "AsyncEngine",

@@ -16,10 +16,10 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
-from pdmesh.engine.errors import EngineDeadError
 from pdmesh.engine.llm_engine import LLMEngine
 from pdmesh.engine.outputs import EngineLoad, RequestOutput
 from pdmesh.engine.sampling_params import SamplingParams
+from pdmesh.errors import EngineDeadError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -122,7 +122,9 @@ class AsyncEngine:
 
     def _run_commands(self, block: bool) -> None:
         try:
-            item = self._commands.get(timeout=_IDLE_WAIT_S) if block else self._commands.get_nowait()
+            item = (
+                self._commands.get(timeout=_IDLE_WAIT_S) if block else self._commands.get_nowait()
+            )
         except queue.Empty:
             return
         while True:

@@ -12,12 +12,12 @@ import torch
 
 from pdmesh.engine.block_manager import BlockManager
 from pdmesh.engine.config import EngineConfig
-from pdmesh.engine.errors import InvalidRequestError, RequestNotFoundError, ResourceExhaustedError
 from pdmesh.engine.model_runner import ModelRunner
 from pdmesh.engine.outputs import EngineLoad, KVLayout, RequestOutput
 from pdmesh.engine.sampling_params import SamplingParams
 from pdmesh.engine.scheduler import ScheduledBatch, Scheduler
 from pdmesh.engine.sequence import FinishReason, Sequence, SequenceStatus, TokenLogprob
+from pdmesh.errors import InvalidRequestError, RequestNotFoundError, ResourceExhaustedError
 from pdmesh.models import loader
 
 log = logging.getLogger(__name__)
@@ -44,15 +44,25 @@ class LLMEngine:
             self.blocks, config.max_running_requests, config.max_num_batched_tokens
         )
         self.runner = ModelRunner(
-            model, num_pages, config.page_size, self.max_model_len, self.device, self.dtype,
+            model,
+            num_pages,
+            config.page_size,
+            self.max_model_len,
+            self.device,
+            self.dtype,
+            tuple(sorted(self.eos_token_ids)),
             config.seed,
         )
         self._seqs: dict[str, Sequence] = {}  # every request the engine knows, by id
         self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
         log.info(
             "engine ready: %d KV pages x %d tokens (%.2f GB), context %d, device %s, dtype %s",
-            num_pages, config.page_size, self.runner.kv_cache.nbytes / 1e9, self.max_model_len,
-            self.device, self.dtype,
+            num_pages,
+            config.page_size,
+            self.runner.kv_cache.nbytes / 1e9,
+            self.max_model_len,
+            self.device,
+            self.dtype,
         )
 
     # -- requests -------------------------------------------------------------------------
@@ -119,7 +129,9 @@ class LLMEngine:
         """Decode side: the prompt's KV has arrived and the prefill sampled ``first_token``."""
         seq = self._get(request_id, SequenceStatus.AWAITING_KV)
         if not 0 <= first_token < self.vocab_size:
-            raise InvalidRequestError("first_token", f"{first_token} outside [0, {self.vocab_size})")
+            raise InvalidRequestError(
+                "first_token", f"{first_token} outside [0, {self.vocab_size})"
+            )
         seq.num_computed_tokens = seq.num_prompt_tokens
         self.blocks.commit_full_pages(seq)
         self.scheduler.add_running(seq)
@@ -135,10 +147,15 @@ class LLMEngine:
     def kv_layout(self) -> KVLayout:
         kv, mcfg = self.runner.kv_cache, self.source.config
         return KVLayout(
-            base_ptr=kv.data_ptr(), total_bytes=kv.nbytes, num_layers=mcfg.num_layers,
-            num_pages=self.blocks.num_pages, page_size=self.blocks.page_size,
-            num_kv_heads=mcfg.num_kv_heads, head_dim=mcfg.head_dim,
-            dtype=str(self.dtype).removeprefix("torch."), device=str(self.device),
+            base_ptr=kv.data_ptr(),
+            total_bytes=kv.nbytes,
+            num_layers=mcfg.num_layers,
+            num_pages=self.blocks.num_pages,
+            page_size=self.blocks.page_size,
+            num_kv_heads=mcfg.num_kv_heads,
+            head_dim=mcfg.head_dim,
+            dtype=str(self.dtype).removeprefix("torch."),
+            device=str(self.device),
         )
 
     def read_pages(self, page_ids: list[int]) -> torch.Tensor:
@@ -182,7 +199,8 @@ class LLMEngine:
         bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise InvalidRequestError(
-                "prompt_token_ids", f"ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})"
+                "prompt_token_ids",
+                f"ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})",
             )
         params.validate(self.vocab_size)
         if self.blocks.pages_for(n + 1) > self.blocks.num_pages:
@@ -203,7 +221,9 @@ class LLMEngine:
                 outputs.append(self._append_token(seq, *result))
         return outputs
 
-    def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput:
+    def _append_token(
+        self, seq: Sequence, token: int, logprob: TokenLogprob | None
+    ) -> RequestOutput:
         seq.token_ids.append(token)
         if logprob is not None:
             seq.logprobs.append(logprob)
@@ -220,9 +240,9 @@ class LLMEngine:
 
     def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         p = seq.params
-        if seq.num_completion_tokens > p.min_new_tokens or p.min_new_tokens == 0:
-            if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
-                return FinishReason.STOP
+        # below min_new_tokens the sampler bans stop ids and EOS, so they cannot show up here
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+            return FinishReason.STOP
         if seq.num_completion_tokens >= p.max_new_tokens or seq.num_tokens >= self.max_model_len:
             return FinishReason.LENGTH
         return None
@@ -264,7 +284,11 @@ class LLMEngine:
     def _auto_num_pages(self) -> int:
         mcfg = self.source.config
         per_page = (
-            mcfg.num_layers * 2 * self.config.page_size * mcfg.num_kv_heads * mcfg.head_dim
+            mcfg.num_layers
+            * 2
+            * self.config.page_size
+            * mcfg.num_kv_heads
+            * mcfg.head_dim
             * torch.tensor([], dtype=self.dtype).element_size()
         )
         budget = self.config.kv_cache_memory_gb * 1e9

@@ -29,6 +29,7 @@ class ModelRunner:
         max_model_len: int,
         device: torch.device,
         dtype: torch.dtype,
+        eos_token_ids: tuple[int, ...] = (),
         seed: int = 0,
     ) -> None:
         cfg: ModelConfig = model.config
@@ -36,6 +37,7 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.page_size = page_size
+        self.eos_token_ids = eos_token_ids
         # zeroed: padded decode rows read slots nobody wrote, and 0 × garbage may be NaN
         self.kv_cache = torch.zeros(
             cfg.num_layers,
@@ -61,7 +63,7 @@ class ModelRunner:
             return results
         idx = torch.tensor([row for _, row in sample_rows], device=self.device)
         logits = self.model.compute_logits(hidden[idx])
-        rows = [_sample_row(batch.seqs[i]) for i, _ in sample_rows]
+        rows = [self._sample_row(batch.seqs[i]) for i, _ in sample_rows]
         tokens, logprobs = self.sampler(logits, rows)
         for (i, _), tok, lp in zip(sample_rows, tokens, logprobs):
             results[i] = (tok, lp)
@@ -140,6 +142,11 @@ class ModelRunner:
         idx = torch.tensor(page_ids, dtype=torch.long, device=self.device)
         self.kv_cache.index_copy_(2, idx, data.to(self.device, self.dtype))
 
-
-def _sample_row(seq: Sequence) -> SampleRow:
-    return SampleRow(seq.params, seq.token_ids[: seq.num_prompt_tokens], seq.completion_token_ids)
+    def _sample_row(self, seq: Sequence) -> SampleRow:
+        p = seq.params
+        banned: tuple[int, ...] = ()
+        if seq.num_completion_tokens < p.min_new_tokens:
+            banned = p.stop_token_ids + (() if p.ignore_eos else self.eos_token_ids)
+        return SampleRow(
+            p, seq.token_ids[: seq.num_prompt_tokens], seq.completion_token_ids, banned
+        )

@@ -23,6 +23,8 @@ class SampleRow:
     params: SamplingParams
     prompt_ids: list[int]
     output_ids: list[int]
+    # tokens that may not be sampled now: EOS and stop ids until min_new_tokens is reached
+    banned_ids: tuple[int, ...] = ()
 
 
 class Sampler:
@@ -36,11 +38,13 @@ class Sampler:
         self, logits: torch.Tensor, rows: list[SampleRow]
     ) -> tuple[list[int], list[TokenLogprob | None]]:
         # logits: [B, vocab] float32
-        if any(r.params.has_penalties for r in rows):
+        if any(r.params.has_penalties or r.banned_ids for r in rows):
             logits = logits.clone()
             for i, r in enumerate(rows):
                 if r.params.has_penalties:
                     _apply_penalties(logits[i], r)
+                if r.banned_ids:
+                    logits[i, list(r.banned_ids)] = float("-inf")
         tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
         rand = [i for i, r in enumerate(rows) if not r.params.greedy]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from pdmesh.engine.errors import InvalidRequestError
+from pdmesh.errors import InvalidRequestError
 
 
 @dataclass(frozen=True)

@@ -77,11 +77,15 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
-        for seq in list(self.running):
-            if seq.status is SequenceStatus.RUNNING and not seq.is_prefilling and budget > 0:
-                if self._make_room(seq, batch):
-                    batch.add(seq, 1)
-                    budget -= 1
+        for seq in list(self.running):  # a copy: _make_room may preempt later entries
+            if (
+                seq.status is SequenceStatus.RUNNING  # not preempted earlier in this loop
+                and not seq.is_prefilling
+                and budget > 0
+                and self._make_room(seq, batch)
+            ):
+                batch.add(seq, 1)
+                budget -= 1
         for seq in self.running:
             if seq.is_prefilling and budget > 0:
                 n = min(seq.num_uncomputed_tokens, budget)

@@ -1,8 +1,8 @@
-"""Typed errors the engine raises for bad input or exhausted resources.
+"""Typed errors every pdmesh component raises on purpose (torch-free, so light services load fast).
 
-Services map these once, at their gRPC/HTTP boundary: ``InvalidRequestError`` →
+Services map them once, at their gRPC/HTTP boundary: ``InvalidRequestError`` →
 INVALID_ARGUMENT / HTTP 400, ``ResourceExhaustedError`` → RESOURCE_EXHAUSTED / HTTP 429,
-``RequestNotFoundError`` → NOT_FOUND.
+``RequestNotFoundError`` → NOT_FOUND, ``EngineDeadError`` → UNAVAILABLE.
 """
 
 from __future__ import annotations
