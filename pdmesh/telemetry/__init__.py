@@ -1,0 +1,1 @@
+"""OpenTelemetry tracing and Prometheus metrics — arrives with the observability issue."""
