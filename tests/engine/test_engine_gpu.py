@@ -1,0 +1,31 @@
+"""The engine on CUDA (skipped without a GPU): same tokens as on the CPU, bf16 runs."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdmesh.engine import SamplingParams
+from tests.engine.conftest import EngineFactory, assert_all_pages_free, generate
+
+pytestmark = pytest.mark.gpu
+
+PROMPTS = [[1, 2, 3, 4, 5], list(range(10, 60)), [7] * 33]
+GREEDY = SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True)
+
+
+def test_cuda_float32_matches_cpu(make_tiny_engine: EngineFactory) -> None:
+    cpu = generate(make_tiny_engine(device="cpu"), PROMPTS, GREEDY)
+    gpu_engine = make_tiny_engine(device="cuda", dtype="float32")
+    assert generate(gpu_engine, PROMPTS, GREEDY) == cpu
+    assert_all_pages_free(gpu_engine)
+
+
+def test_cuda_bfloat16_default_and_kv_layout(make_tiny_engine: EngineFactory) -> None:
+    engine = make_tiny_engine(device="cuda", max_num_batched_tokens=8)  # chunked prefill too
+    assert engine.dtype.is_floating_point and str(engine.dtype) == "torch.bfloat16"
+    outs = generate(engine, PROMPTS, GREEDY)
+    assert [len(o) for o in outs] == [16, 16, 16]
+    layout = engine.kv_layout()
+    assert layout.device.startswith("cuda") and layout.dtype == "bfloat16"
+    assert layout.page_addr(0, 0, 0) == engine.runner.kv_cache.data_ptr()
+    assert_all_pages_free(engine)
