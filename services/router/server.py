@@ -1,0 +1,104 @@
+"""The ``pdmesh.v1.RouterService`` servicer and the router's entry coroutine.
+
+Handlers are thin: generation is ``generate.Generation``, the worker set ``workers.WorkerSet``.
+Errors of the router's own checks escape to ``pdmesh.rpc``'s interceptor; errors of the
+services it calls (``UpstreamError``) are answered with the callee's own status.
+
+NOTE on cancellation: when the client cancels (or its deadline passes), grpc may cancel the
+handler while it is parked at a ``yield``, and then no ``finally`` in it runs until the garbage
+collector closes the generator. So the upstream calls are also cancelled from the call's
+done-callback, which grpc runs as soon as the call ends: the worker sees its Generate cancelled
+and frees the request's pages at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc.aio
+
+from pdmesh.errors import InvalidRequestError
+from pdmesh.routing import make_policy
+from pdmesh.rpc.server import RpcServer, serve_until_signal
+from pdmesh.v1 import router_pb2, router_pb2_grpc
+from services.router import convert
+from services.router.config import RouterServiceConfig
+from services.router.generate import Generation
+from services.router.tokenizer_client import TokenizerClient
+from services.router.upstream import OutgoingCalls, UpstreamError
+from services.router.workers import WorkerSet
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
+
+
+class RouterServicer(router_pb2_grpc.RouterServiceServicer):
+    def __init__(self, generation: Generation, request_timeout: float) -> None:
+        self._generation = generation
+        self._workers = generation.workers
+        self._request_timeout = request_timeout
+
+    async def Generate(
+        self, request: router_pb2.RouterGenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[router_pb2.RouterGenerateResponse]:
+        calls = OutgoingCalls()
+        context.add_done_callback(lambda _: calls.cancel_all())
+        remaining = context.time_remaining()  # the client's deadline, when it set one
+        timeout = min(self._request_timeout, remaining or self._request_timeout)
+        try:
+            async for reply in self._generation.generate(request, timeout, calls):
+                yield reply
+        except UpstreamError as e:
+            calls.cancel_all()
+            await e.abort(context)
+
+    async def ListWorkers(
+        self, request: router_pb2.ListWorkersRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.ListWorkersResponse:
+        return router_pb2.ListWorkersResponse(
+            workers=[convert.worker_to_pb(w) for w in self._workers.all()]
+        )
+
+    async def AddWorker(
+        self, request: router_pb2.AddWorkerRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.AddWorkerResponse:
+        worker = self._workers.add(
+            request.address,
+            convert.role_from_pb(request.role),
+            request.id if request.HasField("id") else None,
+        )
+        await self._workers.check(worker)  # so the reply says whether it takes traffic yet
+        return router_pb2.AddWorkerResponse(worker=convert.worker_to_pb(worker))
+
+    async def RemoveWorker(
+        self, request: router_pb2.RemoveWorkerRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.RemoveWorkerResponse:
+        kind = request.WhichOneof("worker")
+        if kind is None:
+            raise InvalidRequestError("worker", "set id or address")
+        if kind == "id":
+            found = self._workers.remove(id=request.id)
+        else:
+            found = self._workers.remove(address=request.address)
+        return router_pb2.RemoveWorkerResponse(found=found)
+
+
+async def serve(config: RouterServiceConfig) -> None:
+    """Route until SIGTERM/SIGINT; in-flight generations drain for the grace period."""
+    workers = WorkerSet(config.rpc_timeout, drain_timeout=config.request_timeout)
+    for address in config.worker_addresses:
+        workers.add(address)
+    tokenizer = TokenizerClient(config.tokenizer, config.rpc_timeout)
+    generation = Generation(workers, make_policy(config.policy), tokenizer)
+    rpc = RpcServer([SERVICE_NAME])
+    router_pb2_grpc.add_RouterServiceServicer_to_server(
+        RouterServicer(generation, config.request_timeout), rpc.server
+    )
+    workers.start_health_checks(config.health_check_interval)
+    try:
+        await serve_until_signal(rpc, config.host, config.port, config.grace_period)
+    finally:
+        await workers.close()
+        await tokenizer.close()

@@ -1,0 +1,152 @@
+"""``WorkerSet``: the live set of workers the router routes to, with one channel each.
+
+Health is tracked two ways: a background loop asks every worker's ``grpc.health.v1`` service
+every ``interval`` seconds (a draining worker answers NOT_SERVING and stops getting new
+requests), and a call that fails with UNAVAILABLE marks its worker unhealthy at once. The set
+changes only on the event loop, so it needs no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pdmesh.errors import InvalidRequestError
+from pdmesh.v1 import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
+ROLES = ("aggregated",)  # prefill / decode arrive with the PD issue
+
+
+@dataclass(eq=False)
+class WorkerHandle:
+    id: str
+    address: str
+    role: str
+    channel: grpc.aio.Channel = field(repr=False)
+    healthy: bool = False  # whether the last health check (or call) found it serving
+    model_name: str = ""  # from GetModelInfo, once it answered
+    stub: worker_pb2_grpc.WorkerServiceStub = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.stub = worker_pb2_grpc.WorkerServiceStub(self.channel)
+
+    @property
+    def label(self) -> str:
+        """How messages name it."""
+        if self.id == self.address:
+            return f"worker {self.address}"
+        return f"worker {self.id} ({self.address})"
+
+
+class WorkerSet:
+    def __init__(self, rpc_timeout: float, drain_timeout: float) -> None:
+        """``rpc_timeout``: deadline of health and model-info calls; ``drain_timeout``: how long
+        a removed worker's in-flight calls may run before its channel is closed under them."""
+        self._workers: dict[str, WorkerHandle] = {}  # by id, in the order they were added
+        self._rpc_timeout = rpc_timeout
+        self._drain_timeout = drain_timeout
+        self._background: set[asyncio.Task[None]] = set()
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+    def all(self) -> list[WorkerHandle]:
+        return list(self._workers.values())
+
+    def add(self, address: str, role: str = "aggregated", id: str | None = None) -> WorkerHandle:
+        """Register a worker (unhealthy until ``check`` finds it serving)."""
+        if ":" not in address:
+            raise InvalidRequestError("address", f"{address!r} is not host:port")
+        if role not in ROLES:
+            raise InvalidRequestError(
+                "role", f"{role} workers come with the PD issue; only {', '.join(ROLES)} for now"
+            )
+        worker_id = id or address
+        for w in self._workers.values():
+            if w.id == worker_id or w.address == address:
+                raise InvalidRequestError(
+                    "address" if w.address == address else "id",
+                    f"{w.label} is already registered",
+                )
+        worker = WorkerHandle(worker_id, address, role, grpc.aio.insecure_channel(address))
+        self._workers[worker_id] = worker
+        log.info("added %s", worker.label)
+        return worker
+
+    def remove(self, id: str | None = None, address: str | None = None) -> bool:
+        """Unregister a worker; requests already on it run on for up to the drain timeout."""
+        worker = next(
+            (w for w in self._workers.values() if w.id == id or w.address == address), None
+        )
+        if worker is None:
+            return False
+        del self._workers[worker.id]
+        self._spawn(worker.channel.close(grace=self._drain_timeout))
+        log.info("removed %s", worker.label)
+        return True
+
+    def candidates(self, exclude: tuple[WorkerHandle, ...] = ()) -> list[WorkerHandle]:
+        """Workers a new request may go to: the healthy ones; when none is, all of them (health
+        may be stale, and failing the call names the worker, which beats a vague error)."""
+        workers = [w for w in self._workers.values() if w not in exclude]
+        return [w for w in workers if w.healthy] or workers
+
+    async def check(self, worker: WorkerHandle) -> bool:
+        """Ask ``worker`` whether it is serving; learn its model on the first success."""
+        health = health_pb2_grpc.HealthStub(worker.channel)
+        request = health_pb2.HealthCheckRequest(service=WORKER_SERVICE)
+        try:
+            reply = await health.Check(request, timeout=self._rpc_timeout)
+            serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+            if serving and not worker.model_name:
+                info = await worker.stub.GetModelInfo(
+                    worker_pb2.GetModelInfoRequest(), timeout=self._rpc_timeout
+                )
+                worker.model_name = info.model_name
+        except grpc.aio.AioRpcError as e:
+            log.debug("health check of %s failed: %s", worker.label, e.code().name)
+            serving = False
+        if serving != worker.healthy:
+            log.info("%s is %s", worker.label, "healthy" if serving else "unhealthy")
+        worker.healthy = serving
+        return serving
+
+    def mark_unhealthy(self, worker: WorkerHandle, reason: str) -> None:
+        if worker.healthy:
+            log.warning("%s marked unhealthy: %s", worker.label, reason)
+        worker.healthy = False
+
+    def start_health_checks(self, interval: float) -> None:
+        self._spawn(self._health_loop(interval))
+
+    async def _health_loop(self, interval: float) -> None:
+        while True:
+            # return_exceptions: one odd failure (e.g. a channel closed by a concurrent
+            # RemoveWorker) must not end health checking for every worker
+            await asyncio.gather(*(self.check(w) for w in self.all()), return_exceptions=True)
+            await asyncio.sleep(interval)
+
+    async def close(self) -> None:
+        """Stop health checks and close every channel (in-flight calls are cancelled)."""
+        for task in list(self._background):
+            task.cancel()
+        for worker in self._workers.values():
+            await worker.channel.close()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
