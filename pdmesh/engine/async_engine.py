@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from pdmesh.engine.llm_engine import LLMEngine
 from pdmesh.engine.outputs import EngineLoad, RequestOutput
 from pdmesh.engine.sampling_params import SamplingParams
-from pdmesh.errors import EngineDeadError
+from pdmesh.errors import EngineDeadError, InvalidRequestError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -62,6 +62,8 @@ class AsyncEngine:
 
         Raises the engine's typed errors (``InvalidRequestError``…) before the first output.
         """
+        if request_id in self._streams:  # the live request's outputs would go to this caller
+            raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
         stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._streams[request_id] = stream
         finished = False

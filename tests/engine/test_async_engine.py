@@ -107,6 +107,13 @@ def test_errors_and_abort(make_tiny_engine: EngineFactory) -> None:
             await asyncio.wait_for(task, 2)
             assert outs[-1].finished and outs[-1].finish_reason is FinishReason.ABORT
             assert await collect(engine, "ok", [1, 2])  # still serving
+            live = engine.generate("dup", [1, 2], params)
+            first = await live.__anext__()
+            with pytest.raises(InvalidRequestError, match="request_id"):
+                await collect(engine, "dup", [3, 4])
+            second = await live.__anext__()  # the live request is untouched
+            assert first.request_id == second.request_id == "dup" and not second.finished
+            await live.aclose()
         finally:
             engine.shutdown()
 
