@@ -7,11 +7,12 @@ STAMP := $(VENV)/.stamp-install
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install protos test test-gpu lint typecheck model bench clean help
+.PHONY: install protos run test test-gpu lint typecheck model bench clean help
 
 help:
 	@echo "make install    create $(VENV) and install pdmesh with its dev tools"
 	@echo "make protos     generate the gRPC stubs (pdmesh/v1/) from protos/"
+	@echo "make run        start tokenizer + worker + router + gateway on localhost (RUN_ARGS=...)"
 	@echo "make test       install if needed, then run the test suite (GPU tests skip without a GPU)"
 	@echo "make test-gpu   run only the GPU-marked tests"
 	@echo "make lint       ruff"
@@ -37,6 +38,10 @@ $(PROTO_STAMP): $(STAMP) $(PROTO_SRCS) scripts/gen_protos.sh
 install: $(STAMP) $(PROTO_STAMP)
 
 protos: $(PROTO_STAMP)
+
+# the whole aggregated mesh on this host; Ctrl-C stops it (python -m pdmesh.launcher --help)
+run: install
+	$(PY) -m pdmesh.launcher $(RUN_ARGS)
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

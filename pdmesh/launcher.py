@@ -1,0 +1,184 @@
+"""``python -m pdmesh.launcher``: the whole aggregated mesh on one host, with one command.
+
+Starts tokenizer + worker + router + gateway as child processes on loopback, waits until each
+answers its health check (with a deadline), prints the URL and a curl example, and on Ctrl-C or
+SIGTERM stops them in reverse order (SIGTERM, then SIGKILL after the grace period). If any child
+dies, the rest are stopped and the launcher exits non-zero with the dead one's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pdmesh.config import add_dataclass_args, flag, from_args
+
+log = logging.getLogger("pdmesh.launcher")
+
+
+@dataclass(frozen=True)
+class LauncherConfig:
+    model: str = flag("smollm2-135m-instruct", "model spec served by the worker and tokenizer")
+    host: str = flag("127.0.0.1", "address every service binds to (loopback by default)")
+    gateway_port: int = flag(8000, "HTTP port of the OpenAI-compatible gateway")
+    router_port: int = flag(50051, "gRPC port of the router")
+    tokenizer_port: int = flag(50052, "gRPC port of the tokenizer service")
+    worker_port: int = flag(50053, "gRPC port of the aggregated worker")
+    startup_timeout: float = flag(600.0, "seconds to wait for every service to become healthy")
+    grace_period: float = flag(10.0, "seconds each service may drain on shutdown before SIGKILL")
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    health: str  # "grpc://host:port" or "http://host:port/health"
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, worker_extra = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s launcher %(message)s")
+    if cfg.model == "smollm2-135m-instruct":
+        from pdmesh.models.fetch import ensure_default_model
+
+        ensure_default_model()  # once here, with a progress bar, before two services want it
+    children: list[Child] = []
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        for name, module, args, health in plan(cfg, worker_extra):
+            children.append(spawn(name, module, args, health))
+        wait_healthy(children, cfg.startup_timeout, lambda: stopping)
+        if not stopping:
+            announce(cfg)
+        while not stopping:
+            dead = [c for c in children if c.proc.poll() is not None]
+            if dead:
+                log.error("%s exited with %s; stopping the mesh", dead[0].name, dead[0].proc.poll())
+                return 1
+            time.sleep(0.5)
+        return 0
+    except (TimeoutError, RuntimeError) as e:
+        log.error("%s", e)
+        return 1
+    finally:
+        stop_all(children, cfg.grace_period)
+
+
+def parse_args(argv: list[str] | None) -> tuple[LauncherConfig, list[str]]:
+    argv = sys.argv[1:] if argv is None else argv
+    extra: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1 :]
+    parser = argparse.ArgumentParser(
+        prog="python -m pdmesh.launcher",
+        description="Start tokenizer + worker + router + gateway on this host. Flags after "
+        "'--' go to the worker (python -m services.decode --help lists them, e.g. "
+        "-- --num-pages 512 --max-running-requests 16).",
+    )
+    add_dataclass_args(parser, LauncherConfig)
+    return from_args(LauncherConfig, parser.parse_args(argv)), extra
+
+
+def plan(cfg: LauncherConfig, worker_extra: list[str]) -> list[tuple[str, str, list[str], str]]:
+    h = cfg.host
+    common = ["--host", h, "--grace-period", str(cfg.grace_period)]
+    tok, wrk, rtr = (f"{h}:{p}" for p in (cfg.tokenizer_port, cfg.worker_port, cfg.router_port))
+    return [
+        ("tokenizer", "services.tokenizer",
+         [*common, "--port", str(cfg.tokenizer_port), "--model", cfg.model], f"grpc://{tok}"),
+        ("worker", "services.decode",
+         [*common, "--port", str(cfg.worker_port), "--model", cfg.model, *worker_extra],
+         f"grpc://{wrk}"),
+        ("router", "services.router",
+         [*common, "--port", str(cfg.router_port), "--workers", wrk, "--tokenizer", tok],
+         f"grpc://{rtr}"),
+        ("gateway", "services.gateway",
+         ["--host", h, "--port", str(cfg.gateway_port), "--router", rtr],
+         f"http://{h}:{cfg.gateway_port}/health"),
+    ]  # fmt: skip
+
+
+def spawn(name: str, module: str, args: list[str], health: str) -> Child:
+    log.info("starting %s: python -m %s %s", name, module, " ".join(args))
+    # own process group: a terminal's Ctrl-C reaches only the launcher, which stops them in order
+    proc = subprocess.Popen([sys.executable, "-m", module, *args], start_new_session=True)
+    return Child(name, proc, health)
+
+
+def wait_healthy(children: list[Child], timeout: float, cancelled: object) -> None:
+    deadline = time.monotonic() + timeout
+    pending = list(children)
+    while pending:
+        if callable(cancelled) and cancelled():
+            return
+        for c in list(pending):
+            if c.proc.poll() is not None:
+                raise RuntimeError(f"{c.name} exited with {c.proc.returncode} during startup")
+            if is_healthy(c.health):
+                log.info("%s is healthy", c.name)
+                pending.remove(c)
+        if time.monotonic() > deadline:
+            names = ", ".join(c.name for c in pending)
+            raise TimeoutError(f"not healthy after {timeout:.0f}s: {names}")
+        time.sleep(0.5)
+
+
+def is_healthy(target: str) -> bool:
+    try:
+        if target.startswith("http"):
+            with urllib.request.urlopen(target, timeout=2) as resp:
+                return bool(resp.status == 200)
+        with grpc.insecure_channel(target.removeprefix("grpc://")) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=2
+            )
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+    except Exception:  # not up yet: refused, unavailable, deadline
+        return False
+
+
+def announce(cfg: LauncherConfig) -> None:
+    url = f"http://{cfg.host}:{cfg.gateway_port}"
+    print(
+        f"\npdmesh is up: {url}/v1  (model {cfg.model}; Ctrl-C stops it)\n\n"
+        f"curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d "
+        f"'{{\"model\": \"{cfg.model}\", \"messages\": [{{\"role\": \"user\", "
+        f"\"content\": \"What is the capital of France?\"}}], \"max_tokens\": 32}}'\n",
+        flush=True,
+    )
+
+
+def stop_all(children: list[Child], grace: float) -> None:
+    for c in reversed(children):  # gateway first: no new requests while the rest drain
+        if c.proc.poll() is None:
+            c.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace + 5
+    for c in reversed(children):
+        try:
+            c.proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in time; killing it", c.name)
+            c.proc.kill()
+            c.proc.wait()
+        log.info("%s stopped (exit %s)", c.name, c.proc.returncode)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,68 @@
+"""``GatewayConfig``: the gateway's flags, one dataclass field per ``--flag``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pdmesh.config import flag
+from pdmesh.rpc.server import LOG_LEVELS
+
+DEFAULT_PORT = 8000
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    router: str = flag(
+        "127.0.0.1:50051",
+        "host:port of the router's gRPC service; a comma-separated list spreads requests over "
+        "several routers (round-robin, moving on to the next one when a router is unreachable)",
+    )
+    host: str = flag(
+        "127.0.0.1", "address to listen on; 0.0.0.0 or :: to accept other hosts (set --api-key!)"
+    )
+    port: int = flag(DEFAULT_PORT, "HTTP port")
+    model_name: str = flag(
+        "",
+        "the model name /v1/models lists and requests must name; empty: the name the router's "
+        "workers report (asked on first use)",
+    )
+    api_key: str = flag(
+        "",
+        "require 'Authorization: Bearer <key>' on every endpoint but /health; empty: no auth",
+        env="PDMESH_API_KEY",
+    )
+    max_body_bytes: int = flag(
+        4 * 1024 * 1024, "largest request body accepted; larger ones get HTTP 413"
+    )
+    request_timeout: float = flag(
+        600.0, "deadline in seconds of each router call (a whole generation); past it: HTTP 504"
+    )
+    tokenizer: str = flag(
+        "",
+        "host:port of a tokenizer service, used only to spell out the tokens of "
+        "logprobs/top_logprobs; empty: they read 'token_id:<id>'",
+    )
+    log_level: str = flag("info", f"log verbosity: {', '.join(LOG_LEVELS)}")
+    grace_period: float = flag(
+        5.0, "seconds open requests get to finish after SIGTERM/SIGINT before they are cancelled"
+    )
+
+    def __post_init__(self) -> None:
+        if not self.routers:
+            raise ValueError("--router must name at least one host:port")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port={self.port} must be in [0, 65535]")
+        if self.max_body_bytes <= 0:
+            raise ValueError(f"--max-body-bytes={self.max_body_bytes} must be > 0")
+        if self.request_timeout <= 0:
+            raise ValueError(f"--request-timeout={self.request_timeout} must be > 0")
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise ValueError(f"--log-level={self.log_level!r}; choose {', '.join(LOG_LEVELS)}")
+        if self.grace_period < 0:
+            raise ValueError(f"--grace-period={self.grace_period} must be >= 0")
+        if not self.host:
+            raise ValueError("--host must not be empty")
+
+    @property
+    def routers(self) -> tuple[str, ...]:
+        return tuple(a.strip() for a in self.router.split(",") if a.strip())

@@ -1,0 +1,224 @@
+"""HTTP request bodies → router protos, and router messages → ``generation.Piece``s.
+
+The only module that builds or reads ``pdmesh.v1`` messages for the HTTP side. Sampling fields
+are copied only when the client gave them: proto3 ``optional`` keeps "unset" distinct from
+zero, so the worker's defaults apply to whatever the client left out.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from pdmesh.v1 import common_pb2, router_pb2
+from services.gateway.errors import APIError
+from services.gateway.generation import GenerationError, Piece, TokenLogprob, Usage
+from services.gateway.native_schema import GenerateRequest
+from services.gateway.openai_schema import (
+    MAX_SEED,
+    MAX_STOP_STRINGS,
+    ChatCompletionRequest,
+    CompletionRequest,
+    Prompt,
+    SamplingFields,
+)
+
+FINISH_REASONS = {
+    common_pb2.FINISH_REASON_STOP: "stop",
+    common_pb2.FINISH_REASON_LENGTH: "length",
+    common_pb2.FINISH_REASON_ABORT: "abort",
+}
+
+# The router input of one prompt: one of the RouterGenerateRequest.input oneof's fields.
+PromptInput = dict[str, Any]
+
+
+def chat_requests(
+    body: ChatCompletionRequest, request_id: str
+) -> list[router_pb2.RouterGenerateRequest]:
+    chat = common_pb2.ChatRequest(messages=[_chat_message(m) for m in body.messages])
+    if body.tools is not None:
+        chat.tools_json = json.dumps(body.tools)
+    if body.chat_template_kwargs is not None:
+        chat.template_kwargs_json = json.dumps(body.chat_template_kwargs)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs: requires logprobs to be true", param="top_logprobs")
+    params = openai_sampling(body, body.max_new_tokens)
+    if body.logprobs:
+        params.logprobs = True
+        params.top_logprobs = body.top_logprobs or 0
+    return fan_out([{"chat": chat}], params, body.n, body.seed, request_id)
+
+
+def completion_requests(
+    body: CompletionRequest, request_id: str
+) -> list[router_pb2.RouterGenerateRequest]:
+    if body.echo:
+        raise APIError(400, "echo: not supported", param="echo")
+    params = openai_sampling(body, body.max_new_tokens)
+    if body.logprobs is not None:
+        params.logprobs = True
+        params.top_logprobs = body.logprobs
+    return fan_out(prompt_inputs(body.prompt, "prompt"), params, body.n, body.seed, request_id)
+
+
+def native_requests(
+    body: GenerateRequest, request_id: str
+) -> list[router_pb2.RouterGenerateRequest]:
+    prompt: Prompt
+    if body.text is not None and body.input_ids is None:
+        prompt, field = body.text, "text"
+    elif body.input_ids is not None and body.text is None:
+        prompt, field = body.input_ids, "input_ids"
+    else:
+        raise APIError(400, "give exactly one of text and input_ids", param="text")
+    sp = body.sampling_params
+    params = _sampling(
+        max_new_tokens=sp.max_new_tokens,
+        min_new_tokens=sp.min_new_tokens,
+        temperature=sp.temperature,
+        top_p=sp.top_p,
+        top_k=sp.top_k,
+        min_p=sp.min_p,
+        frequency_penalty=sp.frequency_penalty,
+        presence_penalty=sp.presence_penalty,
+        repetition_penalty=sp.repetition_penalty,
+        ignore_eos=sp.ignore_eos,
+        skip_special_tokens=sp.skip_special_tokens,
+    )
+    _set_stops(params, sp.stop, sp.stop_token_ids, "sampling_params.stop")
+    if body.return_logprob:
+        params.logprobs = True
+        params.top_logprobs = body.top_logprobs_num
+    return fan_out(
+        prompt_inputs(prompt, field), params, sp.n, sp.sampling_seed, body.rid or request_id
+    )
+
+
+def openai_sampling(body: SamplingFields, max_new_tokens: int | None) -> common_pb2.SamplingParams:
+    params = _sampling(
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=body.min_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        min_p=body.min_p,
+        frequency_penalty=body.frequency_penalty,
+        presence_penalty=body.presence_penalty,
+        repetition_penalty=body.repetition_penalty,
+        ignore_eos=body.ignore_eos,
+        skip_special_tokens=body.skip_special_tokens,
+    )
+    _set_stops(params, body.stop, body.stop_token_ids, "stop")
+    return params
+
+
+def _sampling(**given: Any) -> common_pb2.SamplingParams:
+    return common_pb2.SamplingParams(**{k: v for k, v in given.items() if v is not None})
+
+
+def _set_stops(
+    params: common_pb2.SamplingParams,
+    stop: str | list[str] | None,
+    stop_token_ids: list[int] | None,
+    field: str,
+) -> None:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOP_STRINGS:
+        raise APIError(400, f"{field}: at most {MAX_STOP_STRINGS} stop strings", param=field)
+    if any(not s for s in stops):
+        raise APIError(400, f"{field}: stop strings must not be empty", param=field)
+    params.stop.extend(stops)
+    params.stop_token_ids.extend(stop_token_ids or [])
+
+
+def prompt_inputs(prompt: Prompt, field: str) -> list[PromptInput]:
+    """One router input per prompt: a string, a list of strings (a batch), a token-id list, or
+    a list of token-id lists (a batch)."""
+    if isinstance(prompt, str):
+        return [{"text": prompt}]
+    if not prompt:
+        raise APIError(400, f"{field}: must not be empty", param=field)
+    texts = [p for p in prompt if isinstance(p, str)]
+    if len(texts) == len(prompt):
+        return [{"text": t} for t in texts]
+    ids = [p for p in prompt if isinstance(p, int)]
+    if len(ids) == len(prompt):
+        return [{"token_ids": router_pb2.TokenIds(ids=ids)}]
+    inputs: list[PromptInput] = []
+    for i, one in enumerate(prompt):
+        if not isinstance(one, list) or not one:
+            raise APIError(400, f"{field}[{i}]: must be a non-empty token-id list", param=field)
+        inputs.append({"token_ids": router_pb2.TokenIds(ids=one)})
+    return inputs
+
+
+def fan_out(
+    inputs: Sequence[PromptInput],
+    params: common_pb2.SamplingParams,
+    n: int,
+    seed: int | None,
+    request_id: str,
+) -> list[router_pb2.RouterGenerateRequest]:
+    """``n`` router requests per prompt; choice ``i`` of a prompt gets seed ``seed + i`` (so
+    the choices differ, yet each is reproducible) and request id ``<id>-<k>`` when there are
+    several (the worker needs them unique)."""
+    requests = []
+    total = len(inputs) * n
+    for p, prompt in enumerate(inputs):
+        for i in range(n):
+            k = p * n + i
+            choice_params = common_pb2.SamplingParams()
+            choice_params.CopyFrom(params)
+            if seed is not None:
+                choice_params.seed = (seed + i) % (MAX_SEED + 1)
+            rid = request_id if total == 1 else f"{request_id}-{k}"
+            requests.append(
+                router_pb2.RouterGenerateRequest(
+                    request_id=rid, sampling_params=choice_params, **prompt
+                )
+            )
+    return requests
+
+
+def _chat_message(m: Any) -> common_pb2.ChatMessage:
+    pb = common_pb2.ChatMessage(role=m.role)
+    if (text := m.text) is not None:
+        pb.content = text
+    if m.name is not None:
+        pb.name = m.name
+    if m.tool_calls is not None:
+        pb.tool_calls_json = json.dumps(m.tool_calls)
+    if m.tool_call_id is not None:
+        pb.tool_call_id = m.tool_call_id
+    return pb
+
+
+def piece_from_pb(index: int, pb: router_pb2.RouterGenerateResponse) -> Piece:
+    if pb.finish_reason == common_pb2.FINISH_REASON_ERROR:
+        raise GenerationError(pb.error if pb.HasField("error") else "generation failed")
+    finished = pb.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+    return Piece(
+        index=index,
+        text=pb.text,
+        token_ids=tuple(pb.token_ids),
+        logprobs=tuple(_logprob(lp) for lp in pb.logprobs),
+        finish_reason=FINISH_REASONS.get(pb.finish_reason) if finished else None,
+        matched_stop=pb.matched_stop if pb.HasField("matched_stop") else None,
+        usage=_usage(pb.usage) if finished else None,
+    )
+
+
+def _logprob(pb: common_pb2.TokenLogprob) -> TokenLogprob:
+    return TokenLogprob(
+        token_id=pb.token_id, logprob=pb.logprob, top=tuple((t.token_id, t.logprob) for t in pb.top)
+    )
+
+
+def _usage(pb: common_pb2.Usage) -> Usage:
+    return Usage(
+        prompt_tokens=pb.prompt_tokens,
+        completion_tokens=pb.completion_tokens,
+        cached_tokens=pb.cached_tokens,
+    )

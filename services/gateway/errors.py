@@ -1,0 +1,163 @@
+"""HTTP errors in the OpenAI shape, and the one place gRPC status codes become HTTP statuses.
+
+Every error the gateway answers has the body OpenAI clients parse:
+``{"error": {"message", "type", "param", "code"}}``. Handlers raise ``APIError``; router failures
+arrive as ``grpc.aio.AioRpcError`` and go through ``from_rpc_error``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import grpc
+import grpc.aio
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from pdmesh.rpc.errors import error_detail
+from services.gateway.generation import GenerationError
+
+log = logging.getLogger(__name__)
+
+HTTP_STATUS_FOR_GRPC = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+class APIError(Exception):
+    """An error answered as ``status`` with an OpenAI error body."""
+
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+    @property
+    def type(self) -> str:
+        return ERROR_TYPES.get(self.status, "server_error")
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def response(self, headers: Mapping[str, str] | None = None) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+class BodyTooLargeError(HTTPException):
+    """Raised from inside ``receive`` while FastAPI reads a body; an HTTPException so FastAPI
+    lets it through instead of turning it into a generic 400."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body exceeds the {limit}-byte limit")
+
+
+def from_rpc_error(error: grpc.aio.AioRpcError) -> APIError:
+    code = error.code()
+    status = HTTP_STATUS_FOR_GRPC.get(code, 500)
+    detail = error_detail(error)
+    param = detail.field if detail is not None and detail.field else None
+    message = error.details() or code.name
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        message = f"the request did not finish before the deadline: {message}"
+    elif code == grpc.StatusCode.UNAVAILABLE:
+        message = f"the router is unavailable: {message}"
+    return APIError(status, message, param=param, code=code.name.lower())
+
+
+def from_validation_error(error: RequestValidationError) -> APIError:
+    """The first problem pydantic found, with ``param`` as a dotted path into the body."""
+    first = error.errors()[0] if error.errors() else {}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_union_tag(p)]
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        ctx = first.get("ctx") or {}
+        return APIError(400, f"the body is not valid JSON: {ctx.get('error', 'parse error')}")
+    param = _dotted(loc) or None
+    if param is None and kind == "model_attributes_type":
+        return APIError(400, "the body must be a JSON object")
+    message = str(first.get("msg", "invalid request"))
+    return APIError(400, f"{param}: {message}" if param else message, param=param)
+
+
+def _is_union_tag(part: object) -> bool:
+    # pydantic puts the union member it tried into ``loc`` ("str", "list[str]", a model class
+    # name); body fields are snake_case, so anything else is such a tag
+    return isinstance(part, str) and (
+        part in ("str", "int", "float", "bool", "none") or "[" in part or part[:1].isupper()
+    )
+
+
+def _dotted(loc: list[str]) -> str:
+    # ["messages", "0", "role"] → "messages[0].role"
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if part.isdigit() else (f".{part}" if out else part)
+    return out
+
+
+async def api_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, APIError)
+    return exc.response()
+
+
+async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return from_validation_error(exc).response()
+
+
+async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """Starlette's own errors (404 for an unknown path, 405, 413 from the body limit)."""
+    assert isinstance(exc, HTTPException)
+    code = "request_too_large" if exc.status_code == 413 else None
+    return APIError(exc.status_code, str(exc.detail), code=code).response(exc.headers)
+
+
+def as_api_error(exc: BaseException) -> APIError | None:
+    """The HTTP error for a failure from the router (None for anything unexpected)."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return from_rpc_error(exc)
+    if isinstance(exc, GenerationError):
+        return APIError(500, f"generation failed: {exc}", code="generation_error")
+    return None
+
+
+async def router_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """AioRpcError / GenerationError escaping a handler (before any response was sent)."""
+    error = as_api_error(exc)
+    assert error is not None
+    return error.response()
+
+
+async def internal_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """Anything unexpected: still OpenAI's body (the traceback goes to the log)."""
+    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return APIError(500, f"internal error: {type(exc).__name__}").response()

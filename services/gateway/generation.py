@@ -1,0 +1,130 @@
+"""What the gateway makes of the router's ``Generate`` streams, free of protobuf and HTTP.
+
+A request with ``n`` choices (or a batch of prompts) is several router calls; ``merge`` runs
+them concurrently and yields their ``Piece``s as they arrive, each tagged with its choice index,
+and ``collect`` folds pieces into one ``ChoiceResult`` per choice for non-streamed answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One router message of one choice: the text and tokens produced since the last one."""
+
+    index: int
+    text: str
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
+    finish_reason: str | None = None  # "stop" | "length" | "abort" on the last piece only
+    matched_stop: str | None = None
+    usage: Usage | None = None  # on the last piece only
+
+
+@dataclass
+class ChoiceResult:
+    """A whole choice, accumulated from its pieces."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    matched_stop: str | None = None
+    usage: Usage = field(default_factory=Usage)
+
+    def add(self, piece: Piece) -> None:
+        self.text += piece.text
+        self.token_ids.extend(piece.token_ids)
+        self.logprobs.extend(piece.logprobs)
+        if piece.finish_reason is not None:
+            self.finish_reason = piece.finish_reason
+            self.matched_stop = piece.matched_stop
+        if piece.usage is not None:
+            self.usage = piece.usage
+
+
+class GenerationError(Exception):
+    """The router reported a failed generation in-band (FINISH_REASON_ERROR)."""
+
+
+_DONE = object()
+
+
+async def merge(streams: Sequence[AsyncGenerator[Piece, None]]) -> AsyncGenerator[Piece, None]:
+    """The pieces of all ``streams``, in arrival order. The first error of any stream is raised
+    here; leaving early (an error, or the consumer stops or is cancelled) cancels every stream
+    still running, which cancels their router calls."""
+    if len(streams) == 1:  # the common case needs no tasks
+        async with contextlib.aclosing(streams[0]) as only:
+            async for piece in only:
+                yield piece
+        return
+    queue: asyncio.Queue[Piece | BaseException | object] = asyncio.Queue()
+    tasks = [asyncio.ensure_future(_pump(s, queue)) for s in streams]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is _DONE:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                assert isinstance(item, Piece)
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _pump(
+    stream: AsyncGenerator[Piece, None], queue: asyncio.Queue[Piece | BaseException | object]
+) -> None:
+    try:
+        async with contextlib.aclosing(stream) as pieces:
+            async for piece in pieces:
+                queue.put_nowait(piece)
+    except Exception as e:
+        queue.put_nowait(e)
+    else:
+        queue.put_nowait(_DONE)
+
+
+async def collect(pieces: AsyncGenerator[Piece, None], num_choices: int) -> list[ChoiceResult]:
+    """Every choice in full (for non-streamed answers)."""
+    results = [ChoiceResult(index=i) for i in range(num_choices)]
+    async with contextlib.aclosing(pieces) as stream:
+        async for piece in stream:
+            results[piece.index].add(piece)
+    return results
+
+
+def total_usage(results: Sequence[ChoiceResult], choices_per_prompt: int) -> Usage:
+    """OpenAI counts the prompt once per prompt, not once per choice; completions add up."""
+    prompts = results[::choices_per_prompt]
+    return Usage(
+        prompt_tokens=sum(r.usage.prompt_tokens for r in prompts),
+        completion_tokens=sum(r.usage.completion_tokens for r in results),
+        cached_tokens=sum(r.usage.cached_tokens for r in prompts),
+    )

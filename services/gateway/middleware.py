@@ -1,0 +1,93 @@
+"""Pure-ASGI middleware for what every request goes through: its id, the API key, the body
+size limit.
+
+Pure ASGI rather than Starlette's ``BaseHTTPMiddleware``, which runs the endpoint in a task
+of its own and so would hide the client's disconnect from streamed responses.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+import uuid
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.gateway.errors import APIError, BodyTooLargeError
+
+OPEN_PATHS = frozenset({"/health"})  # probes carry no key
+REQUEST_ID_HEADER = "x-request-id"
+# ids travel into logs and the worker's request table: keep them short and printable
+VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+
+
+class GatewayMiddleware:
+    def __init__(self, app: ASGIApp, api_key: str, max_body_bytes: int) -> None:
+        self.app = app
+        self.api_key = api_key.encode()
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        request_id = _request_id(headers.get(REQUEST_ID_HEADER))
+        scope.setdefault("state", {})["request_id"] = request_id
+        send = _with_header(send, REQUEST_ID_HEADER, request_id)
+        if error := self._reject(scope, headers):
+            await error.response()(scope, receive, send)
+            return
+        await self.app(scope, self._limited(receive), send)
+
+    def _reject(self, scope: Scope, headers: Headers) -> APIError | None:
+        """The error that ends this request before the app sees it, if any."""
+        if self.api_key and scope["path"] not in OPEN_PATHS and not self._authorized(headers):
+            return APIError(401, "invalid or missing API key", code="invalid_api_key")
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            limit = self.max_body_bytes
+            message = f"request body of {length} bytes exceeds the {limit}-byte limit"
+            return APIError(413, message, code="request_too_large")
+        return None
+
+    def _authorized(self, headers: Headers) -> bool:
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        # constant time, so response timing does not leak how much of a guess was right
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            token.strip().encode(), self.api_key
+        )
+
+    def _limited(self, receive: Receive) -> Receive:
+        """``receive`` that fails once the body passes the limit (chunked bodies carry no
+        Content-Length to check up front)."""
+        seen = 0
+
+        async def receive_limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body_bytes:
+                    raise BodyTooLargeError(self.max_body_bytes)
+            return message
+
+        return receive_limited
+
+
+def _request_id(given: str | None) -> str:
+    if given and VALID_REQUEST_ID.fullmatch(given):
+        return given
+    return uuid.uuid4().hex
+
+
+def _with_header(send: Send, name: str, value: str) -> Send:
+    raw = (name.encode("latin-1"), value.encode("latin-1"))
+
+    async def send_with_header(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), raw]}
+        await send(message)
+
+    return send_with_header
