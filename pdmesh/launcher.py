@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -61,9 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        for name, module, args, health in plan(cfg, worker_extra):
-            children.append(spawn(name, module, args, health))
-        wait_healthy(children, cfg.startup_timeout, lambda: stopping)
+        deadline = time.monotonic() + cfg.startup_timeout
+        # in dependency order: the router's first health checks must find the worker up, and
+        # the gateway's /health means the router answers
+        for stage in plan(cfg, worker_extra):
+            started = [spawn(*service) for service in stage]
+            children += started
+            wait_healthy(started, deadline, lambda: stopping)
         if not stopping:
             announce(cfg)
         while not stopping:
@@ -96,22 +101,26 @@ def parse_args(argv: list[str] | None) -> tuple[LauncherConfig, list[str]]:
     return from_args(LauncherConfig, parser.parse_args(argv)), extra
 
 
-def plan(cfg: LauncherConfig, worker_extra: list[str]) -> list[tuple[str, str, list[str], str]]:
+Service = tuple[str, str, list[str], str]  # name, module, args, health target
+
+
+def plan(cfg: LauncherConfig, worker_extra: list[str]) -> list[list[Service]]:
+    """Stages started one after another; the services of a stage start together."""
     h = cfg.host
     common = ["--host", h, "--grace-period", str(cfg.grace_period)]
     tok, wrk, rtr = (f"{h}:{p}" for p in (cfg.tokenizer_port, cfg.worker_port, cfg.router_port))
     return [
-        ("tokenizer", "services.tokenizer",
-         [*common, "--port", str(cfg.tokenizer_port), "--model", cfg.model], f"grpc://{tok}"),
-        ("worker", "services.decode",
-         [*common, "--port", str(cfg.worker_port), "--model", cfg.model, *worker_extra],
-         f"grpc://{wrk}"),
-        ("router", "services.router",
-         [*common, "--port", str(cfg.router_port), "--workers", wrk, "--tokenizer", tok],
-         f"grpc://{rtr}"),
-        ("gateway", "services.gateway",
-         ["--host", h, "--port", str(cfg.gateway_port), "--router", rtr],
-         f"http://{h}:{cfg.gateway_port}/health"),
+        [("tokenizer", "services.tokenizer",
+          [*common, "--port", str(cfg.tokenizer_port), "--model", cfg.model], f"grpc://{tok}"),
+         ("worker", "services.decode",
+          [*common, "--port", str(cfg.worker_port), "--model", cfg.model, *worker_extra],
+          f"grpc://{wrk}")],
+        [("router", "services.router",
+          [*common, "--port", str(cfg.router_port), "--workers", wrk, "--tokenizer", tok],
+          f"grpc://{rtr}")],
+        [("gateway", "services.gateway",
+          ["--host", h, "--port", str(cfg.gateway_port), "--router", rtr],
+          f"http://{h}:{cfg.gateway_port}/health")],
     ]  # fmt: skip
 
 
@@ -122,11 +131,10 @@ def spawn(name: str, module: str, args: list[str], health: str) -> Child:
     return Child(name, proc, health)
 
 
-def wait_healthy(children: list[Child], timeout: float, cancelled: object) -> None:
-    deadline = time.monotonic() + timeout
+def wait_healthy(children: list[Child], deadline: float, cancelled: Callable[[], bool]) -> None:
     pending = list(children)
     while pending:
-        if callable(cancelled) and cancelled():
+        if cancelled():
             return
         for c in list(pending):
             if c.proc.poll() is not None:
@@ -136,7 +144,7 @@ def wait_healthy(children: list[Child], timeout: float, cancelled: object) -> No
                 pending.remove(c)
         if time.monotonic() > deadline:
             names = ", ".join(c.name for c in pending)
-            raise TimeoutError(f"not healthy after {timeout:.0f}s: {names}")
+            raise TimeoutError(f"not healthy within --startup-timeout: {names}")
         time.sleep(0.5)
 
 
@@ -159,8 +167,8 @@ def announce(cfg: LauncherConfig) -> None:
     print(
         f"\npdmesh is up: {url}/v1  (model {cfg.model}; Ctrl-C stops it)\n\n"
         f"curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d "
-        f"'{{\"model\": \"{cfg.model}\", \"messages\": [{{\"role\": \"user\", "
-        f"\"content\": \"What is the capital of France?\"}}], \"max_tokens\": 32}}'\n",
+        f'\'{{"model": "{cfg.model}", "messages": [{{"role": "user", '
+        f'"content": "What is the capital of France?"}}], "max_tokens": 32}}\'\n',
         flush=True,
     )
 
