@@ -7,12 +7,13 @@ STAMP := $(VENV)/.stamp-install
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install protos run test test-gpu lint typecheck model bench clean help
+.PHONY: install protos run run-disagg test test-gpu lint typecheck model bench clean help
 
 help:
 	@echo "make install    create $(VENV) and install pdmesh with its dev tools"
 	@echo "make protos     generate the gRPC stubs (pdmesh/v1/) from protos/"
 	@echo "make run        start tokenizer + worker + router + gateway on localhost (RUN_ARGS=...)"
+	@echo "make run-disagg tokenizer + prefill + decode + router + gateway (PD; RUN_ARGS=...)"
 	@echo "make test       install if needed, then run the test suite (GPU tests skip without a GPU)"
 	@echo "make test-gpu   run only the GPU-marked tests"
 	@echo "make lint       ruff"
@@ -20,11 +21,16 @@ help:
 	@echo "make model      fetch and convert the default model into the cache dir"
 	@echo "make bench      offline engine throughput vs transformers (CPU or GPU)"
 
-$(STAMP): pyproject.toml
+# system parts first (Debian packages; root on these machines), then the venv
+$(STAMP): pyproject.toml scripts/install_consul.sh scripts/install_mooncake.sh
+	scripts/install_consul.sh
+	command -v prometheus >/dev/null || \
+	  (apt-get update -q && apt-get install -y -q --no-install-recommends prometheus)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
+	PYTHON=$(PY) scripts/install_mooncake.sh
 	touch $@
 
 PROTO_SRCS := $(wildcard protos/pdmesh/v1/*.proto)
@@ -42,6 +48,10 @@ protos: $(PROTO_STAMP)
 # the whole aggregated mesh on this host; Ctrl-C stops it (python -m pdmesh.launcher --help)
 run: install
 	$(PY) -m pdmesh.launcher $(RUN_ARGS)
+
+# the same with prefill and decode on separate workers, KV moved by Mooncake
+run-disagg: install
+	$(PY) -m pdmesh.launcher --mode disagg $(RUN_ARGS)
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -2,7 +2,9 @@
 
 Services map them once, at their gRPC/HTTP boundary: ``InvalidRequestError`` →
 INVALID_ARGUMENT / HTTP 400, ``ResourceExhaustedError`` → RESOURCE_EXHAUSTED / HTTP 429,
-``RequestNotFoundError`` → NOT_FOUND, ``EngineDeadError`` → UNAVAILABLE.
+``RequestNotFoundError`` → NOT_FOUND, ``EngineDeadError`` / ``PeerUnavailableError`` →
+UNAVAILABLE, ``FailedPreconditionError`` → FAILED_PRECONDITION, ``DeadlineExceededError`` →
+DEADLINE_EXCEEDED, ``AbortedError`` → ABORTED.
 """
 
 from __future__ import annotations
@@ -34,3 +36,22 @@ class RequestNotFoundError(EngineError, KeyError):
 
 class EngineDeadError(EngineError):
     """The engine loop stopped (crashed or shut down); no more requests are served."""
+
+
+class FailedPreconditionError(EngineError):
+    """The request cannot run against the system as it is (e.g. a decode worker whose KV layout
+    does not match the prefill's); retrying unchanged fails the same way."""
+
+
+class PeerUnavailableError(EngineError):
+    """A process the request depends on is gone or unreachable (e.g. a lost prefill worker);
+    the message names it. The request may succeed elsewhere."""
+
+
+class DeadlineExceededError(EngineError):
+    """A wait inside the server ran past its own deadline (e.g. the PD bootstrap or waiting
+    timeout); the message names what did not arrive in time."""
+
+
+class AbortedError(EngineError):
+    """The other half of a disaggregated request gave up (cancelled or failed) first."""

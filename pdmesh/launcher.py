@@ -1,9 +1,11 @@
-"""``python -m pdmesh.launcher``: the whole aggregated mesh on one host, with one command.
+"""``python -m pdmesh.launcher``: the whole mesh on one host, with one command.
 
-Starts tokenizer + worker + router + gateway as child processes on loopback, waits until each
-answers its health check (with a deadline), prints the URL and a curl example, and on Ctrl-C or
-SIGTERM stops them in reverse order (SIGTERM, then SIGKILL after the grace period). If any child
-dies, the rest are stopped and the launcher exits non-zero with the dead one's name.
+``--mode agg`` (default) starts tokenizer + worker + router + gateway; ``--mode disagg`` starts
+tokenizer + prefill worker + decode worker + router (in PD mode) + gateway, with KV moved by
+``--kv-transfer-backend``. The children run on loopback; the launcher waits until each answers
+its health check (with a deadline), prints the URL and a curl example, and on Ctrl-C or SIGTERM
+stops them in reverse order (SIGTERM, then SIGKILL after the grace period). If any child dies,
+the rest are stopped and the launcher exits non-zero with the dead one's name.
 """
 
 from __future__ import annotations
@@ -26,16 +28,40 @@ from pdmesh.config import add_dataclass_args, flag, from_args
 log = logging.getLogger("pdmesh.launcher")
 
 
+MODES = ("agg", "disagg")
+KV_BACKENDS = ("mooncake", "grpc")  # pdmesh.kv_transfer's (not imported: it loads torch)
+
+
 @dataclass(frozen=True)
 class LauncherConfig:
-    model: str = flag("smollm2-135m-instruct", "model spec served by the worker and tokenizer")
+    mode: str = flag(
+        "agg",
+        "'agg': one aggregated worker; 'disagg': PD disaggregation with one prefill worker and "
+        "one decode worker (the router sends each prompt's prefill to the first and streams "
+        "from the second)",
+    )
+    model: str = flag("smollm2-135m-instruct", "model spec served by the workers and tokenizer")
     host: str = flag("127.0.0.1", "address every service binds to (loopback by default)")
     gateway_port: int = flag(8000, "HTTP port of the OpenAI-compatible gateway")
     router_port: int = flag(50051, "gRPC port of the router")
     tokenizer_port: int = flag(50052, "gRPC port of the tokenizer service")
-    worker_port: int = flag(50053, "gRPC port of the aggregated worker")
+    worker_port: int = flag(50053, "gRPC port of the aggregated worker (disagg: the decode worker)")
+    prefill_port: int = flag(50054, "disagg: gRPC port of the prefill worker")
+    bootstrap_port: int = flag(8998, "disagg: port of the prefill worker's bootstrap server")
+    kv_transfer_backend: str = flag(
+        "mooncake", f"disagg: how KV moves from prefill to decode: {', '.join(KV_BACKENDS)}"
+    )
     startup_timeout: float = flag(600.0, "seconds to wait for every service to become healthy")
     grace_period: float = flag(10.0, "seconds each service may drain on shutdown before SIGKILL")
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"--mode={self.mode!r}; choose {', '.join(MODES)}")
+        if self.kv_transfer_backend not in KV_BACKENDS:
+            raise ValueError(
+                f"--kv-transfer-backend={self.kv_transfer_backend!r}; choose "
+                f"{', '.join(KV_BACKENDS)}"
+            )
 
 
 @dataclass
@@ -93,12 +119,16 @@ def parse_args(argv: list[str] | None) -> tuple[LauncherConfig, list[str]]:
         argv, extra = argv[:i], argv[i + 1 :]
     parser = argparse.ArgumentParser(
         prog="python -m pdmesh.launcher",
-        description="Start tokenizer + worker + router + gateway on this host. Flags after "
-        "'--' go to the worker (python -m services.decode --help lists them, e.g. "
-        "-- --num-pages 512 --max-running-requests 16).",
+        description="Start tokenizer + worker + router + gateway on this host (--mode disagg: "
+        "a prefill and a decode worker instead of the one worker). Flags after '--' go to every "
+        "worker (python -m services.decode --help lists them, e.g. -- --num-pages 512 "
+        "--max-running-requests 16).",
     )
     add_dataclass_args(parser, LauncherConfig)
-    return from_args(LauncherConfig, parser.parse_args(argv)), extra
+    try:
+        return from_args(LauncherConfig, parser.parse_args(argv)), extra
+    except ValueError as e:
+        parser.error(str(e))
 
 
 Service = tuple[str, str, list[str], str]  # name, module, args, health target
@@ -108,15 +138,35 @@ def plan(cfg: LauncherConfig, worker_extra: list[str]) -> list[list[Service]]:
     """Stages started one after another; the services of a stage start together."""
     h = cfg.host
     common = ["--host", h, "--grace-period", str(cfg.grace_period)]
-    tok, wrk, rtr = (f"{h}:{p}" for p in (cfg.tokenizer_port, cfg.worker_port, cfg.router_port))
+    tok, wrk, rtr, pre = (
+        f"{h}:{p}" for p in (cfg.tokenizer_port, cfg.worker_port, cfg.router_port, cfg.prefill_port)
+    )
+    model = ["--model", cfg.model]
+    tokenizer: Service = (
+        "tokenizer", "services.tokenizer",
+        [*common, "--port", str(cfg.tokenizer_port), *model], f"grpc://{tok}",
+    )  # fmt: skip
+    if cfg.mode == "agg":
+        workers: list[Service] = [
+            ("worker", "services.decode",
+             [*common, "--port", str(cfg.worker_port), *model, *worker_extra], f"grpc://{wrk}"),
+        ]  # fmt: skip
+        routing = ["--workers", wrk]
+    else:
+        kv = ["--kv-transfer-backend", cfg.kv_transfer_backend]
+        workers = [
+            ("prefill", "services.prefill",
+             [*common, "--port", str(cfg.prefill_port), "--bootstrap-port",
+              str(cfg.bootstrap_port), *kv, *model, *worker_extra], f"grpc://{pre}"),
+            ("decode", "services.decode",
+             [*common, "--port", str(cfg.worker_port), "--mode", "decode", *kv, *model,
+              *worker_extra], f"grpc://{wrk}"),
+        ]  # fmt: skip
+        routing = ["--prefill-workers", pre, "--decode-workers", wrk]
     return [
-        [("tokenizer", "services.tokenizer",
-          [*common, "--port", str(cfg.tokenizer_port), "--model", cfg.model], f"grpc://{tok}"),
-         ("worker", "services.decode",
-          [*common, "--port", str(cfg.worker_port), "--model", cfg.model, *worker_extra],
-          f"grpc://{wrk}")],
+        [tokenizer, *workers],
         [("router", "services.router",
-          [*common, "--port", str(cfg.router_port), "--workers", wrk, "--tokenizer", tok],
+          [*common, "--port", str(cfg.router_port), *routing, "--tokenizer", tok],
           f"grpc://{rtr}")],
         [("gateway", "services.gateway",
           ["--host", h, "--port", str(cfg.gateway_port), "--router", rtr],
@@ -165,7 +215,7 @@ def is_healthy(target: str) -> bool:
 def announce(cfg: LauncherConfig) -> None:
     url = f"http://{cfg.host}:{cfg.gateway_port}"
     print(
-        f"\npdmesh is up: {url}/v1  (model {cfg.model}; Ctrl-C stops it)\n\n"
+        f"\npdmesh is up: {url}/v1  (model {cfg.model}, {cfg.mode}; Ctrl-C stops it)\n\n"
         f"curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d "
         f'\'{{"model": "{cfg.model}", "messages": [{{"role": "user", '
         f'"content": "What is the capital of France?"}}], "max_tokens": 32}}\'\n',

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import queue
 import threading
@@ -19,6 +20,7 @@ from typing import Any, TypeVar
 from pdmesh.engine.llm_engine import LLMEngine
 from pdmesh.engine.outputs import EngineLoad, RequestOutput
 from pdmesh.engine.sampling_params import SamplingParams
+from pdmesh.engine.sequence import TokenLogprob
 from pdmesh.errors import EngineDeadError, InvalidRequestError
 
 log = logging.getLogger(__name__)
@@ -62,29 +64,54 @@ class AsyncEngine:
 
         Raises the engine's typed errors (``InvalidRequestError``…) before the first output.
         """
+        start = functools.partial(
+            self.engine.add_request, request_id, prompt_token_ids, params, prefill_only
+        )
+        async for out in self._stream(request_id, start):
+            yield out
+
+    async def decode_incoming(
+        self, request_id: str, first_token: int, logprob: TokenLogprob | None
+    ) -> AsyncIterator[RequestOutput]:
+        """PD decode side: ``start_decode`` a request whose pages ``allocate_incoming`` reserved
+        and whose KV has arrived, then stream its outputs, the first token first."""
+        start = functools.partial(self.engine.start_decode, request_id, first_token, logprob)
+        async for out in self._stream(request_id, start):
+            yield out
+
+    async def _stream(
+        self, request_id: str, start: Callable[[], RequestOutput | None]
+    ) -> AsyncIterator[RequestOutput]:
+        # the queue is registered before ``start`` runs: the engine thread may step, and
+        # dispatch this request's next outputs, before the event loop resumes this coroutine
         if request_id in self._streams:  # the live request's outputs would go to this caller
             raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
         stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._streams[request_id] = stream
         finished = False
         try:
-            await self.call(
-                self.engine.add_request, request_id, prompt_token_ids, params, prefill_only
-            )
-            while True:
+            first = await self.call(start)
+            if first is not None:
+                finished = first.finished
+                yield first
+            while not finished:
                 item = await stream.get()
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
                 yield item
-                if finished:
-                    return
         finally:
             if self._streams.get(request_id) is stream:
                 del self._streams[request_id]
-            if not finished and self._dead is None:
+            if not finished:
                 # the caller went away (cancelled, disconnected) or the request failed to start
-                self._submit(lambda: self.engine.abort(request_id))
+                self.abort_soon(request_id)
+
+    def abort_soon(self, request_id: str) -> None:
+        """Abort ``request_id`` without waiting (from callbacks and cancelled tasks); a no-op
+        for an unknown or finished request."""
+        if self._dead is None:
+            self._submit(lambda: self.engine.abort(request_id))
 
     async def abort(self, request_id: str) -> bool:
         return await self.call(self.engine.abort, request_id)
@@ -109,7 +136,8 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                self._run_commands(block=not self.engine.has_work)
+                # block (briefly) when idle or stalled on pages, instead of spinning a core
+                self._run_commands(block=not self.engine.has_work or self.engine.stalled)
                 if self.engine.has_work:
                     outputs = self.engine.step()
                     if outputs:

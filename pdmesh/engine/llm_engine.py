@@ -55,6 +55,7 @@ class LLMEngine:
         )
         self._seqs: dict[str, Sequence] = {}  # every request the engine knows, by id
         self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
+        self._stalled = False
         log.info(
             "engine ready: %d KV pages x %d tokens (%.2f GB), context %d, device %s, dtype %s",
             num_pages,
@@ -95,9 +96,17 @@ class LLMEngine:
     def has_work(self) -> bool:
         return self.scheduler.has_work or bool(self._pending)
 
+    @property
+    def stalled(self) -> bool:
+        """The last step computed nothing: every queued request waits for pages held
+        elsewhere (PD transfers, prefill-only holds). Callers should wait for a command
+        instead of stepping again at once."""
+        return self._stalled
+
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         outputs, self._pending = self._pending, []
+        self._stalled = batch.is_empty and not outputs
         if batch.is_empty:
             return outputs
         results = self.runner.run(batch)

@@ -1,7 +1,41 @@
 """Moving KV pages between processes (PD disaggregation).
 
-The engine already exposes what a transfer backend needs: ``LLMEngine.kv_layout()`` (one
-contiguous buffer, the byte address and size of every page), ``read_pages`` / ``write_pages``,
-``allocate_incoming`` and ``start_decode``. The backends — ``mooncake`` (default) and ``grpc`` —
-arrive with the PD disaggregation issue; nothing here yet.
+The decode worker opens a receiver on its KV cache and hands its ``ReceiverHandle`` to each
+prefill worker (``convert.handle_to_pb`` puts it on the wire); the prefill worker opens one
+sender on its own cache and pushes pages straight into the decode's:
+
+    receiver = get_backend("mooncake").receiver.open(kv_cache, engine.kv_layout(), host)
+    handle = receiver.handle                                  # → prefill, at registration
+    sender = get_backend(handle.backend).sender.open(kv_cache, engine.kv_layout(), host)
+    stats = await sender.write(handle, src_pages, dst_pages, timeout=30)  # TransferStats
+
+Backends: ``mooncake`` (default; Mooncake transfer engine, tcp or rdma, GPU memory registered
+directly on CUDA hosts) and ``grpc`` (bytes streamed to ``pdmesh.v1.KVReceiverService``, for
+hosts without Mooncake). Both coalesce pages that are consecutive on both sides into one block
+per (layer, K/V) (``coalesce``), and raise ``KVTransferError`` naming the peer on failure or
+deadline. ``raw_socket`` is a plain-TCP copy of the same bytes, only for the benchmark
+(``python -m pdmesh.bench.kv_transfer``).
 """
+
+from pdmesh.kv_transfer.base import DEFAULT_TIMEOUT_S, KVReceiver, KVSender
+from pdmesh.kv_transfer.coalesce import Block, coalesce, page_runs
+from pdmesh.kv_transfer.errors import KVTransferError
+from pdmesh.kv_transfer.handle import ReceiverHandle, TransferStats, layout_of
+from pdmesh.kv_transfer.registry import DEFAULT_BACKEND, Backend, backend_names, get_backend
+
+__all__ = [
+    "DEFAULT_BACKEND",
+    "DEFAULT_TIMEOUT_S",
+    "Backend",
+    "Block",
+    "KVReceiver",
+    "KVSender",
+    "KVTransferError",
+    "ReceiverHandle",
+    "TransferStats",
+    "backend_names",
+    "coalesce",
+    "get_backend",
+    "layout_of",
+    "page_runs",
+]

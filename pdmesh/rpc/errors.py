@@ -7,6 +7,10 @@ whatever escapes a handler into a status, so no servicer repeats try/except:
     ResourceExhaustedError  → RESOURCE_EXHAUSTED
     RequestNotFoundError    → NOT_FOUND
     EngineDeadError         → UNAVAILABLE (the process cannot serve; callers may go elsewhere)
+    PeerUnavailableError    → UNAVAILABLE (a process the request needs is gone)
+    FailedPreconditionError → FAILED_PRECONDITION
+    DeadlineExceededError   → DEADLINE_EXCEEDED
+    AbortedError            → ABORTED
     anything else           → INTERNAL, with the traceback logged
 
 The ``ErrorDetail`` travels in the binary trailing metadata key ``pdmesh-error-detail-bin`` (a
@@ -26,8 +30,12 @@ import grpc
 import grpc.aio
 
 from pdmesh.errors import (
+    AbortedError,
+    DeadlineExceededError,
     EngineDeadError,
+    FailedPreconditionError,
     InvalidRequestError,
+    PeerUnavailableError,
     RequestNotFoundError,
     ResourceExhaustedError,
 )
@@ -54,8 +62,14 @@ def status_for(exc: BaseException) -> RpcStatus:
         return RpcStatus(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
     if isinstance(exc, RequestNotFoundError):
         return RpcStatus(grpc.StatusCode.NOT_FOUND, str(exc))
-    if isinstance(exc, EngineDeadError):
+    if isinstance(exc, (EngineDeadError, PeerUnavailableError)):
         return RpcStatus(grpc.StatusCode.UNAVAILABLE, str(exc))
+    if isinstance(exc, FailedPreconditionError):
+        return RpcStatus(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+    if isinstance(exc, DeadlineExceededError):
+        return RpcStatus(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+    if isinstance(exc, AbortedError):
+        return RpcStatus(grpc.StatusCode.ABORTED, str(exc))
     return RpcStatus(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
 
 

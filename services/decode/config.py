@@ -6,12 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pdmesh.config import flag
+from pdmesh.kv_transfer import DEFAULT_BACKEND, backend_names
 from pdmesh.rpc.server import LOG_LEVELS
 
 DEFAULT_PORT = 50053
-MODES = ("aggregated",)
-# roles the proto already names but whose machinery (bootstrap server, KV transfer) is not built
-FUTURE_MODES = ("prefill", "decode")
+MODES = ("aggregated", "decode")
+WILDCARDS = ("0.0.0.0", "::", "[::]")
 
 
 @dataclass(frozen=True)
@@ -22,8 +22,38 @@ class WorkerServiceConfig:
     port: int = flag(DEFAULT_PORT, "gRPC port; 0 picks a free one (the log line says which)")
     mode: str = flag(
         "aggregated",
-        "worker role: 'aggregated' (prefill and decode locally); the disaggregated 'prefill' and "
-        "'decode' modes come with the PD issue",
+        "worker role: 'aggregated' (prefill and decode locally) or 'decode' (PD disaggregation: "
+        "requests whose 'disagg' names a prefill worker get their prompt's KV and first token "
+        "from it; requests without are prefilled here). Prefill workers are python -m "
+        "services.prefill",
+    )
+    waiting_timeout: float = flag(
+        60.0,
+        "--mode decode: seconds a disaggregated request may wait, from its arrival, for free KV "
+        "pages and then for its KV and first token from the prefill; it then fails "
+        "(RESOURCE_EXHAUSTED or DEADLINE_EXCEEDED) and frees its pages",
+        env="PDMESH_DISAGGREGATION_WAITING_TIMEOUT",
+    )
+    heartbeat_interval: float = flag(
+        5.0,
+        "--mode decode: seconds between pings of each prefill worker this decode holds rooms on",
+        env="PDMESH_DISAGGREGATION_HEARTBEAT_INTERVAL",
+    )
+    heartbeat_max_failures: int = flag(
+        2,
+        "--mode decode: consecutive missed pings after which a prefill counts as lost: all its "
+        "rooms fail at once and free their pages, the other rooms keep going",
+        env="PDMESH_DISAGGREGATION_HEARTBEAT_MAX_FAILURE",
+    )
+    kv_transfer_backend: str = flag(
+        DEFAULT_BACKEND,
+        f"--mode decode: how prefills write KV into this worker: {', '.join(backend_names())} "
+        "(must match the prefill workers'); grpc hosts its receiver on --port",
+    )
+    kv_transfer_host: str = flag(
+        "",
+        "--mode decode: address prefill workers reach this worker's KV receiver at (the "
+        "mooncake session host); empty = --host, which must then not be a wildcard",
     )
     log_level: str = flag("info", f"log verbosity: {', '.join(LOG_LEVELS)}")
     grace_period: float = flag(
@@ -35,13 +65,25 @@ class WorkerServiceConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port={self.port} must be in [0, 65535]")
-        if self.mode in FUTURE_MODES:
-            raise ValueError(
-                f"--mode={self.mode} is not available yet: prefill/decode disaggregation comes "
-                "with the PD issue; use --mode aggregated"
-            )
+        if self.mode == "prefill":
+            raise ValueError("--mode=prefill: prefill workers are python -m services.prefill")
         if self.mode not in MODES:
             raise ValueError(f"--mode={self.mode!r}; choose {', '.join(MODES)}")
+        for name in ("waiting_timeout", "heartbeat_interval"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be > 0")
+        if self.heartbeat_max_failures < 1:
+            raise ValueError(f"--heartbeat-max-failures={self.heartbeat_max_failures} must be >= 1")
+        if self.kv_transfer_backend not in backend_names():
+            raise ValueError(
+                f"--kv-transfer-backend={self.kv_transfer_backend!r}; choose "
+                f"{', '.join(backend_names())}"
+            )
+        if self.mode == "decode" and (self.kv_transfer_host or self.host) in WILDCARDS:
+            raise ValueError(
+                f"--host={self.host} is a wildcard: set --kv-transfer-host to the address "
+                "prefill workers reach this worker at"
+            )
         if self.log_level.lower() not in LOG_LEVELS:
             raise ValueError(f"--log-level={self.log_level!r}; choose {', '.join(LOG_LEVELS)}")
         if self.grace_period < 0:

@@ -16,8 +16,9 @@ from pdmesh.engine import (
     LLMEngine,
     RequestOutput,
     SamplingParams,
-    TokenLogprob,
 )
+from pdmesh.pd.values import RemotePrefill
+from pdmesh.pd.wire import logprob_to_pb
 from pdmesh.v1 import common_pb2, worker_pb2
 
 # optional scalar fields copied as they are when set; `stop` and `skip_special_tokens` are the
@@ -82,12 +83,12 @@ def output_to_pb(out: RequestOutput) -> worker_pb2.GenerateResponse:
     return pb
 
 
-def logprob_to_pb(lp: TokenLogprob) -> common_pb2.TokenLogprob:
-    return common_pb2.TokenLogprob(
-        token_id=lp.token_id,
-        logprob=lp.logprob,
-        top=[common_pb2.TopLogprob(token_id=t, logprob=p) for t, p in lp.top],
-    )
+def remote_prefill_from_pb(pb: worker_pb2.DisaggParams) -> RemotePrefill:
+    if not pb.bootstrap_address:
+        raise InvalidRequestError(
+            "disagg.bootstrap_address", "a decode worker needs the prefill's bootstrap address"
+        )
+    return RemotePrefill(pb.bootstrap_address, pb.bootstrap_room, pb.prefill_worker_id)
 
 
 def load_to_pb(load: EngineLoad) -> worker_pb2.GetLoadResponse:
@@ -105,7 +106,9 @@ def load_to_pb(load: EngineLoad) -> worker_pb2.GetLoadResponse:
     )
 
 
-def model_info_to_pb(engine: LLMEngine) -> worker_pb2.GetModelInfoResponse:
+def model_info_to_pb(
+    engine: LLMEngine, role: str = "aggregated", bootstrap_port: int = 0
+) -> worker_pb2.GetModelInfoResponse:
     """What the worker serves; read once at startup (none of it changes while serving)."""
     layout = engine.kv_layout()
     return worker_pb2.GetModelInfoResponse(
@@ -119,4 +122,6 @@ def model_info_to_pb(engine: LLMEngine) -> worker_pb2.GetModelInfoResponse:
         num_layers=layout.num_layers,
         num_kv_heads=layout.num_kv_heads,
         head_dim=layout.head_dim,
+        role=role,
+        bootstrap_port=bootstrap_port,
     )

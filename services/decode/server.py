@@ -1,127 +1,188 @@
-"""The ``pdmesh.v1.WorkerService`` servicer and the worker's entry coroutine.
+"""The ``pdmesh.v1.WorkerService`` servicer of aggregated and decode workers, and the worker's
+entry coroutine.
 
-Handlers are thin: proto in → ``AsyncEngine`` → proto out. Engine errors escape to
-``pdmesh.rpc``'s interceptor (InvalidRequestError → INVALID_ARGUMENT, ResourceExhaustedError →
-RESOURCE_EXHAUSTED, ...); the only translation here is renaming the engine's argument names to
-the wire's field names.
+Handlers are thin: proto in → engine (or, for a disaggregated request, ``pdmesh.pd``'s
+``DisaggDecoder``) → proto out. Errors escape to ``pdmesh.rpc``'s interceptor
+(InvalidRequestError → INVALID_ARGUMENT, ResourceExhaustedError → RESOURCE_EXHAUSTED, ...); the
+only translation here is renaming the engine's argument names to the wire's field names. A call
+that ends before its request finished stops the request (``calls.LiveCalls``).
 
-NOTE on cancellation: a Generate call can end three ways — its last output, an exception, or the
-client going away (cancel, deadline, disconnect). ``AsyncEngine.generate`` aborts the request
-when its iterator is closed early, but grpc may cancel the call while the handler is parked at a
-``yield``, in which case nothing closes the iterator until the garbage collector does. So each
-call also registers a done-callback that aborts its request if it had not finished: the pages
-are freed as soon as grpc notices the cancellation, whatever the handler was doing.
+In ``--mode decode`` a request with ``disagg`` set gets its prompt's KV and first token from the
+prefill named there; one without is prefilled here (the router's conditional disaggregation).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass
 from typing import cast
 
 import grpc.aio
 
+from pdmesh.discovery import (
+    META_KV_BACKEND,
+    META_MODEL,
+    META_PAGE_SIZE,
+    TAG_AGG,
+    TAG_DECODE,
+    WORKER,
+    make_discovery,
+    registered,
+    registration_for,
+)
 from pdmesh.engine import AsyncEngine, InvalidRequestError, LLMEngine, RequestOutput
-from pdmesh.rpc.server import RpcServer, serve_until_signal
-from pdmesh.v1 import worker_pb2, worker_pb2_grpc
+from pdmesh.rpc.server import RpcServer, wait_for_signal
+from pdmesh.telemetry import event, set_attributes, span
+from pdmesh.telemetry.spans import DECODE, FIRST_TOKEN
+from pdmesh.v1 import kv_transfer_pb2, worker_pb2, worker_pb2_grpc
 from services.decode import convert
+from services.decode.calls import LiveCalls
 from services.decode.config import WorkerServiceConfig
+from services.decode.disagg import DecodeSide, open_decode_side
+from services.mesh import MeshOptions, Observed
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
-
-
-@dataclass(eq=False)
-class _Call:
-    """One Generate call's claim on its request id (identity matters: ids can be reused)."""
-
-    request_id: str
-    # the engine stream was closed (its last output, an error, or a cancel that reached it):
-    # AsyncEngine has then already aborted the request if it had to
-    closed: bool = False
+KV_RECEIVER_SERVICE = kv_transfer_pb2.DESCRIPTOR.services_by_name["KVReceiverService"].full_name
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
-    def __init__(self, engine: AsyncEngine, model_info: worker_pb2.GetModelInfoResponse) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        model_info: worker_pb2.GetModelInfoResponse,
+        decode_side: DecodeSide | None = None,
+    ) -> None:
+        """``decode_side``: set in --mode decode, for requests with ``disagg``."""
         self._engine = engine
         self._model_info = model_info
-        self._calls: dict[str, _Call] = {}  # live Generate calls by request id
-        self._aborts: set[asyncio.Task[bool]] = set()  # keeps abort tasks alive until done
+        self._decode_side = decode_side
+        self._calls = LiveCalls()
 
     async def Generate(
         self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
         params = convert.sampling_params_from_pb(request.sampling_params)
-        call = self._claim(request.request_id)
-        context.add_done_callback(lambda _: self._on_call_done(call))
+        request_id, prompt = request.request_id, list(request.token_ids)
+        if request.HasField("disagg"):
+            if self._decode_side is None:
+                raise InvalidRequestError(
+                    "disagg",
+                    "this worker runs --mode aggregated; disaggregated requests need a worker in "
+                    "--mode decode",
+                )
+            decoder = self._decode_side.decoder
+            call = self._calls.claim(request_id, context, lambda: self._stop(request_id))
+            prefill = convert.remote_prefill_from_pb(request.disagg)
+            stream = decoder.generate(request_id, prompt, params, prefill)
+        else:
+            call = self._calls.claim(
+                request_id, context, lambda: self._engine.abort_soon(request_id)
+            )
+            stream = self._engine.generate(request_id, prompt, params)
         # generate() is an async generator (annotated as an iterator): aclosing closes it,
-        # and so aborts the request, even when this handler is closed at a yield
-        outputs = cast(
-            AsyncGenerator[RequestOutput, None],
-            self._engine.generate(call.request_id, list(request.token_ids), params),
-        )
+        # and so stops the request, even when this handler is closed at a yield
+        outputs = cast(AsyncGenerator[RequestOutput, None], stream)
         try:
-            async with contextlib.aclosing(outputs):
-                async for out in outputs:
-                    yield convert.output_to_pb(out)
+            with span(DECODE, request_id=request_id, prompt_tokens=len(prompt)):
+                async with contextlib.aclosing(outputs):
+                    num_tokens = 0
+                    try:
+                        async for out in outputs:
+                            if num_tokens == 0 and out.new_token_ids:
+                                event(FIRST_TOKEN)
+                            num_tokens += len(out.new_token_ids)
+                            if out.finish_reason is not None:
+                                set_attributes(finish_reason=out.finish_reason.value)
+                            yield convert.output_to_pb(out)
+                    finally:  # also when the call ends early: what was sent so far
+                        set_attributes(output_tokens=num_tokens)
         except InvalidRequestError as e:
             raise convert.wire_error(e) from e
         finally:
             call.closed = True
 
+    def _stop(self, request_id: str) -> None:
+        """Stop a request wherever it is, without waiting (from done-callbacks)."""
+        waiting = self._decode_side is not None and self._decode_side.decoder.cancel(request_id)
+        if not waiting:
+            self._engine.abort_soon(request_id)
+
     async def Abort(
         self, request: worker_pb2.AbortRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.AbortResponse:
+        if self._decode_side is not None and self._decode_side.decoder.cancel(request.request_id):
+            return worker_pb2.AbortResponse(found=True)  # it was waiting for its KV
         return worker_pb2.AbortResponse(found=await self._engine.abort(request.request_id))
 
     async def GetLoad(
         self, request: worker_pb2.GetLoadRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.GetLoadResponse:
-        return convert.load_to_pb(await self._engine.load())
+        reply = convert.load_to_pb(await self._engine.load())
+        if self._decode_side is not None:
+            reply.num_rooms = self._decode_side.decoder.num_rooms
+            reply.total_rooms = self._decode_side.decoder.total_rooms
+        return reply
 
     async def GetModelInfo(
         self, request: worker_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.GetModelInfoResponse:
         return self._model_info
 
-    def _claim(self, request_id: str) -> _Call:
-        # checked here, not only in the engine: AsyncEngine keys its output queues by id, so a
-        # duplicate reaching it would steal the live request's stream before being rejected
-        if request_id in self._calls:
-            raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
-        call = _Call(request_id)
-        self._calls[request_id] = call
-        return call
 
-    def _on_call_done(self, call: _Call) -> None:
-        if self._calls.get(call.request_id) is call:
-            del self._calls[call.request_id]
-        if call.closed:
-            return
-        log.info("request %r ended before finishing (client went away); aborting", call.request_id)
-        task = asyncio.get_running_loop().create_task(self._engine.abort(call.request_id))
-        self._aborts.add(task)
-        task.add_done_callback(self._abort_done)
-
-    def _abort_done(self, task: asyncio.Task[bool]) -> None:
-        self._aborts.discard(task)
-        if not task.cancelled() and task.exception() is not None:  # e.g. the engine stopped
-            log.warning("abort failed: %s", task.exception())
-
-
-async def serve(config: WorkerServiceConfig, engine: LLMEngine) -> None:
-    """Serve ``engine`` until SIGTERM/SIGINT; in-flight generations drain for the grace period
-    (the engine keeps stepping meanwhile), then the engine thread stops."""
+async def serve(
+    config: WorkerServiceConfig, engine: LLMEngine, mesh: MeshOptions | None = None
+) -> None:
+    """Serve ``engine`` until SIGTERM/SIGINT, registered (``--discovery consul``) while
+    serving; on the signal it deregisters at once, then in-flight generations drain for the
+    grace period (the engine keeps stepping meanwhile), then the engine thread stops."""
+    mesh = mesh or MeshOptions()
     async_engine = AsyncEngine(engine)
     async_engine.start()
-    rpc = RpcServer([SERVICE_NAME])
-    servicer = WorkerServicer(async_engine, convert.model_info_to_pb(engine))
+    observed = Observed.start("pdmesh-decode", config.host, mesh.telemetry)
+    names = [SERVICE_NAME]
+    if config.mode == "decode" and config.kv_transfer_backend == "grpc":
+        names.append(KV_RECEIVER_SERVICE)  # hosted here: health and reflection name it
+    rpc = RpcServer(names, interceptors=observed.interceptors())
+    decode_side = None
+    if config.mode == "decode":
+        decode_side = open_decode_side(config, async_engine, rpc)
+    model_info = convert.model_info_to_pb(engine, role=config.mode)
+    servicer = WorkerServicer(async_engine, model_info, decode_side)
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, rpc.server)
+    tag = TAG_DECODE if config.mode == "decode" else TAG_AGG
+    meta = {
+        META_MODEL: model_info.model_name,
+        META_PAGE_SIZE: model_info.page_size,
+        META_KV_BACKEND: config.kv_transfer_backend if config.mode == "decode" else None,
+        **observed.meta(),
+    }
+    registration = registration_for(mesh.discovery, WORKER, config.host, 0, (tag,), meta)
+    discovery = make_discovery(mesh.discovery)
     try:
-        await serve_until_signal(rpc, config.host, config.port, config.grace_period)
+        # serve_registered's steps, with the decode side told the bound port before the
+        # instance is registered (a router may send disaggregated work at once)
+        bound = await rpc.start(config.host, config.port)
+        if decode_side is not None:
+            decode_side.started(config.kv_transfer_host or config.host, bound)
+        log.info("%s (%s) listening on %s:%d", SERVICE_NAME, config.mode, config.host, bound)
+        try:
+            async with registered(discovery, registration.with_port(bound)) as handle:
+                sig = await wait_for_signal()
+                log.info(
+                    "%s received; deregistering, then draining in-flight calls for up to %.1fs",
+                    sig.name,
+                    config.grace_period,
+                )
+                await handle.deregister()
+        finally:
+            await rpc.stop(config.grace_period)
+            await discovery.close()
+        log.info("stopped")
     finally:
+        if decode_side is not None:
+            await decode_side.close()
         async_engine.shutdown()
+        observed.close()

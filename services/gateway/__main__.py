@@ -16,9 +16,11 @@ from types import FrameType
 import uvicorn
 
 from pdmesh.config import add_dataclass_args, from_args
+from pdmesh.discovery import ConsulError
 from pdmesh.rpc.server import configure_logging
 from services.gateway.app import create_app
 from services.gateway.config import GatewayConfig
+from services.mesh import MeshOptions, add_mesh_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,10 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
             "Generate stream. Streams are server-sent events; a client that disconnects "
             "cancels its request down to the worker. Errors use OpenAI's error body. "
             "SIGTERM or Ctrl-C stops accepting, lets open requests finish for --grace-period "
-            "seconds, then exits."
+            "seconds, then exits. Prometheus metrics at /metrics (no API key needed); traces "
+            "follow the standard OTEL_* environment variables."
         ),
     )
     add_dataclass_args(parser, GatewayConfig)
+    # no --metrics-port: /metrics is served on the gateway's own HTTP port
+    add_mesh_args(parser, telemetry=False)
     return parser
 
 
@@ -41,13 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = from_args(GatewayConfig, args)
+        mesh = MeshOptions.from_args(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     configure_logging(config.log_level)
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(config),
+            create_app(config, mesh.discovery),
             host=config.host,
             port=config.port,
             log_config=None,  # keep the one log format every pdmesh service uses
@@ -60,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     # exits 0 (as every pdmesh service does) instead of dying of the signal.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _exit_cleanly)
-    server.run()
+    try:
+        server.run()
+    except ConsulError as e:  # e.g. an ACL token that may not register
+        print(f"error: cannot register with Consul: {e}", file=sys.stderr)
+        return 1
     return 0 if server.started else 1
 
 

@@ -1,5 +1,8 @@
 """The ASGI app: FastAPI with the gateway's routes, its exception handlers, and the
-request-id / API-key / body-limit middleware around it.
+request-id / API-key / body-limit middleware around it; outermost the HTTP request span
+(``TracingMiddleware``) and the request metrics, with ``/metrics`` served beside the API.
+While serving, the gateway is registered in Consul (HTTP check on ``/health``) and follows the
+catalog's routers (``--discovery consul``).
 
 Errors are handled once, here: ``APIError`` answers as it is, pydantic's validation errors and
 router failures (``AioRpcError``, in-band ``GenerationError``) are mapped in ``errors``.
@@ -8,13 +11,27 @@ router failures (``AioRpcError``, in-band ``GenerationError``) are mapped in ``e
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc.aio
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp
 
+from pdmesh.discovery import (
+    GATEWAY,
+    META_METRICS_PORT,
+    ROUTER,
+    DiscoveryConfig,
+    diffing,
+    make_discovery,
+    registered,
+    registration_for,
+)
+from pdmesh.telemetry import Metrics, TracingMiddleware, setup_tracing
 from services.gateway import errors
 from services.gateway.config import GatewayConfig
 from services.gateway.generation import GenerationError
@@ -22,21 +39,67 @@ from services.gateway.middleware import GatewayMiddleware
 from services.gateway.routes import router
 from services.gateway.state import Gateway
 
+# FastAPI >= 0.16x traces and meters requests by itself once an OTel provider is installed:
+# a second HTTP span per request (beside TracingMiddleware's) and spans for dependency
+# resolution. pdmesh keeps one span per hop and its own Prometheus metrics, so that is off.
+_NO_NATIVE_TELEMETRY: dict[str, Any] = (
+    {
+        "telemetry": {
+            "tracing": False,
+            "metrics": False,
+            "logs": False,
+            "operation_spans": False,
+            "auto_configure": False,
+        }
+    }
+    if "telemetry" in inspect.signature(FastAPI.__init__).parameters
+    else {}
+)
 
-def create_app(config: GatewayConfig) -> GatewayMiddleware:
+
+def create_app(config: GatewayConfig, discovery_config: DiscoveryConfig | None = None) -> ASGIApp:
+    discovery_config = discovery_config or DiscoveryConfig()
+    consul = discovery_config.discovery == "consul"
+    setup_tracing("pdmesh-gateway")
+    metrics = Metrics()
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # grpc.aio channels belong to the loop that makes them: uvicorn's, so made here
-        app.state.gateway = Gateway(config)
+        # grpc.aio channels belong to the loop that makes them: uvicorn's, so made here.
+        # Under Consul the routers are the catalog's; --router (which has a default) is static's
+        gateway = Gateway(config, routers=() if consul else None)
+        app.state.gateway = gateway
+        discovery = make_discovery(discovery_config)
+        if consul:
+            discovery.watch(
+                ROUTER,
+                None,
+                diffing(
+                    lambda e: gateway.router.add(e.target),
+                    lambda e: gateway.router.remove(e.target),
+                ),
+            )
+        # /metrics is on the API's own port; Consul checks GET /health
+        registration = registration_for(
+            discovery_config,
+            GATEWAY,
+            config.host,
+            config.port,
+            meta={META_METRICS_PORT: config.port},
+            check="http",
+        )
         try:
-            yield
+            async with registered(discovery, registration):
+                yield
         finally:
-            await app.state.gateway.close()
+            await discovery.close()
+            await gateway.close()
 
     app = FastAPI(
         title="pdmesh gateway",
         summary="OpenAI-compatible and SGLang-native HTTP API over the pdmesh router",
         lifespan=lifespan,
+        **_NO_NATIVE_TELEMETRY,
     )
     app.add_exception_handler(errors.APIError, errors.api_error_handler)
     app.add_exception_handler(RequestValidationError, errors.validation_error_handler)
@@ -45,4 +108,8 @@ def create_app(config: GatewayConfig) -> GatewayMiddleware:
     app.add_exception_handler(GenerationError, errors.router_error_handler)
     app.add_exception_handler(Exception, errors.internal_error_handler)
     app.include_router(router)
-    return GatewayMiddleware(app, config.api_key, config.max_body_bytes)
+    # a route, not a mount (which would redirect /metrics to /metrics/)
+    app.add_route("/metrics", metrics.endpoint, include_in_schema=False)
+    guarded = GatewayMiddleware(app, config.api_key, config.max_body_bytes)
+    # the span outermost, so rejected requests (401, 413) are traced and counted too
+    return TracingMiddleware(metrics.asgi_middleware(guarded))

@@ -16,7 +16,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.gateway.errors import APIError, BodyTooLargeError
 
-OPEN_PATHS = frozenset({"/health"})  # probes carry no key
+# probes and Prometheus carry no key (metrics are counts and latencies, no request content)
+OPEN_PATHS = frozenset({"/health", "/metrics"})
 REQUEST_ID_HEADER = "x-request-id"
 # ids travel into logs and the worker's request table: keep them short and printable
 VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")

@@ -1,5 +1,6 @@
 """The gateway's side of the router's gRPC API: streamed ``Generate`` calls with a deadline,
-spread round-robin over one or more routers, plus health and model-name look-ups.
+spread round-robin over one or more routers, plus health and model-name look-ups. The set of
+routers is live: ``add``/``remove`` follow the Consul catalog under ``--discovery consul``.
 
 Closing a ``generate`` stream early (the HTTP client went away, or another choice failed)
 cancels the gRPC call; the router passes the cancel on to the worker, which frees the pages.
@@ -15,6 +16,7 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from pdmesh.telemetry import client_interceptors
 from pdmesh.v1 import router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -28,23 +30,50 @@ LOOKUP_TIMEOUT_S = 2.0  # health checks and ListWorkers: an answer or a quick "n
 
 class RouterClient:
     def __init__(self, addresses: Sequence[str], timeout: float) -> None:
-        if not addresses:
-            raise ValueError("at least one router address is needed")
-        self.addresses = tuple(addresses)
+        """``addresses``: the routers to start with; more (or all, when empty) via ``add``."""
         self.timeout = timeout
-        self._channels = [grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS) for a in addresses]
-        self._stubs = [router_pb2_grpc.RouterServiceStub(c) for c in self._channels]
-        self._next = itertools.cycle(range(len(addresses)))
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._turn = itertools.count()
+        for address in addresses:
+            self.add(address)
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        return tuple(self._channels)
+
+    def add(self, address: str) -> None:
+        if address not in self._channels:
+            self._channels[address] = grpc.aio.insecure_channel(
+                address, options=CHANNEL_OPTIONS, interceptors=client_interceptors()
+            )
+            log.info("added router %s", address)
+
+    async def remove(self, address: str) -> None:
+        """Stop sending to ``address``; its open streams run on for the request timeout."""
+        channel = self._channels.pop(address, None)
+        if channel is not None:
+            log.info("removed router %s", address)
+            await channel.close(grace=self.timeout)
 
     async def generate(
         self, request: router_pb2.RouterGenerateRequest
     ) -> AsyncGenerator[router_pb2.RouterGenerateResponse, None]:
         """The router's messages for ``request``. A router that is UNAVAILABLE before it sent
         anything is skipped for the next one; any other failure raises ``AioRpcError``."""
-        first = next(self._next)
-        for attempt in range(len(self._stubs)):
-            index = (first + attempt) % len(self._stubs)
-            call = self._stubs[index].Generate(request, timeout=self.timeout)
+        routers = list(self._channels.items())  # a snapshot: the set may change meanwhile
+        if not routers:
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.aio.Metadata(),
+                grpc.aio.Metadata(),
+                details="no router is known (none registered in Consul yet?)",
+            )
+        first = next(self._turn)
+        for attempt in range(len(routers)):
+            address, channel = routers[(first + attempt) % len(routers)]
+            call = router_pb2_grpc.RouterServiceStub(channel).Generate(
+                request, timeout=self.timeout
+            )
             received = False
             try:
                 async for message in call:
@@ -52,10 +81,10 @@ class RouterClient:
                     yield message
                 return
             except grpc.aio.AioRpcError as e:
-                last_try = attempt == len(self._stubs) - 1
+                last_try = attempt == len(routers) - 1
                 if received or last_try or e.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
-                log.warning("router %s unavailable: %s", self.addresses[index], e.details())
+                log.warning("router %s unavailable: %s", address, e.details())
             finally:
                 # a no-op once the call ended; otherwise the consumer left early and the
                 # router (and its worker) must stop working for nobody
@@ -63,7 +92,7 @@ class RouterClient:
 
     async def healthy(self) -> bool:
         """Whether any router answers its health check with SERVING."""
-        for channel in self._channels:
+        for channel in list(self._channels.values()):
             stub = health_pb2_grpc.HealthStub(channel)
             try:
                 reply = await stub.Check(
@@ -78,7 +107,8 @@ class RouterClient:
     async def model_names(self) -> list[str]:
         """The distinct model names the routers' workers report (empty if none is known)."""
         names: list[str] = []
-        for stub in self._stubs:
+        for channel in list(self._channels.values()):
+            stub = router_pb2_grpc.RouterServiceStub(channel)
             try:
                 reply = await stub.ListWorkers(
                     router_pb2.ListWorkersRequest(), timeout=LOOKUP_TIMEOUT_S
@@ -91,5 +121,6 @@ class RouterClient:
         return names
 
     async def close(self) -> None:
-        for channel in self._channels:
+        for channel in list(self._channels.values()):
             await channel.close()
+        self._channels.clear()

@@ -17,9 +17,12 @@ from services.gateway.token_text import TokenTexts
 
 
 class Gateway:
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, routers: Sequence[str] | None = None) -> None:
+        """``routers``: the routers to start with; None: ``--router``'s."""
         self.config = config
-        self.router = RouterClient(config.routers, config.request_timeout)
+        self.router = RouterClient(
+            config.routers if routers is None else routers, config.request_timeout
+        )
         self.texts = TokenTexts(config.tokenizer)
         self.started = int(time.time())
         self._models: list[str] = [config.model_name] if config.model_name else []

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 
 import grpc.aio
 
+from pdmesh.telemetry import client_interceptors
 from pdmesh.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 
 LOOKUP_TIMEOUT_S = 5.0
@@ -20,7 +21,11 @@ LOOKUP_TIMEOUT_S = 5.0
 
 class TokenTexts:
     def __init__(self, tokenizer_address: str = "") -> None:
-        self._channel = grpc.aio.insecure_channel(tokenizer_address) if tokenizer_address else None
+        self._channel = (
+            grpc.aio.insecure_channel(tokenizer_address, interceptors=client_interceptors())
+            if tokenizer_address
+            else None
+        )
         self._stub = (
             tokenizer_pb2_grpc.TokenizerServiceStub(self._channel) if self._channel else None
         )

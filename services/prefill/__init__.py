@@ -1,3 +1,4 @@
-"""The prefill service (``services.prefill``) arrives with the PD-disaggregation issue: a
-prefill-only engine plus the bootstrap server that decode workers register with. Until then a
-worker runs aggregated (``python -m services.decode --mode aggregated``)."""
+"""The prefill worker (``python -m services.prefill``): the prefill half of disaggregated
+requests. ``pdmesh.v1.WorkerService`` on ``--port`` (Generate with ``disagg`` set: prefill, ship
+the KV into the decode's pages, answer with the first token) and ``pdmesh.v1.BootstrapService``
+on ``--bootstrap-port``, where decode workers register and ask for each room's KV."""

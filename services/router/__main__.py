@@ -4,6 +4,9 @@ Examples:
     python -m services.router --workers 127.0.0.1:50053                 # listens on :50051
     python -m services.router --workers 10.0.0.5:50053,10.0.0.6:50053 \\
         --tokenizer 10.0.0.4:50052 --host 0.0.0.0
+    python -m services.router --prefill-workers 127.0.0.1:50054 \\
+        --decode-workers 127.0.0.1:50053 --disagg-min-prompt-tokens 32    # PD disaggregation
+    python -m services.router --discovery consul     # workers/tokenizers from Consul, live
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ import asyncio
 import sys
 
 from pdmesh.config import add_dataclass_args, from_args
+from pdmesh.discovery import ConsulError
 from pdmesh.rpc.server import configure_logging
+from services.mesh import MeshOptions, add_mesh_args
 from services.router.config import RouterServiceConfig
 from services.router.server import serve
 
@@ -25,12 +30,18 @@ def build_parser() -> argparse.ArgumentParser:
             "pdmesh router (gRPC pdmesh.v1.RouterService): takes text, token ids or chat "
             "messages, tokenizes them with the tokenizer service, picks a worker round-robin, "
             "streams the worker's tokens back as text (stop strings applied) and manages the "
-            "worker set (ListWorkers/AddWorker/RemoveWorker). Cancelling a Generate call "
-            "cancels it on the worker. Also serves grpc.health.v1 and reflection; SIGTERM or "
-            "Ctrl-C drains in-flight calls, then exits."
+            "worker set (ListWorkers/AddWorker/RemoveWorker). With --prefill-workers and "
+            "--decode-workers it disaggregates: each request gets a random 63-bit bootstrap room "
+            "and goes to a prefill and a decode worker at once; the decode's tokens are streamed "
+            "back, and a failure of either side before the first token cancels the other and "
+            "is returned naming the side. Short prompts (--disagg-min-prompt-tokens) or no "
+            "healthy prefill: the decode worker prefills itself. Cancelling a Generate call "
+            "cancels it on every worker it reached. Also serves grpc.health.v1 and reflection; "
+            "SIGTERM or Ctrl-C drains in-flight calls, then exits."
         ),
     )
     add_dataclass_args(parser, RouterServiceConfig)
+    add_mesh_args(parser)
     return parser
 
 
@@ -38,14 +49,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = from_args(RouterServiceConfig, args)
+        mesh = MeshOptions.from_args(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     configure_logging(config.log_level)
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, mesh))
     except OSError as e:  # e.g. the port is taken
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except ConsulError as e:  # e.g. an ACL token that may not register
+        print(f"error: cannot register with Consul: {e}", file=sys.stderr)
         return 1
     return 0
 

@@ -20,10 +20,31 @@ class RouterServiceConfig:
     workers: str = flag(
         "",
         "comma-separated host:port list of aggregated workers (python -m services.decode) to "
-        "route to; more can be added at run time with the AddWorker RPC",
+        "route to; more can be added at run time with the AddWorker RPC, and with --discovery "
+        "consul every worker in the catalog is added and removed as it comes and goes",
+    )
+    prefill_workers: str = flag(
+        "",
+        "PD disaggregation: comma-separated host:port list of prefill workers (python -m "
+        "services.prefill); each request's prompt is prefilled on one of them and its KV sent "
+        "to a --decode-workers worker",
+    )
+    decode_workers: str = flag(
+        "",
+        "PD disaggregation: comma-separated host:port list of decode workers (python -m "
+        "services.decode --mode decode); they stream the tokens, and prefill locally when no "
+        "prefill worker is healthy or the prompt is short (--disagg-min-prompt-tokens)",
+    )
+    disagg_min_prompt_tokens: int = flag(
+        0,
+        "conditional disaggregation: prompts shorter than this many tokens are prefilled on the "
+        "decode worker itself (a remote prefill's round trips and KV transfer cost more than "
+        "they save on short prompts); 0 disaggregates every prompt",
     )
     tokenizer: str = flag(
-        "127.0.0.1:50052", "host:port of the tokenizer service (python -m services.tokenizer)"
+        "127.0.0.1:50052",
+        "host:port of the tokenizer service (python -m services.tokenizer); ignored with "
+        "--discovery consul, which uses every tokenizer in the catalog",
     )
     policy: str = flag("round_robin", f"routing policy: {', '.join(POLICIES)}")
     request_timeout: float = flag(
@@ -62,12 +83,33 @@ class RouterServiceConfig:
             raise ValueError(f"--log-level={self.log_level!r}; choose {', '.join(LOG_LEVELS)}")
         if self.grace_period < 0:
             raise ValueError(f"--grace-period={self.grace_period} must be >= 0")
-        for address in self.worker_addresses:
-            if ":" not in address:
-                raise ValueError(f"--workers: {address!r} is not host:port")
-        if len(set(self.worker_addresses)) != len(self.worker_addresses):
-            raise ValueError(f"--workers={self.workers!r} lists a worker twice")
+        if self.disagg_min_prompt_tokens < 0:
+            raise ValueError(
+                f"--disagg-min-prompt-tokens={self.disagg_min_prompt_tokens} must be >= 0"
+            )
+        seen: set[str] = set()
+        for role, addresses in self.workers_by_role.items():
+            name = "--workers" if role == "aggregated" else f"--{role}-workers"
+            for address in addresses:
+                if ":" not in address:
+                    raise ValueError(f"{name}: {address!r} is not host:port")
+                if address in seen:
+                    raise ValueError(f"{name}: {address} is listed twice")
+                seen.add(address)
 
     @property
     def worker_addresses(self) -> tuple[str, ...]:
-        return tuple(a.strip() for a in self.workers.split(",") if a.strip())
+        return _split(self.workers)
+
+    @property
+    def workers_by_role(self) -> dict[str, tuple[str, ...]]:
+        """Every worker of the command line by role: aggregated, prefill, decode."""
+        return {
+            "aggregated": _split(self.workers),
+            "prefill": _split(self.prefill_workers),
+            "decode": _split(self.decode_workers),
+        }
+
+
+def _split(addresses: str) -> tuple[str, ...]:
+    return tuple(a.strip() for a in addresses.split(",") if a.strip())

@@ -34,4 +34,5 @@ def worker_to_pb(worker: WorkerHandle) -> router_pb2.Worker:
         role=_ROLES_PB[worker.role],
         healthy=worker.healthy,
         model_name=worker.model_name,
+        bootstrap_address=worker.bootstrap_address,
     )

@@ -18,10 +18,22 @@ from collections.abc import AsyncIterator
 
 import grpc.aio
 
+from pdmesh.discovery import (
+    PREFILL,
+    ROUTER,
+    TOKENIZER,
+    WORKER,
+    Discovery,
+    Endpoint,
+    diffing,
+    make_discovery,
+    registration_for,
+)
 from pdmesh.errors import InvalidRequestError
 from pdmesh.routing import make_policy
-from pdmesh.rpc.server import RpcServer, serve_until_signal
+from pdmesh.rpc.server import RpcServer
 from pdmesh.v1 import router_pb2, router_pb2_grpc
+from services.mesh import MeshOptions, Observed
 from services.router import convert
 from services.router.config import RouterServiceConfig
 from services.router.generate import Generation
@@ -85,20 +97,62 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         return router_pb2.RemoveWorkerResponse(found=found)
 
 
-async def serve(config: RouterServiceConfig) -> None:
-    """Route until SIGTERM/SIGINT; in-flight generations drain for the grace period."""
+async def serve(config: RouterServiceConfig, mesh: MeshOptions | None = None) -> None:
+    """Route until SIGTERM/SIGINT; in-flight generations drain for the grace period. With
+    ``--discovery consul`` the workers and tokenizers are the catalog's healthy instances,
+    followed live, and the router registers itself."""
+    mesh = mesh or MeshOptions()
+    observed = Observed.start("pdmesh-router", config.host, mesh.telemetry)
+    consul = mesh.discovery.discovery == "consul"
     workers = WorkerSet(config.rpc_timeout, drain_timeout=config.request_timeout)
-    for address in config.worker_addresses:
-        workers.add(address)
-    tokenizer = TokenizerClient(config.tokenizer, config.rpc_timeout)
-    generation = Generation(workers, make_policy(config.policy), tokenizer)
-    rpc = RpcServer([SERVICE_NAME])
+    for role, addresses in config.workers_by_role.items():
+        for address in addresses:
+            workers.add(address, role)
+    # under Consul the tokenizers are the catalog's; --tokenizer (which has a default) is for
+    # static discovery
+    tokenizer = TokenizerClient([] if consul else [config.tokenizer], config.rpc_timeout)
+    generation = Generation(
+        workers,
+        make_policy(config.policy),
+        tokenizer,
+        prefill_policy=make_policy(config.policy),
+        disagg_min_prompt_tokens=config.disagg_min_prompt_tokens,
+    )
+    rpc = RpcServer([SERVICE_NAME], interceptors=observed.interceptors())
     router_pb2_grpc.add_RouterServiceServicer_to_server(
         RouterServicer(generation, config.request_timeout), rpc.server
     )
+    discovery = make_discovery(mesh.discovery)
+    if consul:
+        follow_catalog(discovery, workers, tokenizer)
     workers.start_health_checks(config.health_check_interval)
+    registration = registration_for(mesh.discovery, ROUTER, config.host, 0, meta=observed.meta())
     try:
-        await serve_until_signal(rpc, config.host, config.port, config.grace_period)
+        await observed.serve(
+            rpc, config.host, config.port, config.grace_period, discovery, registration
+        )
     finally:
         await workers.close()
         await tokenizer.close()
+
+
+def follow_catalog(discovery: Discovery, workers: WorkerSet, tokenizer: TokenizerClient) -> None:
+    """Keep ``workers`` and ``tokenizer`` in step with the catalog: an instance that registers
+    (or turns healthy) is added and checked at once; one that deregisters or fails Consul's
+    health check is removed (its in-flight calls run on)."""
+
+    def add_worker(endpoint: Endpoint) -> None:
+        worker = workers.add(endpoint.target, endpoint.role or "aggregated", endpoint.id)
+        workers.check_soon(worker)
+
+    def remove_worker(endpoint: Endpoint) -> None:
+        workers.remove(id=endpoint.id)
+
+    # one diffing per watch: each remembers what its own watch delivered
+    for service in (WORKER, PREFILL):
+        discovery.watch(service, None, diffing(add_worker, remove_worker))
+    discovery.watch(
+        TOKENIZER,
+        None,
+        diffing(lambda e: tokenizer.add(e.target), lambda e: tokenizer.remove(e.target)),
+    )

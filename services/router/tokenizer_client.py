@@ -1,17 +1,29 @@
 """The router's client of the tokenizer service: prompts → token ids, and the incremental
-detokenizer that turns a worker's token stream into text deltas with stop strings applied."""
+detokenizer that turns a worker's token stream into text deltas with stop strings applied.
+
+It holds a live set of tokenizer instances (``--tokenizer``, or those Consul reports) and
+spreads calls over them round-robin; every instance serves the same model's tokenizer, so the
+tokenize call and the detokenize stream of one request may go to different ones.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TypeAlias
 
 import grpc
 import grpc.aio
 
 from pdmesh.errors import InvalidRequestError
+from pdmesh.telemetry import client_interceptors
 from pdmesh.v1 import router_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 from services.router.upstream import OutgoingCalls, UpstreamError, calling
+
+log = logging.getLogger(__name__)
 
 # the tokenizer keeps only the prompt's last few ids as context for the first generated tokens
 # (5 today); a few more cost nothing and leave it room to change
@@ -23,13 +35,51 @@ DetokenizeCall: TypeAlias = (
 )
 
 
+@dataclass
+class _Instance:
+    address: str
+    channel: grpc.aio.Channel
+    stub: tokenizer_pb2_grpc.TokenizerServiceStub
+
+    @property
+    def label(self) -> str:
+        return f"tokenizer {self.address}"
+
+
 class TokenizerClient:
-    def __init__(self, address: str, rpc_timeout: float) -> None:
-        self.address = address
-        self.label = f"tokenizer {address}"
+    def __init__(self, addresses: str | Sequence[str], rpc_timeout: float) -> None:
+        """``addresses``: the tokenizers to start with (``host:port``; more via ``add``)."""
         self._rpc_timeout = rpc_timeout
-        self._channel = grpc.aio.insecure_channel(address)
-        self._stub = tokenizer_pb2_grpc.TokenizerServiceStub(self._channel)
+        self._instances: dict[str, _Instance] = {}
+        self._turn = itertools.count()
+        for address in [addresses] if isinstance(addresses, str) else addresses:
+            if address:
+                self.add(address)
+
+    @property
+    def addresses(self) -> list[str]:
+        return list(self._instances)
+
+    def add(self, address: str) -> None:
+        if address in self._instances:
+            return
+        channel = grpc.aio.insecure_channel(address, interceptors=client_interceptors())
+        stub = tokenizer_pb2_grpc.TokenizerServiceStub(channel)
+        self._instances[address] = _Instance(address, channel, stub)
+        log.info("added tokenizer %s", address)
+
+    async def remove(self, address: str) -> None:
+        """Stop using ``address``; its open detokenize streams run on until they end."""
+        instance = self._instances.pop(address, None)
+        if instance is not None:
+            log.info("removed tokenizer %s", address)
+            await instance.channel.close(grace=self._rpc_timeout)
+
+    def _pick(self) -> _Instance:
+        if not self._instances:
+            raise UpstreamError(grpc.StatusCode.UNAVAILABLE, "no tokenizer service is known")
+        instances = list(self._instances.values())
+        return instances[next(self._turn) % len(instances)]
 
     async def prompt_ids(
         self, request: router_pb2.RouterGenerateRequest, timeout: float
@@ -38,21 +88,25 @@ class TokenizerClient:
         ``timeout`` caps the tokenizer call (the client's remaining deadline)."""
         kind = request.WhichOneof("input")
         timeout = min(timeout, self._rpc_timeout)
-        with calling(self.label):
-            if kind == "token_ids":
-                ids = list(request.token_ids.ids)
-            elif kind == "text":
-                tokenized = await self._stub.Tokenize(
+        if kind == "token_ids":
+            ids = list(request.token_ids.ids)
+            if not ids:
+                raise InvalidRequestError(kind, "the prompt must not be empty")
+            return ids
+        if kind not in ("text", "chat"):
+            raise InvalidRequestError("input", "set one of text, token_ids or chat")
+        tokenizer = self._pick()
+        with calling(tokenizer.label):
+            if kind == "text":
+                tokenized = await tokenizer.stub.Tokenize(
                     tokenizer_pb2.TokenizeRequest(text=request.text), timeout=timeout
                 )
                 ids = list(tokenized.token_ids)
-            elif kind == "chat":
-                rendered = await self._stub.ApplyChatTemplate(
+            else:
+                rendered = await tokenizer.stub.ApplyChatTemplate(
                     tokenizer_pb2.ApplyChatTemplateRequest(chat=request.chat), timeout=timeout
                 )
                 ids = list(rendered.token_ids)
-            else:
-                raise InvalidRequestError("input", "set one of text, token_ids or chat")
         if not ids:
             raise InvalidRequestError(kind, "the prompt must not be empty")
         return ids
@@ -70,13 +124,16 @@ class TokenizerClient:
         )
         if skip_special_tokens is not None:
             options.skip_special_tokens = skip_special_tokens
-        call: DetokenizeCall = calls.track(self._stub.DetokenizeStream(timeout=timeout))
-        with calling(self.label):
+        tokenizer = self._pick()
+        call: DetokenizeCall = calls.track(tokenizer.stub.DetokenizeStream(timeout=timeout))
+        with calling(tokenizer.label):
             await call.write(tokenizer_pb2.DetokenizeStreamRequest(options=options))
-        return Detokenizer(call, self.label)
+        return Detokenizer(call, tokenizer.label)
 
     async def close(self) -> None:
-        await self._channel.close()
+        for instance in list(self._instances.values()):
+            await instance.channel.close()
+        self._instances.clear()
 
 
 class Detokenizer:
@@ -99,3 +156,11 @@ class Detokenizer:
                 grpc.StatusCode.INTERNAL, f"{self._label} ended the detokenize stream early"
             )
         return reply
+
+    async def close(self) -> None:
+        """End the call cleanly once the tokenizer has ended its side (after a final or
+        stopping response): half-close and read its end, so the call's client span ends now
+        rather than whenever the call is garbage-collected."""
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await self._call.done_writing()
+            await self._call.read()

@@ -1,5 +1,11 @@
 """``WorkerSet``: the live set of workers the router routes to, with one channel each.
 
+Each worker has a role: ``aggregated`` and ``decode`` workers take whole requests (a decode
+worker prefills locally when a request comes without a prefill), ``prefill`` workers only the
+prefill half of disaggregated ones. A worker's own GetModelInfo must agree with the role it was
+added with (a mix-up is logged and keeps it unhealthy), and a prefill counts as healthy only
+once its bootstrap address is known.
+
 Health is tracked two ways: a background loop asks every worker's ``grpc.health.v1`` service
 every ``interval`` seconds (a draining worker answers NOT_SERVING and stops getting new
 requests), and a call that fails with UNAVAILABLE marks its worker unhealthy at once. The set
@@ -20,12 +26,14 @@ import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdmesh.errors import InvalidRequestError
+from pdmesh.telemetry import client_interceptors
 from pdmesh.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
-ROLES = ("aggregated",)  # prefill / decode arrive with the PD issue
+ROLES = ("aggregated", "prefill", "decode")
+GENERATING_ROLES = ("aggregated", "decode")  # roles that take a request without a prefill
 
 
 @dataclass(eq=False)
@@ -36,6 +44,8 @@ class WorkerHandle:
     channel: grpc.aio.Channel = field(repr=False)
     healthy: bool = False  # whether the last health check (or call) found it serving
     model_name: str = ""  # from GetModelInfo, once it answered
+    # prefill workers: host:port of their BootstrapService, from GetModelInfo
+    bootstrap_address: str = ""
     stub: worker_pb2_grpc.WorkerServiceStub = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -43,10 +53,11 @@ class WorkerHandle:
 
     @property
     def label(self) -> str:
-        """How messages name it."""
+        """How messages name it, e.g. "prefill worker p1 (10.0.0.5:50054)"."""
+        kind = "worker" if self.role == "aggregated" else f"{self.role} worker"
         if self.id == self.address:
-            return f"worker {self.address}"
-        return f"worker {self.id} ({self.address})"
+            return f"{kind} {self.address}"
+        return f"{kind} {self.id} ({self.address})"
 
 
 class WorkerSet:
@@ -69,9 +80,7 @@ class WorkerSet:
         if ":" not in address:
             raise InvalidRequestError("address", f"{address!r} is not host:port")
         if role not in ROLES:
-            raise InvalidRequestError(
-                "role", f"{role} workers come with the PD issue; only {', '.join(ROLES)} for now"
-            )
+            raise InvalidRequestError("role", f"{role!r}; choose {', '.join(ROLES)}")
         worker_id = id or address
         for w in self._workers.values():
             if w.id == worker_id or w.address == address:
@@ -79,7 +88,8 @@ class WorkerSet:
                     "address" if w.address == address else "id",
                     f"{w.label} is already registered",
                 )
-        worker = WorkerHandle(worker_id, address, role, grpc.aio.insecure_channel(address))
+        channel = grpc.aio.insecure_channel(address, interceptors=client_interceptors())
+        worker = WorkerHandle(worker_id, address, role, channel)
         self._workers[worker_id] = worker
         log.info("added %s", worker.label)
         return worker
@@ -96,24 +106,37 @@ class WorkerSet:
         log.info("removed %s", worker.label)
         return True
 
-    def candidates(self, exclude: tuple[WorkerHandle, ...] = ()) -> list[WorkerHandle]:
-        """Workers a new request may go to: the healthy ones; when none is, all of them (health
-        may be stale, and failing the call names the worker, which beats a vague error)."""
-        workers = [w for w in self._workers.values() if w not in exclude]
+    def candidates(
+        self,
+        exclude: tuple[WorkerHandle, ...] = (),
+        roles: tuple[str, ...] = GENERATING_ROLES,
+    ) -> list[WorkerHandle]:
+        """Workers of ``roles`` a new request may go to: the healthy ones; when none is, all of
+        them (health may be stale, and failing the call names the worker, which beats a vague
+        error)."""
+        workers = [w for w in self._workers.values() if w.role in roles and w not in exclude]
         return [w for w in workers if w.healthy] or workers
 
+    def healthy(self, role: str) -> list[WorkerHandle]:
+        """The healthy workers of ``role`` (no fallback: a prefill must be known to work)."""
+        return [w for w in self._workers.values() if w.role == role and w.healthy]
+
+    def has_role(self, role: str) -> bool:
+        return any(w.role == role for w in self._workers.values())
+
     async def check(self, worker: WorkerHandle) -> bool:
-        """Ask ``worker`` whether it is serving; learn its model on the first success."""
+        """Ask ``worker`` whether it is serving; (re)learn its model info whenever it turns
+        healthy (a restarted prefill may have a new bootstrap port)."""
         health = health_pb2_grpc.HealthStub(worker.channel)
         request = health_pb2.HealthCheckRequest(service=WORKER_SERVICE)
         try:
             reply = await health.Check(request, timeout=self._rpc_timeout)
             serving = reply.status == health_pb2.HealthCheckResponse.SERVING
-            if serving and not worker.model_name:
+            if serving and not worker.healthy:
                 info = await worker.stub.GetModelInfo(
                     worker_pb2.GetModelInfoRequest(), timeout=self._rpc_timeout
                 )
-                worker.model_name = info.model_name
+                serving = self._learn(worker, info)
         except grpc.aio.AioRpcError as e:
             log.debug("health check of %s failed: %s", worker.label, e.code().name)
             serving = False
@@ -121,6 +144,34 @@ class WorkerSet:
             log.info("%s is %s", worker.label, "healthy" if serving else "unhealthy")
         worker.healthy = serving
         return serving
+
+    def _learn(self, worker: WorkerHandle, info: worker_pb2.GetModelInfoResponse) -> bool:
+        """Take ``info`` in; False when it contradicts the worker's role."""
+        worker.model_name = info.model_name
+        role = info.role or "aggregated"  # workers from before roles were advertised
+        if role != worker.role:
+            log.warning(
+                "%s reports role %r: not routing to it (add it with its own role)",
+                worker.label,
+                role,
+            )
+            return False
+        if role == "prefill":
+            if not info.bootstrap_port:
+                log.warning("%s advertises no bootstrap port", worker.label)
+                return False
+            host = worker.address.rsplit(":", 1)[0]  # where we reach it; it may bind 0.0.0.0
+            worker.bootstrap_address = f"{host}:{info.bootstrap_port}"
+        return True
+
+    def check_soon(self, worker: WorkerHandle) -> None:
+        """``check`` in the background: a worker found by discovery takes traffic as soon as it
+        answers, not at the next health-check round."""
+        self._spawn(self._check_quietly(worker))
+
+    async def _check_quietly(self, worker: WorkerHandle) -> None:
+        with contextlib.suppress(Exception):  # e.g. its channel closed by a concurrent remove
+            await self.check(worker)
 
     def mark_unhealthy(self, worker: WorkerHandle, reason: str) -> None:
         if worker.healthy:

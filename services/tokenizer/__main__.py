@@ -12,7 +12,9 @@ import asyncio
 import sys
 
 from pdmesh.config import add_dataclass_args, from_args
+from pdmesh.discovery import ConsulError
 from pdmesh.rpc.server import configure_logging
+from services.mesh import MeshOptions, add_mesh_args
 from services.tokenizer.config import TokenizerServiceConfig
 from services.tokenizer.server import load_tokenizer, serve
 
@@ -28,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     add_dataclass_args(parser, TokenizerServiceConfig)
+    add_mesh_args(parser)
     return parser
 
 
@@ -35,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = from_args(TokenizerServiceConfig, args)
+        mesh = MeshOptions.from_args(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -45,9 +49,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot load the tokenizer of {config.model!r}: {e}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(serve(config, tokenizer))
+        asyncio.run(serve(config, tokenizer, mesh))
     except OSError as e:  # e.g. the port is taken
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except ConsulError as e:  # e.g. an ACL token that may not register
+        print(f"error: cannot register with Consul: {e}", file=sys.stderr)
         return 1
     return 0
 

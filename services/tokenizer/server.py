@@ -13,10 +13,12 @@ from collections.abc import AsyncIterator
 
 import grpc.aio
 
+from pdmesh.discovery import META_MODEL, TOKENIZER, make_discovery, registration_for
 from pdmesh.errors import InvalidRequestError
-from pdmesh.rpc.server import RpcServer, serve_until_signal
+from pdmesh.rpc.server import RpcServer
 from pdmesh.tokenizer import StreamDetokenizer, Tokenizer
 from pdmesh.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+from services.mesh import MeshOptions, Observed
 from services.tokenizer import convert
 from services.tokenizer.config import TokenizerServiceConfig
 
@@ -103,10 +105,24 @@ def load_tokenizer(model: str) -> Tokenizer:
     return Tokenizer.from_dir(source.path, name=source.name)
 
 
-async def serve(config: TokenizerServiceConfig, tokenizer: Tokenizer) -> None:
-    """Serve ``tokenizer`` until SIGTERM/SIGINT."""
-    rpc = RpcServer([SERVICE_NAME])
+async def serve(
+    config: TokenizerServiceConfig, tokenizer: Tokenizer, mesh: MeshOptions | None = None
+) -> None:
+    """Serve ``tokenizer`` until SIGTERM/SIGINT, registered (``--discovery consul``) while
+    serving."""
+    mesh = mesh or MeshOptions()
+    observed = Observed.start("pdmesh-tokenizer", config.host, mesh.telemetry)
+    rpc = RpcServer([SERVICE_NAME], interceptors=observed.interceptors())
     tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server(
         TokenizerServicer(tokenizer), rpc.server
     )
-    await serve_until_signal(rpc, config.host, config.port, config.grace_period)
+    meta = {META_MODEL: tokenizer.info().model_name, **observed.meta()}
+    registration = registration_for(mesh.discovery, TOKENIZER, config.host, 0, meta=meta)
+    await observed.serve(
+        rpc,
+        config.host,
+        config.port,
+        config.grace_period,
+        make_discovery(mesh.discovery),
+        registration,
+    )

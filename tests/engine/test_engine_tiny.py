@@ -231,7 +231,6 @@ def test_random_workload_with_aborts_frees_everything(
         num_pages=24, page_size=2, max_num_batched_tokens=chunk, max_running_requests=4
     )
     aborts: dict[int, list[str]] = {}
-    held = []
     for i, (prompt, n, abort_at, prefill_only) in enumerate(reqs):
         engine.add_request(
             f"r{i}",
@@ -241,8 +240,6 @@ def test_random_workload_with_aborts_frees_everything(
         )
         if abort_at is not None:
             aborts.setdefault(abort_at, []).append(f"r{i}")
-        if prefill_only:
-            held.append(f"r{i}")
     finished = set()
     for step in range(500):
         for rid in aborts.get(step, []):
@@ -250,10 +247,9 @@ def test_random_workload_with_aborts_frees_everything(
         for o in engine.step():
             if o.finished:
                 finished.add(o.request_id)
+            if o.prefill_page_ids is not None:  # as the PD prefill does once the KV is sent
+                engine.release(o.request_id)
         if not engine.has_work and step > max(aborts, default=0):
             break
     assert finished == {f"r{i}" for i in range(len(reqs))}
-    for rid in held:  # prefill-only requests hold pages until released (or aborted)
-        if engine.load().num_held and rid in engine._seqs:
-            engine.release(rid)
     assert_all_pages_free(engine)

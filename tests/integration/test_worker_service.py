@@ -274,8 +274,8 @@ def _wait_for_not_serving(svc: ServiceProc) -> None:
     raise AssertionError("still SERVING 10 s after SIGTERM")
 
 
-def test_disaggregated_modes_are_refused_with_a_pointer() -> None:
+def test_prefill_mode_points_to_the_prefill_service() -> None:
     argv = [sys.executable, "-m", "services.decode", "--mode", "prefill", *WORKER_ARGS]
     done = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    assert "PD issue" in done.stderr and "--mode aggregated" in done.stderr
+    assert "python -m services.prefill" in done.stderr

@@ -1,0 +1,62 @@
+"""PD values ↔ bootstrap.proto messages, shared by the prefill's servicer and the decode's client
+(the only place besides ``peers`` where pdmesh.pd meets proto types)."""
+
+from __future__ import annotations
+
+from pdmesh.engine.sequence import TokenLogprob
+from pdmesh.errors import InvalidRequestError
+from pdmesh.kv_transfer import ReceiverHandle
+from pdmesh.kv_transfer.convert import handle_from_pb, handle_to_pb
+from pdmesh.pd.registry import DecodePeer
+from pdmesh.pd.values import FirstToken
+from pdmesh.v1 import bootstrap_pb2, common_pb2
+
+
+def registration_to_pb(
+    decode_id: str, decode_address: str, receiver: ReceiverHandle
+) -> bootstrap_pb2.RegisterDecodeRequest:
+    return bootstrap_pb2.RegisterDecodeRequest(
+        decode_id=decode_id, receiver=handle_to_pb(receiver), decode_address=decode_address
+    )
+
+
+def registration_from_pb(pb: bootstrap_pb2.RegisterDecodeRequest) -> DecodePeer:
+    if not pb.decode_id:
+        raise InvalidRequestError("decode_id", "must not be empty")
+    if not pb.HasField("receiver"):
+        raise InvalidRequestError("receiver", "must be set")
+    return DecodePeer(pb.decode_id, pb.decode_address, handle_from_pb(pb.receiver))
+
+
+def logprob_to_pb(lp: TokenLogprob) -> common_pb2.TokenLogprob:
+    return common_pb2.TokenLogprob(
+        token_id=lp.token_id,
+        logprob=lp.logprob,
+        top=[common_pb2.TopLogprob(token_id=t, logprob=p) for t, p in lp.top],
+    )
+
+
+def logprob_from_pb(pb: common_pb2.TokenLogprob) -> TokenLogprob:
+    return TokenLogprob(pb.token_id, pb.logprob, tuple((t.token_id, t.logprob) for t in pb.top))
+
+
+def first_token_to_pb(first: FirstToken) -> bootstrap_pb2.TransferDone:
+    pb = bootstrap_pb2.TransferDone(
+        first_token=first.token_id,
+        cached_tokens=first.num_cached_tokens,
+        bytes=first.num_bytes,
+        transfer_seconds=first.seconds,
+    )
+    if first.logprob is not None:
+        pb.logprob.CopyFrom(logprob_to_pb(first.logprob))
+    return pb
+
+
+def first_token_from_pb(pb: bootstrap_pb2.TransferDone) -> FirstToken:
+    return FirstToken(
+        token_id=pb.first_token,
+        logprob=logprob_from_pb(pb.logprob) if pb.HasField("logprob") else None,
+        num_cached_tokens=pb.cached_tokens,
+        num_bytes=pb.bytes,
+        seconds=pb.transfer_seconds,
+    )

@@ -1,0 +1,119 @@
+"""What every pdmesh gRPC service does the same way to be found and observed: the discovery and
+telemetry flags, tracing, the ``/metrics`` server, the server interceptors, and serving while
+registered.
+
+    parser = ...; add_mesh_args(parser)
+    mesh = MeshOptions.from_args(args)
+    observed = Observed.start("pdmesh-tokenizer", config.host, mesh.telemetry)
+    rpc = RpcServer([SERVICE_NAME], interceptors=observed.interceptors())
+    registration = registration_for(mesh.discovery, TOKENIZER, config.host, 0,
+                                    meta={META_MODEL: ..., **observed.meta()})
+    await observed.serve(rpc, config.host, config.port, config.grace_period,
+                         make_discovery(mesh.discovery), registration)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import cast
+
+import grpc.aio
+
+from pdmesh.config import add_dataclass_args, from_args
+from pdmesh.discovery import (
+    META_METRICS_PORT,
+    Discovery,
+    DiscoveryConfig,
+    ServiceRegistration,
+    serve_registered,
+)
+from pdmesh.rpc.server import RpcServer
+from pdmesh.telemetry import (
+    Metrics,
+    MetricsServer,
+    TelemetryConfig,
+    server_interceptors,
+    setup_tracing,
+    start_metrics_server,
+)
+
+log = logging.getLogger(__name__)
+
+
+def add_mesh_args(parser: argparse.ArgumentParser, telemetry: bool = True) -> None:
+    """The discovery flags (``--discovery``, ``--consul-addr``…) and, with ``telemetry``,
+    ``--metrics-port``, in groups of their own so ``--help`` reads by topic."""
+    discovery = parser.add_argument_group("discovery (Consul)")
+    # argument groups share add_argument with the parser, which is all add_dataclass_args uses
+    add_dataclass_args(cast(argparse.ArgumentParser, discovery), DiscoveryConfig)
+    if telemetry:
+        metrics = parser.add_argument_group(
+            "telemetry (tracing follows the standard OTEL_* environment variables)"
+        )
+        add_dataclass_args(cast(argparse.ArgumentParser, metrics), TelemetryConfig)
+
+
+@dataclass(frozen=True)
+class MeshOptions:
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> MeshOptions:
+        """Raises ``ValueError`` for bad values, as ``from_args`` does."""
+        telemetry = (
+            from_args(TelemetryConfig, args) if hasattr(args, "metrics_port") else TelemetryConfig()
+        )
+        return cls(from_args(DiscoveryConfig, args), telemetry)
+
+
+class Observed:
+    """Tracing and metrics of one service process."""
+
+    def __init__(self, metrics: Metrics, metrics_server: MetricsServer | None) -> None:
+        self.metrics = metrics
+        self.metrics_server = metrics_server
+
+    @classmethod
+    def start(cls, service_name: str, host: str, telemetry: TelemetryConfig) -> Observed:
+        """Set up tracing (a no-op unless ``OTEL_*`` ask for it) and start ``/metrics`` on
+        ``--metrics-port`` (none when -1)."""
+        setup_tracing(service_name)
+        metrics = Metrics()
+        server = start_metrics_server(metrics, host, telemetry.metrics_port)
+        if server is not None:
+            log.info("Prometheus metrics on http://%s:%d/metrics", host, server.port)
+        return cls(metrics, server)
+
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        # metrics outermost: a call's duration includes the tracing work around it
+        return [self.metrics.grpc_interceptor(), *server_interceptors()]
+
+    def meta(self) -> Mapping[str, object]:
+        """Consul meta that tells Prometheus' service discovery where ``/metrics`` is."""
+        if self.metrics_server is None:
+            return {}
+        return {META_METRICS_PORT: self.metrics_server.port}
+
+    async def serve(
+        self,
+        rpc: RpcServer,
+        host: str,
+        port: int,
+        grace: float,
+        discovery: Discovery,
+        registration: ServiceRegistration,
+    ) -> None:
+        """``serve_registered``, then the ``/metrics`` server stops too."""
+        try:
+            await serve_registered(rpc, host, port, grace, discovery, registration)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None

@@ -1,0 +1,201 @@
+"""KV transfer between real processes: the receiver (a decode's KV cache) lives in a spawned
+child, the test process is the sender (a prefill with random pages). Real Mooncake over tcp on
+loopback, real gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import random
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from pdmesh.kv_transfer import KVSender, KVTransferError, get_backend, layout_of
+from pdmesh.kv_transfer.remote import ReceiverProcess
+
+# 2 layers, 64 pages of 4 tokens, 2 kv heads, head_dim 8, float32: 256-byte pages
+SHAPE = (2, 2, 64, 4, 2, 8)
+# (backend, hosted on an app's own grpc.aio server like the decode worker does)
+RECEIVERS = [("mooncake", False), ("grpc", False), ("grpc", True)]
+IDS = ["mooncake", "grpc-own-port", "grpc-hosted"]
+
+
+def open_sender(backend: str, kv: torch.Tensor) -> KVSender:
+    return get_backend(backend).sender.open(kv, layout_of(kv), "127.0.0.1")
+
+
+@pytest.fixture
+def source() -> torch.Tensor:
+    # the sender's pool differs in size from the receiver's, as a prefill's and a decode's do
+    return torch.randn(2, 2, 48, 4, 2, 8, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(params=RECEIVERS, ids=IDS)
+def receiver(request: pytest.FixtureRequest) -> Iterator[ReceiverProcess]:
+    backend, hosted = request.param
+    with ReceiverProcess(backend, SHAPE, hosted=hosted) as rp:
+        yield rp
+
+
+def test_pages_arrive_exactly_and_nothing_else_changes(
+    receiver: ReceiverProcess, source: torch.Tensor
+) -> None:
+    sender = open_sender(receiver.handle.backend, source)
+    # a contiguous run, a run broken on the destination side only, and scattered pages
+    writes = [
+        (list(range(0, 8)), list(range(20, 28))),
+        ([10, 11, 12, 13], [40, 41, 50, 51]),
+        ([30, 5, 47], [63, 0, 33]),
+    ]
+
+    async def run() -> list[int]:
+        try:
+            return [
+                (await sender.write(receiver.handle, src, dst, timeout=10)).bytes
+                for src, dst in writes
+            ]
+        finally:
+            await sender.close()
+
+    sizes = asyncio.run(run())
+    page_bytes = layout_of(source).page_bytes
+    assert sizes == [len(src) * 2 * 2 * page_bytes for src, _ in writes]
+
+    got = receiver.read(list(range(SHAPE[2])))
+    written: set[int] = set()
+    for src, dst in writes:
+        assert torch.equal(got[:, :, dst], source[:, :, src])
+        written.update(dst)
+    untouched = [p for p in range(SHAPE[2]) if p not in written]
+    assert not got[:, :, untouched].any()
+
+
+@pytest.mark.parametrize("variant", ["mooncake-poll", "mooncake-sync", "grpc"])
+def test_concurrent_writes_of_many_rooms_all_land(variant: str, source: torch.Tensor) -> None:
+    # a prefill writes several rooms into one decode at once: 8 rooms of 6 pages, scattered
+    backend, _, wait = variant.partition("-")
+    receiver = ReceiverProcess(backend, SHAPE)
+    if wait:
+        from pdmesh.kv_transfer.mooncake_backend import MooncakeSender
+
+        sender: KVSender = MooncakeSender.open(source, layout_of(source), "127.0.0.1", wait=wait)
+    else:
+        sender = open_sender(backend, source)
+    dst_all = list(range(SHAPE[2]))
+    random.Random(1).shuffle(dst_all)
+    rooms = [(list(range(6 * i, 6 * i + 6)), dst_all[6 * i : 6 * i + 6]) for i in range(8)]
+
+    async def run() -> None:
+        try:
+            await asyncio.gather(
+                *(sender.write(receiver.handle, src, dst, timeout=20) for src, dst in rooms)
+            )
+        finally:
+            await sender.close()
+
+    try:
+        asyncio.run(run())
+        got = receiver.read(list(range(SHAPE[2])))
+    finally:
+        receiver.stop()
+    for src, dst in rooms:
+        assert torch.equal(got[:, :, dst], source[:, :, src])
+    untouched = dst_all[48:]
+    assert not got[:, :, untouched].any()
+
+
+@pytest.mark.parametrize(("backend", "hosted"), RECEIVERS, ids=IDS)
+def test_write_to_a_killed_receiver_fails_fast(
+    backend: str, hosted: bool, source: torch.Tensor
+) -> None:
+    rp = ReceiverProcess(backend, SHAPE, hosted=hosted)
+    sender = open_sender(backend, source)
+
+    async def run() -> float:
+        try:
+            await sender.write(rp.handle, [0, 1], [0, 1], timeout=5)  # connection established
+            rp.kill()
+            start = time.perf_counter()
+            with pytest.raises(KVTransferError) as e:
+                await sender.write(rp.handle, [2, 3], [2, 3], timeout=5)
+            assert e.value.peer == rp.handle.address
+            assert rp.handle.address in str(e.value)
+            return time.perf_counter() - start
+        finally:
+            await sender.close()
+
+    assert asyncio.run(run()) < 5.0
+
+
+@pytest.mark.parametrize(("backend", "hosted"), RECEIVERS, ids=IDS)
+def test_write_to_a_hung_receiver_fails_at_the_deadline(
+    backend: str, hosted: bool, source: torch.Tensor
+) -> None:
+    # SIGSTOP: the process keeps its sockets but never reads; only the deadline ends the wait.
+    # The payload must exceed what the socket buffers absorb, or the write would just finish.
+    big = torch.randn(2, 2, 512, 16, 8, 64)  # 16 MiB
+    rp = ReceiverProcess(backend, big.shape, hosted=hosted)
+    sender = open_sender(backend, big)
+    pid = rp.process.pid
+    assert pid is not None
+    pages = list(range(512))
+
+    async def run() -> float:
+        try:
+            await sender.write(rp.handle, [0], [0], timeout=5)
+            os.kill(pid, signal.SIGSTOP)
+            start = time.perf_counter()
+            with pytest.raises(KVTransferError, match="within 2 s|DEADLINE_EXCEEDED"):
+                await sender.write(rp.handle, pages, pages, timeout=2)
+            return time.perf_counter() - start
+        finally:
+            # the hung process dies, as an operator or a liveness probe would end it; gRPC's
+            # keepalive would otherwise take ~15 s to drop the wedged connection
+            os.kill(pid, signal.SIGCONT)
+            rp.kill()
+            await sender.close()
+
+    elapsed = asyncio.run(run())
+    assert 1.9 < elapsed < 3.5
+
+
+def test_grpc_receiver_refuses_a_handle_from_before_its_restart(
+    source: torch.Tensor,
+) -> None:
+    with ReceiverProcess("grpc", SHAPE) as rp:
+        stale = dataclasses.replace(rp.handle, receiver_id="0" * 32)
+        sender = open_sender("grpc", source)
+
+        async def run() -> None:
+            try:
+                await sender.write(stale, [0], [0], timeout=5)
+            finally:
+                await sender.close()
+
+        with pytest.raises(KVTransferError, match="FAILED_PRECONDITION.*register again"):
+            asyncio.run(run())
+        assert not rp.read(list(range(SHAPE[2]))).any()
+
+
+@pytest.mark.parametrize("backend", ["mooncake", "grpc"])
+def test_layout_mismatch_is_named_and_nothing_is_sent(backend: str, source: torch.Tensor) -> None:
+    # the receiver has 8-token pages (the sender 4) and bfloat16 (the sender float32)
+    with ReceiverProcess(backend, (2, 2, 32, 8, 2, 8), dtype="bfloat16") as rp:
+        errors = layout_of(source).compatibility_errors(rp.handle.layout)
+        assert errors == ["page_size: 4 != 8", "dtype: float32 != bfloat16"]
+        sender = open_sender(backend, source)
+
+        async def run() -> None:
+            try:
+                await sender.write(rp.handle, [0], [0], timeout=5)
+            finally:
+                await sender.close()
+
+        with pytest.raises(KVTransferError, match="page_size: 4 != 8; dtype: float32 != bfloat16"):
+            asyncio.run(run())
+        assert not rp.read(list(range(32))).any()
