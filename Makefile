@@ -7,7 +7,7 @@ STAMP := $(VENV)/.stamp-install
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install protos run run-disagg test test-gpu lint typecheck model bench clean help
+.PHONY: install protos run run-disagg test test-gpu lint typecheck model bench bench-kv clean help
 
 help:
 	@echo "make install    create $(VENV) and install pdmesh with its dev tools"
@@ -20,6 +20,7 @@ help:
 	@echo "make typecheck  mypy"
 	@echo "make model      fetch and convert the default model into the cache dir"
 	@echo "make bench      offline engine throughput vs transformers (CPU or GPU)"
+	@echo "make bench-kv   KV transfer GB/s: mooncake vs grpc vs a raw socket copy"
 
 # system parts first (Debian packages; root on these machines), then the venv
 $(STAMP): pyproject.toml scripts/install_consul.sh scripts/install_mooncake.sh
@@ -71,6 +72,9 @@ model: $(STAMP)
 
 bench: install
 	$(PY) -m pdmesh.bench $(BENCH_ARGS)
+
+bench-kv: install
+	$(PY) -m pdmesh.bench.kv_transfer $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
