@@ -7,7 +7,7 @@ STAMP := $(VENV)/.stamp-install
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install protos run run-disagg test test-gpu lint typecheck model bench bench-kv clean help
+.PHONY: install protos run run-disagg test test-gpu lint typecheck model bench bench-kv trace-ui clean help
 
 help:
 	@echo "make install    create $(VENV) and install pdmesh with its dev tools"
@@ -21,6 +21,7 @@ help:
 	@echo "make model      fetch and convert the default model into the cache dir"
 	@echo "make bench      offline engine throughput vs transformers (CPU or GPU)"
 	@echo "make bench-kv   KV transfer GB/s: mooncake vs grpc vs a raw socket copy"
+	@echo "make trace-ui   Arize Phoenix trace UI (own venv .venv-phoenix) on :6006, OTLP :4317"
 
 # system parts first (Debian packages; root on these machines), then the venv
 $(STAMP): pyproject.toml scripts/install_consul.sh scripts/install_mooncake.sh
@@ -78,3 +79,7 @@ bench-kv: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# a local trace UI; the mesh sends to it with OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4317
+trace-ui:
+	scripts/trace_ui.sh
