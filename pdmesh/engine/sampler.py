@@ -101,7 +101,9 @@ def _top_k_top_p(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     dev = logits.device
     vocab = logits.shape[1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else vocab for r in rows], device=dev)
+    top_k = torch.tensor(
+        [r.params.top_k if r.params.top_k > 0 else vocab for r in rows], device=dev
+    )
     ranks = torch.arange(vocab, device=dev).unsqueeze(0)
     drop = ranks >= top_k.unsqueeze(1)
     probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)

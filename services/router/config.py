@@ -5,7 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pdmesh.config import flag
-from pdmesh.routing import POLICIES
+from pdmesh.routing import (
+    POLICIES,
+    CacheAwareConfig,
+    CircuitBreakerConfig,
+    KvCostConfig,
+    PolicySettings,
+    RetryConfig,
+)
+from pdmesh.routing import cache_aware as ca
+from pdmesh.routing import circuit_breaker as cb
+from pdmesh.routing import kv_cost as kv
+from pdmesh.routing import retry as rt
 from pdmesh.rpc.server import LOG_LEVELS
 
 DEFAULT_PORT = 50051
@@ -47,6 +58,74 @@ class RouterServiceConfig:
         "--discovery consul, which uses every tokenizer in the catalog",
     )
     policy: str = flag("round_robin", f"routing policy: {', '.join(POLICIES)}")
+    prefill_policy: str = flag(
+        "", "PD: routing policy of prefill workers; empty inherits --policy (SGLang's rule)"
+    )
+    decode_policy: str = flag(
+        "", "PD: routing policy of decode workers; empty inherits --policy (SGLang's rule)"
+    )
+    cache_threshold: float = flag(
+        ca.DEFAULT_CACHE_THRESHOLD,
+        "cache_aware: minimum fraction of the prompt a worker's tree must match for the "
+        "request to follow its cache (else the least-loaded worker)",
+    )
+    balance_abs_threshold: int = flag(
+        ca.DEFAULT_BALANCE_ABS_THRESHOLD,
+        "cache_aware: the fleet is imbalanced (least-loaded wins) when max - min in-flight "
+        "requests exceeds this and --balance-rel-threshold also holds",
+    )
+    balance_rel_threshold: float = flag(
+        ca.DEFAULT_BALANCE_REL_THRESHOLD,
+        "cache_aware: ... and max in-flight exceeds min times this",
+    )
+    eviction_interval_secs: float = flag(
+        ca.DEFAULT_EVICTION_INTERVAL_SECS,
+        "cache_aware/kv_cost: seconds between evictions of the routing trees",
+    )
+    max_tree_size: int = flag(
+        ca.DEFAULT_MAX_TREE_SIZE,
+        "cache_aware/kv_cost: tokens each worker's routing tree keeps after an eviction",
+    )
+    kv_overlap_score_weight: float = flag(
+        kv.DEFAULT_OVERLAP_SCORE_WEIGHT,
+        "kv_cost: weight of prefill blocks (prompt blocks not cached on the worker) against "
+        "its active decode blocks; 0 ignores the cache",
+    )
+    router_temperature: float = flag(
+        kv.DEFAULT_TEMPERATURE, "kv_cost: softmax temperature over costs; 0 takes the cheapest"
+    )
+    kv_block_size: int = flag(kv.DEFAULT_BLOCK_SIZE, "kv_cost: tokens per KV block (page)")
+    retry_max_retries: int = flag(
+        rt.DEFAULT_MAX_RETRIES,
+        "retries of a request that failed before anything was streamed (each on a newly "
+        "chosen worker or pair)",
+    )
+    retry_initial_backoff_ms: float = flag(
+        rt.DEFAULT_INITIAL_BACKOFF_MS, "milliseconds before the first retry"
+    )
+    retry_max_backoff_ms: float = flag(rt.DEFAULT_MAX_BACKOFF_MS, "cap of the retry backoff")
+    retry_backoff_multiplier: float = flag(
+        rt.DEFAULT_BACKOFF_MULTIPLIER, "backoff growth per retry"
+    )
+    retry_jitter_factor: float = flag(
+        rt.DEFAULT_JITTER_FACTOR, "each backoff is scaled by a random factor in [1-j, 1+j]"
+    )
+    disable_retries: bool = flag(False, "never retry a failed request")
+    cb_failure_threshold: int = flag(
+        cb.DEFAULT_FAILURE_THRESHOLD,
+        "consecutive failures (within --cb-window-duration-secs) that open a worker's circuit",
+    )
+    cb_success_threshold: int = flag(
+        cb.DEFAULT_SUCCESS_THRESHOLD, "successes in half-open state that close the circuit"
+    )
+    cb_timeout_duration_secs: float = flag(
+        cb.DEFAULT_TIMEOUT_DURATION_SECS,
+        "seconds an open circuit keeps its worker out before letting traffic probe it",
+    )
+    cb_window_duration_secs: float = flag(
+        cb.DEFAULT_WINDOW_DURATION_SECS, "window the consecutive failures must fall within"
+    )
+    disable_circuit_breaker: bool = flag(False, "never take a worker out for its failures")
     request_timeout: float = flag(
         600.0,
         "deadline in seconds of a whole generation on its worker (a client's own, shorter "
@@ -74,8 +153,18 @@ class RouterServiceConfig:
             raise ValueError("--host must not be empty")
         if not self.tokenizer:
             raise ValueError("--tokenizer must name the tokenizer service's host:port")
+        for name in ("prefill_policy", "decode_policy"):
+            value = getattr(self, name)
+            if value and value not in POLICIES:
+                raise ValueError(
+                    f"--{name.replace('_', '-')}={value!r}; choose {', '.join(POLICIES)}"
+                )
         if self.policy not in POLICIES:
             raise ValueError(f"--policy={self.policy!r}; choose {', '.join(POLICIES)}")
+        # the routing dataclasses check their own ranges; build them once to fail at startup
+        self.policy_settings()
+        self.retry_config()
+        self.breaker_config()
         for name in ("request_timeout", "rpc_timeout", "health_check_interval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be > 0")
@@ -96,6 +185,51 @@ class RouterServiceConfig:
                 if address in seen:
                     raise ValueError(f"{name}: {address} is listed twice")
                 seen.add(address)
+
+    def policy_for(self, role: str) -> str:
+        """The policy name of ``role``'s workers: SGLang's inheritance rules."""
+        if role == "prefill":
+            return self.prefill_policy or self.policy
+        if role == "decode":
+            return self.decode_policy or self.policy
+        return self.policy
+
+    def policy_settings(self) -> PolicySettings:
+        return PolicySettings(
+            cache_aware=CacheAwareConfig(
+                cache_threshold=self.cache_threshold,
+                balance_abs_threshold=self.balance_abs_threshold,
+                balance_rel_threshold=self.balance_rel_threshold,
+                eviction_interval_secs=self.eviction_interval_secs,
+                max_tree_size=self.max_tree_size,
+            ),
+            kv_cost=KvCostConfig(
+                block_size=self.kv_block_size,
+                overlap_score_weight=self.kv_overlap_score_weight,
+                temperature=self.router_temperature,
+                eviction_interval_secs=self.eviction_interval_secs,
+                max_tree_size=self.max_tree_size,
+            ),
+        )
+
+    def retry_config(self) -> RetryConfig:
+        return RetryConfig(
+            max_retries=self.retry_max_retries,
+            initial_backoff_ms=self.retry_initial_backoff_ms,
+            max_backoff_ms=self.retry_max_backoff_ms,
+            backoff_multiplier=self.retry_backoff_multiplier,
+            jitter_factor=self.retry_jitter_factor,
+            enabled=not self.disable_retries,
+        )
+
+    def breaker_config(self) -> CircuitBreakerConfig:
+        return CircuitBreakerConfig(
+            failure_threshold=self.cb_failure_threshold,
+            success_threshold=self.cb_success_threshold,
+            timeout_duration_secs=self.cb_timeout_duration_secs,
+            window_duration_secs=self.cb_window_duration_secs,
+            enabled=not self.disable_circuit_breaker,
+        )
 
     @property
     def worker_addresses(self) -> tuple[str, ...]:

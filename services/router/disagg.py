@@ -7,9 +7,9 @@ the other call is cancelled at once (the worker aborts its half and frees its pa
 client gets the failing side's error, naming that worker. After D's first token P no longer
 matters: D holds the whole prompt's KV.
 
-NOTE: no retry here. A request that reached both workers may have spent a prefill, and a retry
-policy for PD (re-pick the pair, new room, as SGLang's router does) belongs with the router's
-retry/circuit-breaker work.
+NOTE: no retry here: ``start`` says which side failed (``SideFailed``) and the caller decides
+(generate.py re-picks the pair, and ``start`` draws a new room for every attempt, as SGLang's
+router does), charging only the failed side's circuit breaker.
 """
 
 from __future__ import annotations
@@ -46,9 +46,9 @@ class Started:
     prefill_done: asyncio.Task[worker_pb2.GenerateResponse | None]  # drains P; never raises
 
 
-class Unreachable(UpstreamError):
-    """``worker`` could not be reached (UNAVAILABLE) before the decode's first message; both
-    halves were cancelled, so the request may start again on another pair."""
+class SideFailed(UpstreamError):
+    """``worker``'s call failed before the decode's first message; both halves were cancelled,
+    so the request may start again on another pair."""
 
     def __init__(self, worker: WorkerHandle, error: grpc.aio.AioRpcError) -> None:
         failed = UpstreamError.from_rpc(worker.label, error)
@@ -56,10 +56,14 @@ class Unreachable(UpstreamError):
         self.worker = worker
 
 
-def _failure(worker: WorkerHandle, error: grpc.aio.AioRpcError) -> UpstreamError:
+class Unreachable(SideFailed):
+    """``worker`` could not be reached (UNAVAILABLE)."""
+
+
+def _failure(worker: WorkerHandle, error: grpc.aio.AioRpcError) -> SideFailed:
     if error.code() == grpc.StatusCode.UNAVAILABLE:
         return Unreachable(worker, error)
-    return UpstreamError.from_rpc(worker.label, error)
+    return SideFailed(worker, error)
 
 
 def new_room() -> int:

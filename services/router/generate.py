@@ -17,8 +17,10 @@ completion tokens up to the stop; the worker's prefix-cache figure is not known 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import random
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -28,21 +30,29 @@ import grpc
 import grpc.aio
 
 from pdmesh.errors import InvalidRequestError
-from pdmesh.routing import POLICIES, RoundRobin, RoutingPolicy
+from pdmesh.routing import (
+    CircuitBreakers,
+    LoadTracker,
+    RequestView,
+    RetryConfig,
+    RoundRobin,
+    RoutingPolicy,
+    charges_breaker,
+    is_retryable,
+)
 from pdmesh.telemetry import event, set_attributes, span
 from pdmesh.telemetry.spans import FIRST_TOKEN, ROUTE, TOKENIZE
 from pdmesh.v1 import common_pb2, router_pb2, tokenizer_pb2, worker_pb2
 from services.router import disagg
 from services.router.tokenizer_client import Detokenizer, TokenizerClient
 from services.router.upstream import OutgoingCalls, UpstreamError
-from services.router.workers import WorkerHandle, WorkerSet
+from services.router.workers import GENERATING_ROLES, WorkerHandle, WorkerSet
 
 log = logging.getLogger(__name__)
 
 WorkerCall: TypeAlias = (
     "grpc.aio.UnaryStreamCall[worker_pb2.GenerateRequest, worker_pb2.GenerateResponse]"
 )
-MAX_ATTEMPTS = 2  # a worker that cannot be reached before streaming anything: try one other
 
 
 @dataclass
@@ -54,6 +64,21 @@ class Generation:
     tokenizer: TokenizerClient
     prefill_policy: RoutingPolicy = field(default_factory=RoundRobin)
     disagg_min_prompt_tokens: int = 0
+    decode_policy: RoutingPolicy | None = None  # PD decode side; None: ``policy``
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    breakers: CircuitBreakers = field(default_factory=CircuitBreakers)
+    loads: LoadTracker = field(default_factory=LoadTracker)
+    rng: random.Random = field(default_factory=random.Random)  # backoff jitter
+
+    def forget_worker(self, worker: WorkerHandle) -> None:
+        """``worker`` left the set: drop its tree entries, breaker and load."""
+        for policy in {id(p): p for p in self._policies()}.values():
+            policy.remove_worker(worker.id)
+        self.breakers.remove(worker.id)
+        self.loads.remove(worker.id)
+
+    def _policies(self) -> list[RoutingPolicy]:
+        return [self.policy, self.prefill_policy, self.decode_policy or self.policy]
 
     async def generate(
         self, request: router_pb2.RouterGenerateRequest, timeout: float, calls: OutgoingCalls
@@ -72,55 +97,82 @@ class Generation:
             request_id=request_id, token_ids=prompt, sampling_params=params
         )
         prefill_done = None
+        deadline = asyncio.get_running_loop().time() + timeout
+        view = RequestView(prompt, request_id)
         with span(ROUTE, policy=_policy_name(self.policy)):
-            started = await self._start_disaggregated(worker_request, timeout, calls)
+            started = await self._start_disaggregated(worker_request, deadline, calls, view)
             if started is not None:
                 worker, call, reply = started.decode, started.call, started.first
                 prefill_done = started.prefill_done
             else:
-                worker, call, reply = await self._start_on_a_worker(worker_request, timeout, calls)
+                worker, call, reply = await self._start_on_a_worker(
+                    worker_request, deadline, calls, view
+                )
                 set_attributes(worker=worker.id)
         log.debug("request %s: %d prompt tokens on %s", request_id, len(prompt), worker.label)
         event(FIRST_TOKEN)  # on the Generate span: the first token is on its way to the client
+        self.loads.start(worker.id, len(prompt))
         try:
             async for out in self._stream(detok, call, worker, reply, len(prompt)):
                 yield out
+            self.breakers.record_success(worker.id)
+        except WorkerFailed as e:
+            # nothing is retried once tokens were streamed; the breaker still learns of it
+            # (only the worker's own failures: a tokenizer's error says nothing about it)
+            if charges_breaker(e.code):
+                self.breakers.record_failure(worker.id)
+            raise
         finally:
+            self.loads.finish(worker.id, len(prompt))
             if prefill_done is not None:
                 prefill_done.cancel()  # done by now (D's first token needed P's end) or moot
 
     async def _start_disaggregated(
-        self, request: worker_pb2.GenerateRequest, timeout: float, calls: OutgoingCalls
+        self,
+        request: worker_pb2.GenerateRequest,
+        deadline: float,
+        calls: OutgoingCalls,
+        view: RequestView,
     ) -> disagg.Started | None:
         """Start ``request`` on a prefill/decode pair; None when it should run whole on one
-        worker. A worker found unreachable before the decode's first token (e.g. killed, not
-        yet out of the catalog) is marked unhealthy and the pair picked again, once: its half
-        of the room was cancelled, so a new room on another pair is safe."""
+        worker. A side that fails before the decode's first token is charged to its own
+        breaker (unreachable: also marked unhealthy) and, when the failure is retryable, the
+        pair is picked again without it after a backoff: both halves of the room were
+        cancelled, so a new room (``disagg.start`` draws one per call) on a new pair is safe."""
         tried: tuple[WorkerHandle, ...] = ()
-        for attempt in range(MAX_ATTEMPTS):
-            prefill = self._prefill_for(request, exclude=tried)
+        for attempt in range(self.retry.max_attempts):
+            prefill = self._prefill_for(request, view, exclude=tried)
             if prefill is None:
                 return None
-            decodes = self.workers.candidates(exclude=tried, roles=("decode",))
+            decodes = self._available(("decode",), exclude=tried)
             if not decodes:
                 return None
-            decode = self.policy.select(decodes)
+            decode = _pick(self.decode_policy or self.policy, decodes, view, self.loads)
             try:
-                started = await disagg.start(request, prefill, decode, timeout, calls)
-            except disagg.Unreachable as e:
-                self.workers.mark_unhealthy(e.worker, e.details)
-                if attempt == MAX_ATTEMPTS - 1:
+                started = await disagg.start(request, prefill, decode, _left(deadline), calls)
+            except disagg.SideFailed as e:
+                if isinstance(e, disagg.Unreachable):
+                    self.workers.mark_unhealthy(e.worker, e.details)
+                if charges_breaker(e.code):
+                    self.breakers.record_failure(e.worker.id)
+                if not self._may_retry(e.code, attempt, deadline):
                     raise
                 tried = (*tried, e.worker)
+                await self._backoff(attempt, deadline)
                 continue
+            self.breakers.record_success(prefill.id)  # D's first token needed P's KV
             set_attributes(prefill=prefill.id, decode=decode.id, bootstrap_room=started.room)
             return started
         return None
 
     def _prefill_for(
-        self, request: worker_pb2.GenerateRequest, exclude: tuple[WorkerHandle, ...] = ()
+        self,
+        request: worker_pb2.GenerateRequest,
+        view: RequestView,
+        exclude: tuple[WorkerHandle, ...] = (),
     ) -> WorkerHandle | None:
-        """The prefill worker for ``request``, or None to run it whole on one worker."""
+        """The prefill worker for ``request``, or None to run it whole on one worker (also
+        when every prefill is unhealthy or has its circuit open: decode-only beats failing)."""
         params = request.sampling_params
         if params.HasField("max_new_tokens") and params.max_new_tokens == 0:
             return None  # nothing to decode
@@ -128,8 +180,28 @@ class Generation:
             return None
         if not self.workers.has_role("decode"):
             return None
-        prefills = [w for w in self.workers.healthy("prefill") if w not in exclude]
-        return self.prefill_policy.select(prefills) if prefills else None
+        prefills = [
+            w
+            for w in self.workers.healthy("prefill")
+            if w not in exclude and self.breakers.is_available(w.id)
+        ]
+        return _pick(self.prefill_policy, prefills, view, self.loads) if prefills else None
+
+    def _available(
+        self, roles: tuple[str, ...], exclude: tuple[WorkerHandle, ...] = ()
+    ) -> list[WorkerHandle]:
+        """Candidates of ``roles`` whose circuit is not open; when every circuit is open, all
+        candidates (a request that names the failing worker beats a vague "none available")."""
+        candidates = self.workers.candidates(exclude=exclude, roles=roles)
+        return [w for w in candidates if self.breakers.is_available(w.id)] or candidates
+
+    def _may_retry(self, code: grpc.StatusCode, attempt: int, deadline: float) -> bool:
+        expired = _left(deadline) <= 0
+        return attempt + 1 < self.retry.max_attempts and is_retryable(code, expired)
+
+    async def _backoff(self, attempt: int, deadline: float) -> None:
+        # never sleep past the client's deadline: the next attempt would be refused anyway
+        await asyncio.sleep(min(self.retry.delay(attempt, self.rng), max(_left(deadline), 0)))
 
     async def _stream(
         self,
@@ -160,52 +232,84 @@ class Generation:
             reply = await _next(call, worker)
 
     async def _start_on_a_worker(
-        self, request: worker_pb2.GenerateRequest, timeout: float, calls: OutgoingCalls
+        self,
+        request: worker_pb2.GenerateRequest,
+        deadline: float,
+        calls: OutgoingCalls,
+        view: RequestView,
     ) -> tuple[WorkerHandle, WorkerCall, worker_pb2.GenerateResponse]:
-        """Open Generate on a worker the policy picks and read its first message. A worker that
-        is unavailable before it streamed anything is marked unhealthy and another one tried."""
+        """Open Generate on a worker the policy picks and read its first message. A failure
+        before anything was streamed is charged to the worker's breaker (unless the request
+        is at fault) and, when retryable, retried after a backoff on another worker: never the
+        same one twice, so retries also end when every candidate has been tried."""
         tried: tuple[WorkerHandle, ...] = ()
-        error: grpc.aio.AioRpcError | None = None
-        while len(tried) < MAX_ATTEMPTS:
-            candidates = self.workers.candidates(exclude=tried)
+        error: UpstreamError | None = None
+        for attempt in range(self.retry.max_attempts):
+            candidates = self._available(GENERATING_ROLES, exclude=tried)
             if not candidates:
                 break
-            worker = self.policy.select(candidates)
-            call: WorkerCall = calls.track(worker.stub.Generate(request, timeout=timeout))
+            worker = _pick(self.policy, candidates, view, self.loads)
+            call: WorkerCall = calls.track(worker.stub.Generate(request, timeout=_left(deadline)))
             try:
                 return worker, call, await _next(call, worker, retryable=True)
             except grpc.aio.AioRpcError as e:
-                self.workers.mark_unhealthy(worker, e.details() or e.code().name)
-                tried, error = (*tried, worker), e
+                error = UpstreamError.from_rpc(worker.label, e)
+                if error.code == grpc.StatusCode.UNAVAILABLE:
+                    self.workers.mark_unhealthy(worker, e.details() or e.code().name)
+                if charges_breaker(error.code):
+                    self.breakers.record_failure(worker.id)
+                tried = (*tried, worker)
+                if not self._may_retry(error.code, attempt, deadline):
+                    break
+                await self._backoff(attempt, deadline)
         if error is None:
             raise UpstreamError(grpc.StatusCode.UNAVAILABLE, "no workers are registered")
+        if error.code != grpc.StatusCode.UNAVAILABLE:
+            raise error
         names = ", ".join(w.label for w in tried)
-        raise UpstreamError(
-            grpc.StatusCode.UNAVAILABLE, f"{names} unavailable: {error.details() or ''}"
-        )
+        raise UpstreamError(grpc.StatusCode.UNAVAILABLE, f"{names} unavailable: {error.details}")
+
+
+class WorkerFailed(UpstreamError):
+    """The generating worker's stream failed (as opposed to, e.g., the detokenizer's)."""
 
 
 async def _next(
     call: WorkerCall, worker: WorkerHandle, retryable: bool = False
 ) -> worker_pb2.GenerateResponse:
-    """The worker's next message. With ``retryable``, an UNAVAILABLE failure is raised as the
-    raw grpc error (so the caller may try another worker); anything else as UpstreamError."""
+    """The worker's next message. With ``retryable``, a failure is raised as the raw grpc
+    error (the caller decides whether to try another worker); otherwise as UpstreamError."""
     try:
         reply = await call.read()
     except grpc.aio.AioRpcError as e:
-        if retryable and e.code() == grpc.StatusCode.UNAVAILABLE:
+        if retryable:
             raise
-        raise UpstreamError.from_rpc(worker.label, e) from e
+        failed = UpstreamError.from_rpc(worker.label, e)
+        raise WorkerFailed(failed.code, failed.details, failed.detail) from e
     if reply is grpc.aio.EOF:
-        raise UpstreamError(
+        raise WorkerFailed(
             grpc.StatusCode.INTERNAL, f"{worker.label} ended the stream without a finish reason"
         )
     return reply
 
 
+def _left(deadline: float) -> float:
+    return deadline - asyncio.get_running_loop().time()
+
+
+def _pick(
+    policy: RoutingPolicy, candidates: list[WorkerHandle], view: RequestView, loads: LoadTracker
+) -> WorkerHandle:
+    """``policy``'s choice among ``candidates``; policies key their state by worker id, so a
+    worker removed and re-added under the same id keeps its place in the trees."""
+    by_id = {w.id: w for w in candidates}
+    ids = list(by_id)
+    return by_id[policy.select(ids, view, loads.view(ids))]
+
+
 def _policy_name(policy: RoutingPolicy) -> str:
     """``--policy``'s name for ``policy`` (span attributes use the name operators set)."""
-    return next((n for n, cls in POLICIES.items() if type(policy) is cls), type(policy).__name__)
+    return policy.name or type(policy).__name__
 
 
 def _check_stop_strings(stop: list[str]) -> None:

@@ -30,7 +30,7 @@ from pdmesh.discovery import (
     registration_for,
 )
 from pdmesh.errors import InvalidRequestError
-from pdmesh.routing import make_policy
+from pdmesh.routing import CircuitBreakers, make_policy
 from pdmesh.rpc.server import RpcServer
 from pdmesh.v1 import router_pb2, router_pb2_grpc
 from services.mesh import MeshOptions, Observed
@@ -111,13 +111,20 @@ async def serve(config: RouterServiceConfig, mesh: MeshOptions | None = None) ->
     # under Consul the tokenizers are the catalog's; --tokenizer (which has a default) is for
     # static discovery
     tokenizer = TokenizerClient([] if consul else [config.tokenizer], config.rpc_timeout)
+    settings = config.policy_settings()
     generation = Generation(
         workers,
-        make_policy(config.policy),
+        make_policy(config.policy, settings),
         tokenizer,
-        prefill_policy=make_policy(config.policy),
+        prefill_policy=make_policy(config.policy_for("prefill"), settings),
         disagg_min_prompt_tokens=config.disagg_min_prompt_tokens,
+        # its own instance even when the names agree: a tree of decode placements must not
+        # steer prefills (and round-robin cursors must not interleave)
+        decode_policy=make_policy(config.policy_for("decode"), settings),
+        retry=config.retry_config(),
+        breakers=CircuitBreakers(config.breaker_config()),
     )
+    workers.on_remove.append(generation.forget_worker)
     rpc = RpcServer([SERVICE_NAME], interceptors=observed.interceptors())
     router_pb2_grpc.add_RouterServiceServicer_to_server(
         RouterServicer(generation, config.request_timeout), rpc.server

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +68,8 @@ class WorkerSet:
         self._rpc_timeout = rpc_timeout
         self._drain_timeout = drain_timeout
         self._background: set[asyncio.Task[None]] = set()
+        # called with each removed worker: routing state keyed by it (trees, breakers) goes too
+        self.on_remove: list[Callable[[WorkerHandle], None]] = []
 
     def __len__(self) -> int:
         return len(self._workers)
@@ -102,6 +104,8 @@ class WorkerSet:
         if worker is None:
             return False
         del self._workers[worker.id]
+        for callback in self.on_remove:
+            callback(worker)
         self._spawn(worker.channel.close(grace=self._drain_timeout))
         log.info("removed %s", worker.label)
         return True

@@ -24,7 +24,12 @@ EngineFactory = Callable[..., LLMEngine]
 
 def _factory(source: loader.ModelSource) -> EngineFactory:
     def make(**overrides: Any) -> LLMEngine:
-        kw: dict[str, Any] = {"model": source.name, "device": "cpu", "num_pages": 128}
+        kw: dict[str, Any] = {
+            "model": source.name,
+            "device": "cpu",
+            "dtype": "float32",
+            "num_pages": 128,
+        }
         kw.update(overrides)
         return LLMEngine(EngineConfig(**kw), source)
 

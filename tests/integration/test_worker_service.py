@@ -43,7 +43,9 @@ def stub(channel: grpc.Channel) -> worker_pb2_grpc.WorkerServiceStub:
 @pytest.fixture(scope="module")
 def engine() -> LLMEngine:
     """The same engine in-process, configured like the worker."""
-    return LLMEngine(EngineConfig(device="cpu", num_pages=256, max_model_len=MAX_MODEL_LEN))
+    return LLMEngine(
+        EngineConfig(device="cpu", dtype="float32", num_pages=256, max_model_len=MAX_MODEL_LEN)
+    )
 
 
 _ids = iter(range(10**9))
