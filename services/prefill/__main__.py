@@ -9,17 +9,9 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
-from typing import cast
 
-from pdmesh.config import add_dataclass_args, from_args
-from pdmesh.discovery import ConsulError
-from pdmesh.engine import LLMEngine
-from pdmesh.engine.config import EngineConfig
-from pdmesh.kv_transfer import KVTransferError
-from pdmesh.rpc.server import configure_logging
-from services.mesh import MeshOptions, add_mesh_args
+from services.engine_service import add_engine_service_args, run_engine_service
 from services.prefill.config import PrefillServiceConfig
 from services.prefill.server import serve
 
@@ -40,38 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
             "reflection on both ports; SIGTERM or Ctrl-C drains for --grace-period, then exits."
         ),
     )
-    worker = parser.add_argument_group("prefill worker")
-    add_dataclass_args(cast(argparse.ArgumentParser, worker), PrefillServiceConfig)
-    engine = parser.add_argument_group("engine")
-    add_dataclass_args(cast(argparse.ArgumentParser, engine), EngineConfig)
-    add_mesh_args(parser)
-    return parser
+    return add_engine_service_args(parser, "prefill worker", PrefillServiceConfig)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        config = from_args(PrefillServiceConfig, args)
-        engine_config = from_args(EngineConfig, args)
-        mesh = MeshOptions.from_args(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    configure_logging(config.log_level)
-    try:
-        engine = LLMEngine(engine_config)
-    except (ValueError, OSError, RuntimeError) as e:  # bad model spec, missing files, no memory
-        print(f"error: cannot load the engine for {engine_config.model!r}: {e}", file=sys.stderr)
-        return 2
-    try:
-        asyncio.run(serve(config, engine, mesh))
-    except (OSError, KVTransferError) as e:  # a port is taken, the transfer engine cannot start
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except ConsulError as e:  # e.g. an ACL token that may not register
-        print(f"error: cannot register with Consul: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_engine_service(build_parser(), PrefillServiceConfig, serve, argv)
 
 
 if __name__ == "__main__":
