@@ -55,6 +55,11 @@ class WorkerServiceConfig:
         "--mode decode: address prefill workers reach this worker's KV receiver at (the "
         "mooncake session host); empty = --host, which must then not be a wildcard",
     )
+    migration_limit: int = flag(
+        0,
+        "how many times the router may migrate a request from this worker to another when "
+        "the connection to it is lost mid-stream (advertised in GetModelInfo); 0 = disabled",
+    )
     log_level: str = flag("info", f"log verbosity: {', '.join(LOG_LEVELS)}")
     grace_period: float = flag(
         30.0,
@@ -86,6 +91,8 @@ class WorkerServiceConfig:
             )
         if self.log_level.lower() not in LOG_LEVELS:
             raise ValueError(f"--log-level={self.log_level!r}; choose {', '.join(LOG_LEVELS)}")
+        if self.migration_limit < 0:
+            raise ValueError(f"--migration-limit={self.migration_limit} must be >= 0")
         if self.grace_period < 0:
             raise ValueError(f"--grace-period={self.grace_period} must be >= 0")
         if not self.host:

@@ -107,7 +107,7 @@ def load_to_pb(load: EngineLoad) -> worker_pb2.GetLoadResponse:
 
 
 def model_info_to_pb(
-    engine: LLMEngine, role: str = "aggregated", bootstrap_port: int = 0
+    engine: LLMEngine, role: str = "aggregated", bootstrap_port: int = 0, migration_limit: int = 0
 ) -> worker_pb2.GetModelInfoResponse:
     """What the worker serves; read once at startup (none of it changes while serving)."""
     layout = engine.kv_layout()
@@ -124,4 +124,5 @@ def model_info_to_pb(
         head_dim=layout.head_dim,
         role=role,
         bootstrap_port=bootstrap_port,
+        migration_limit=migration_limit,
     )

@@ -149,7 +149,9 @@ async def serve(
     decode_side = None
     if config.mode == "decode":
         decode_side = open_decode_side(config, async_engine, rpc)
-    model_info = convert.model_info_to_pb(engine, role=config.mode)
+    model_info = convert.model_info_to_pb(
+        engine, role=config.mode, migration_limit=config.migration_limit
+    )
     servicer = WorkerServicer(async_engine, model_info, decode_side)
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, rpc.server)
     tag = TAG_DECODE if config.mode == "decode" else TAG_AGG

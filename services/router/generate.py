@@ -50,6 +50,10 @@ from services.router.workers import GENERATING_ROLES, WorkerHandle, WorkerSet
 
 log = logging.getLogger(__name__)
 
+# the engine's max_new_tokens when a request leaves it unset (pdmesh.engine.SamplingParams): a
+# migrated request's budget is what is left of it
+ENGINE_MAX_NEW_TOKENS = 128
+
 WorkerCall: TypeAlias = (
     "grpc.aio.UnaryStreamCall[worker_pb2.GenerateRequest, worker_pb2.GenerateResponse]"
 )
@@ -112,20 +116,94 @@ class Generation:
         log.debug("request %s: %d prompt tokens on %s", request_id, len(prompt), worker.label)
         event(FIRST_TOKEN)  # on the Generate span: the first token is on its way to the client
         self.loads.start(worker.id, len(prompt))
+        sent: list[int] = []  # completion tokens passed on to the client, over all workers
+        failed: tuple[WorkerHandle, ...] = ()  # workers this request migrated away from
         try:
-            async for out in self._stream(detok, call, worker, reply, len(prompt)):
-                yield out
-            self.breakers.record_success(worker.id)
-        except WorkerFailed as e:
-            # nothing is retried once tokens were streamed; the breaker still learns of it
-            # (only the worker's own failures: a tokenizer's error says nothing about it)
-            if charges_breaker(e.code):
-                self.breakers.record_failure(worker.id)
-            raise
+            while True:
+                try:
+                    async for out in self._stream(detok, call, worker, reply, len(prompt), sent):
+                        yield out
+                    self.breakers.record_success(worker.id)
+                    return
+                except WorkerFailed as e:
+                    # nothing is retried once tokens were streamed, but a broken connection
+                    # may migrate; the breaker learns of it either way (only the worker's own
+                    # failures: a tokenizer's error says nothing about it)
+                    if charges_breaker(e.code):
+                        self.breakers.record_failure(worker.id)
+                    if e.code != grpc.StatusCode.UNAVAILABLE:
+                        raise
+                    self.workers.mark_unhealthy(worker, e.details)
+                    failed = (*failed, worker)
+                    self._check_migration(worker, e, len(failed), request_id)
+                    moved = await self._migrate(
+                        worker_request, prompt, sent, deadline, calls, view, failed
+                    )
+                    self.loads.finish(worker.id, len(prompt))
+                    worker, call, reply = moved
+                    self.loads.start(worker.id, len(prompt))
         finally:
             self.loads.finish(worker.id, len(prompt))
             if prefill_done is not None:
                 prefill_done.cancel()  # done by now (D's first token needed P's end) or moot
+
+    def _check_migration(
+        self, worker: WorkerHandle, error: UpstreamError, migration: int, request_id: str
+    ) -> None:
+        """Raise a clear UNAVAILABLE unless the request may make its ``migration``-th move
+        (the failed worker's advertised ``--migration-limit`` bounds the moves per request)."""
+        limit = worker.migration_limit
+        if migration > limit:
+            raise WorkerFailed(
+                grpc.StatusCode.UNAVAILABLE,
+                f"{worker.label} failed mid-stream ({error.details}); migration limit "
+                f"({limit}) reached, not migrating request {request_id}",
+            )
+        log.warning(
+            "request %s: %s failed mid-stream (%s); migrating (%d of at most %d)",
+            request_id,
+            worker.label,
+            error.details,
+            migration,
+            limit,
+        )
+
+    async def _migrate(
+        self,
+        request: worker_pb2.GenerateRequest,
+        prompt: list[int],
+        sent: list[int],
+        deadline: float,
+        calls: OutgoingCalls,
+        view: RequestView,
+        failed: tuple[WorkerHandle, ...],
+    ) -> tuple[WorkerHandle, WorkerCall, worker_pb2.GenerateResponse]:
+        """Continue ``request`` on another generating worker (never one in ``failed``): the
+        prompt plus the ``sent`` tokens as its prompt, the token budgets lowered by
+        ``len(sent)``. The engine seeds its sampler per (seed, position), so a seeded or greedy
+        request continues exactly where it broke off."""
+        params = common_pb2.SamplingParams()
+        params.CopyFrom(request.sampling_params)
+        wanted = (
+            params.max_new_tokens if params.HasField("max_new_tokens") else ENGINE_MAX_NEW_TOKENS
+        )
+        params.max_new_tokens = max(wanted - len(sent), 0)
+        if params.HasField("min_new_tokens"):
+            params.min_new_tokens = max(
+                min(params.min_new_tokens - len(sent), params.max_new_tokens), 0
+            )
+        moved = worker_pb2.GenerateRequest(
+            request_id=request.request_id,
+            token_ids=[*prompt, *sent],
+            sampling_params=params,
+        )
+        try:
+            return await self._start_on_a_worker(moved, deadline, calls, view, exclude=failed)
+        except UpstreamError as e:
+            names = ", ".join(w.label for w in failed)
+            raise WorkerFailed(
+                e.code, f"migrating the request off {names} failed: {e.details}", e.detail
+            ) from e
 
     async def _start_disaggregated(
         self,
@@ -210,17 +288,20 @@ class Generation:
         worker: WorkerHandle,
         reply: worker_pb2.GenerateResponse,
         num_prompt_tokens: int,
+        sent: list[int],
     ) -> AsyncIterator[router_pb2.RouterGenerateResponse]:
-        num_sent = 0  # completion tokens already passed on
+        """Pass ``call``'s tokens on; ``sent``: the completion tokens already passed on (by
+        earlier workers, when the request migrated), extended with each message's."""
+        num_before = len(sent)  # completion tokens earlier workers produced
         while True:
             final = reply.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
             delta = await detok.push(reply.token_ids, final)
             if delta.stopped:
                 call.cancel()
-                yield _stopped(delta, reply, worker, num_sent, num_prompt_tokens)
+                yield _stopped(delta, reply, worker, len(sent), num_prompt_tokens)
                 await detok.close()
                 return
-            yield _passed_on(delta, reply, worker)
+            yield _passed_on(delta, reply, worker, num_prompt_tokens, num_before)
             if final:
                 # after the client has its last message: read both streams' ends, so their
                 # client spans end with the request
@@ -228,7 +309,7 @@ class Generation:
                 with contextlib.suppress(grpc.aio.AioRpcError):
                     await call.read()
                 return
-            num_sent += len(reply.token_ids)
+            sent.extend(reply.token_ids)
             reply = await _next(call, worker)
 
     async def _start_on_a_worker(
@@ -237,15 +318,17 @@ class Generation:
         deadline: float,
         calls: OutgoingCalls,
         view: RequestView,
+        exclude: tuple[WorkerHandle, ...] = (),
     ) -> tuple[WorkerHandle, WorkerCall, worker_pb2.GenerateResponse]:
-        """Open Generate on a worker the policy picks and read its first message. A failure
-        before anything was streamed is charged to the worker's breaker (unless the request
-        is at fault) and, when retryable, retried after a backoff on another worker: never the
-        same one twice, so retries also end when every candidate has been tried."""
+        """Open Generate on a worker the policy picks (never one in ``exclude``) and read its
+        first message. A failure before anything was streamed is charged to the worker's
+        breaker (unless the request is at fault) and, when retryable, retried after a backoff
+        on another worker: never the same one twice, so retries also end when every candidate
+        has been tried."""
         tried: tuple[WorkerHandle, ...] = ()
         error: UpstreamError | None = None
         for attempt in range(self.retry.max_attempts):
-            candidates = self._available(GENERATING_ROLES, exclude=tried)
+            candidates = self._available(GENERATING_ROLES, exclude=(*exclude, *tried))
             if not candidates:
                 break
             worker = _pick(self.policy, candidates, view, self.loads)
@@ -263,6 +346,8 @@ class Generation:
                     break
                 await self._backoff(attempt, deadline)
         if error is None:
+            if exclude:
+                raise UpstreamError(grpc.StatusCode.UNAVAILABLE, "no other worker is available")
             raise UpstreamError(grpc.StatusCode.UNAVAILABLE, "no workers are registered")
         if error.code != grpc.StatusCode.UNAVAILABLE:
             raise error
@@ -323,7 +408,12 @@ def _passed_on(
     delta: tokenizer_pb2.DetokenizeStreamResponse,
     reply: worker_pb2.GenerateResponse,
     worker: WorkerHandle,
+    num_prompt_tokens: int,
+    num_before: int = 0,
 ) -> router_pb2.RouterGenerateResponse:
+    """``reply`` for the client; ``num_before``: completion tokens of the workers the request
+    migrated from, which the worker counted as prompt: usage is corrected to the client's
+    view (its own prompt, every completion token)."""
     out = router_pb2.RouterGenerateResponse(
         text=delta.text,
         token_ids=reply.token_ids,
@@ -333,6 +423,10 @@ def _passed_on(
     )
     if reply.HasField("usage"):
         out.usage.CopyFrom(reply.usage)
+        if num_before:
+            out.usage.prompt_tokens = num_prompt_tokens
+            out.usage.completion_tokens = reply.usage.completion_tokens + num_before
+            out.usage.cached_tokens = min(reply.usage.cached_tokens, num_prompt_tokens)
     if reply.HasField("error"):
         out.error = reply.error
     return out

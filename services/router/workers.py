@@ -46,6 +46,8 @@ class WorkerHandle:
     model_name: str = ""  # from GetModelInfo, once it answered
     # prefill workers: host:port of their BootstrapService, from GetModelInfo
     bootstrap_address: str = ""
+    # how many times a request may move off this worker when its stream breaks (GetModelInfo)
+    migration_limit: int = 0
     stub: worker_pb2_grpc.WorkerServiceStub = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -152,6 +154,7 @@ class WorkerSet:
     def _learn(self, worker: WorkerHandle, info: worker_pb2.GetModelInfoResponse) -> bool:
         """Take ``info`` in; False when it contradicts the worker's role."""
         worker.model_name = info.model_name
+        worker.migration_limit = max(info.migration_limit, 0)
         role = info.role or "aggregated"  # workers from before roles were advertised
         if role != worker.role:
             log.warning(
