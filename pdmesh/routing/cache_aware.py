@@ -20,20 +20,18 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from pdmesh.routing.policy import (
     NO_REQUEST,
     K,
     RequestView,
-    RoutingPolicy,
     WorkerLoad,
     check_candidates,
-    load_key,
     load_of,
 )
-from pdmesh.routing.radix_tree import RadixTree
+from pdmesh.routing.tree_policy import PrefixTreePolicy
 
 # SGLang router defaults (reference/sglang.md §2)
 DEFAULT_CACHE_THRESHOLD = 0.3
@@ -65,7 +63,7 @@ def is_imbalanced(loads: Sequence[int], abs_threshold: float, rel_threshold: flo
     return hi - lo > abs_threshold and hi > lo * rel_threshold
 
 
-class CacheAware(RoutingPolicy):
+class CacheAware(PrefixTreePolicy):
     name = "cache_aware"
 
     def __init__(
@@ -75,10 +73,7 @@ class CacheAware(RoutingPolicy):
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config or CacheAwareConfig()
-        self.tree = RadixTree()
-        self._rng = rng or random.Random()
-        self._clock = clock
-        self._last_eviction = clock()
+        super().__init__(self.config.eviction_interval_secs, self.config.max_tree_size, rng, clock)
         self.last_match_rate = 0.0  # of the last decision (for metrics and span attributes)
         self.last_matched_tokens = 0
 
@@ -109,21 +104,3 @@ class CacheAware(RoutingPolicy):
                 choice = self._least_loaded(candidates, loads)
         self.tree.insert(tokens, choice)
         return choice
-
-    def _least_loaded(self, candidates: Sequence[K], loads: Mapping[K, WorkerLoad] | None) -> K:
-        """Least load; among equals the smallest tree (it has the most room to cache), then a
-        seeded random pick (not the first: that would favour one worker on every tie)."""
-        best = min(load_key(loads, c) for c in candidates)
-        tied = [c for c in candidates if load_key(loads, c) == best]
-        smallest = min(self.tree.tenant_size(c) for c in tied)
-        tied = [c for c in tied if self.tree.tenant_size(c) == smallest]
-        return tied[0] if len(tied) == 1 else tied[self._rng.randrange(len(tied))]
-
-    def _maybe_evict(self) -> None:
-        now = self._clock()
-        if now - self._last_eviction >= self.config.eviction_interval_secs:
-            self._last_eviction = now
-            self.tree.evict(self.config.max_tree_size)
-
-    def remove_worker(self, worker: Hashable) -> None:
-        self.tree.remove_tenant(worker)

@@ -17,20 +17,18 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from pdmesh.routing.policy import (
     NO_REQUEST,
     K,
     RequestView,
-    RoutingPolicy,
     WorkerLoad,
     check_candidates,
-    load_key,
     load_of,
 )
-from pdmesh.routing.radix_tree import RadixTree
+from pdmesh.routing.tree_policy import PrefixTreePolicy
 
 DEFAULT_BLOCK_SIZE = 16  # pdmesh's default --page-size
 DEFAULT_OVERLAP_SCORE_WEIGHT = 1.0  # Dynamo's --kv-overlap-score-weight default
@@ -54,7 +52,7 @@ class KvCostConfig:
             raise ValueError("overlap_score_weight and temperature must be >= 0")
 
 
-class KvCost(RoutingPolicy):
+class KvCost(PrefixTreePolicy):
     name = "kv_cost"
 
     def __init__(
@@ -64,10 +62,7 @@ class KvCost(RoutingPolicy):
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config or KvCostConfig()
-        self.tree = RadixTree()
-        self._rng = rng or random.Random()
-        self._clock = clock
-        self._last_eviction = clock()
+        super().__init__(self.config.eviction_interval_secs, self.config.max_tree_size, rng, clock)
         self.last_matched_tokens = 0
 
     def costs(
@@ -102,26 +97,10 @@ class KvCost(RoutingPolicy):
         else:
             low = min(costs)
             tied = [c for c, cost in zip(candidates, costs, strict=True) if cost == low]
-            choice = self._break_tie(tied, loads)
+            choice = self._least_loaded(tied, loads)
         self.last_matched_tokens = self.tree.match_per_tenant(tokens).get(choice, 0)
         self.tree.insert(tokens, choice)
         return choice
-
-    def _break_tie(self, tied: Sequence[K], loads: Mapping[K, WorkerLoad] | None) -> K:
-        best = min(load_key(loads, c) for c in tied)
-        tied = [c for c in tied if load_key(loads, c) == best]
-        smallest = min(self.tree.tenant_size(c) for c in tied)
-        tied = [c for c in tied if self.tree.tenant_size(c) == smallest]
-        return tied[0] if len(tied) == 1 else tied[self._rng.randrange(len(tied))]
-
-    def _maybe_evict(self) -> None:
-        now = self._clock()
-        if now - self._last_eviction >= self.config.eviction_interval_secs:
-            self._last_eviction = now
-            self.tree.evict(self.config.max_tree_size)
-
-    def remove_worker(self, worker: Hashable) -> None:
-        self.tree.remove_tenant(worker)
 
 
 def softmax_pick(costs: Sequence[float], temperature: float, rng: random.Random) -> int:
