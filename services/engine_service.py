@@ -6,18 +6,16 @@ engine or Consul refused)."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, TypeVar, cast
 
 from pdmesh.config import add_dataclass_args, from_args
-from pdmesh.discovery import ConsulError
 from pdmesh.engine import LLMEngine
 from pdmesh.engine.config import EngineConfig
 from pdmesh.kv_transfer import KVTransferError
 from pdmesh.rpc.server import configure_logging
-from services.mesh import MeshOptions, add_mesh_args
+from services.mesh import MeshOptions, add_mesh_args, parse_configs, run_service
 
 
 class ServiceConfig(Protocol):
@@ -48,26 +46,19 @@ def run_engine_service(
     serve: Serve[C],
     argv: list[str] | None = None,
 ) -> int:
-    args = parser.parse_args(argv)
-    try:
-        config = from_args(config_cls, args)
-        engine_config = from_args(EngineConfig, args)
-        mesh = MeshOptions.from_args(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    parsed = parse_configs(
+        parser,
+        argv,
+        lambda a: (from_args(config_cls, a), from_args(EngineConfig, a), MeshOptions.from_args(a)),
+    )
+    if parsed is None:
         return 2
+    config, engine_config, mesh = parsed
     configure_logging(config.log_level)
     try:
         engine = LLMEngine(engine_config)
     except (ValueError, OSError, RuntimeError) as e:  # bad model spec, missing files, no memory
         print(f"error: cannot load the engine for {engine_config.model!r}: {e}", file=sys.stderr)
         return 2
-    try:
-        asyncio.run(serve(config, engine, mesh))
-    except (OSError, KVTransferError) as e:  # a port is taken, the transfer engine cannot start
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except ConsulError as e:  # e.g. an ACL token that may not register
-        print(f"error: cannot register with Consul: {e}", file=sys.stderr)
-        return 1
-    return 0
+    # KVTransferError: the transfer engine cannot start
+    return run_service(serve(config, engine, mesh), refusals=(KVTransferError,))

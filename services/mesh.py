@@ -15,16 +15,19 @@ registered.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, TypeVar, cast
 
 import grpc.aio
 
 from pdmesh.config import add_dataclass_args, from_args
 from pdmesh.discovery import (
     META_METRICS_PORT,
+    ConsulError,
     Discovery,
     DiscoveryConfig,
     ServiceRegistration,
@@ -117,3 +120,36 @@ class Observed:
         if self.metrics_server is not None:
             self.metrics_server.close()
             self.metrics_server = None
+
+
+T = TypeVar("T")
+
+
+def parse_configs(
+    parser: argparse.ArgumentParser,
+    argv: list[str] | None,
+    build: Callable[[argparse.Namespace], T],
+) -> T | None:
+    """``build`` the service's configs from its flags; None (and the reason on stderr) when a
+    value is invalid — the caller exits 2, as argparse does for malformed flags."""
+    args = parser.parse_args(argv)
+    try:
+        return build(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+
+
+def run_service(main: Coroutine[Any, Any, None], refusals: tuple[type[Exception], ...] = ()) -> int:
+    """Run a service's main coroutine; 1 with a one-line reason when the outside world refuses
+    it (a port taken, Consul refusing the registration, or one of ``refusals``), else 0."""
+    refused: tuple[type[Exception], ...] = (OSError, *refusals)
+    try:
+        asyncio.run(main)
+    except ConsulError as e:  # e.g. an ACL token that may not register
+        print(f"error: cannot register with Consul: {e}", file=sys.stderr)
+        return 1
+    except refused as e:  # e.g. the port is taken
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

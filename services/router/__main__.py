@@ -12,13 +12,11 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
 from pdmesh.config import add_dataclass_args, from_args
-from pdmesh.discovery import ConsulError
 from pdmesh.rpc.server import configure_logging
-from services.mesh import MeshOptions, add_mesh_args
+from services.mesh import MeshOptions, add_mesh_args, parse_configs, run_service
 from services.router.config import RouterServiceConfig
 from services.router.server import serve
 
@@ -46,23 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        config = from_args(RouterServiceConfig, args)
-        mesh = MeshOptions.from_args(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    parsed = parse_configs(
+        build_parser(),
+        argv,
+        lambda a: (from_args(RouterServiceConfig, a), MeshOptions.from_args(a)),
+    )
+    if parsed is None:
         return 2
+    config, mesh = parsed
     configure_logging(config.log_level)
-    try:
-        asyncio.run(serve(config, mesh))
-    except OSError as e:  # e.g. the port is taken
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except ConsulError as e:  # e.g. an ACL token that may not register
-        print(f"error: cannot register with Consul: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_service(serve(config, mesh))
 
 
 if __name__ == "__main__":

@@ -8,13 +8,11 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
 from pdmesh.config import add_dataclass_args, from_args
-from pdmesh.discovery import ConsulError
 from pdmesh.rpc.server import configure_logging
-from services.mesh import MeshOptions, add_mesh_args
+from services.mesh import MeshOptions, add_mesh_args, parse_configs, run_service
 from services.tokenizer.config import TokenizerServiceConfig
 from services.tokenizer.server import load_tokenizer, serve
 
@@ -35,28 +33,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        config = from_args(TokenizerServiceConfig, args)
-        mesh = MeshOptions.from_args(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    parsed = parse_configs(
+        build_parser(),
+        argv,
+        lambda a: (from_args(TokenizerServiceConfig, a), MeshOptions.from_args(a)),
+    )
+    if parsed is None:
         return 2
+    config, mesh = parsed
     configure_logging(config.log_level)
     try:
         tokenizer = load_tokenizer(config.model)
     except (ValueError, OSError, RuntimeError) as e:  # bad spec, missing files, failed fetch
         print(f"error: cannot load the tokenizer of {config.model!r}: {e}", file=sys.stderr)
         return 2
-    try:
-        asyncio.run(serve(config, tokenizer, mesh))
-    except OSError as e:  # e.g. the port is taken
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except ConsulError as e:  # e.g. an ACL token that may not register
-        print(f"error: cannot register with Consul: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_service(serve(config, tokenizer, mesh))
 
 
 if __name__ == "__main__":
