@@ -69,9 +69,9 @@ class KVBenchConfig:
     )
     page_order: str = flag(
         "contiguous",
-        "'contiguous': a room's pages are consecutive on both sides (2 x layers "
-        "blocks per room); 'shuffled': random destination pages (a block per page, layer and "
-        "K/V), the worst case for coalescing",
+        "'contiguous': a room's pages are consecutive on both sides (one block "
+        "per room); 'shuffled': random destination pages (a block per page), "
+        "the worst case for coalescing",
     )
     repeats: int = flag(9, "timed writes per backend and room size; the table shows medians")
     warmup: int = flag(1, "untimed writes first, per backend and room size")
@@ -130,7 +130,7 @@ class KVBenchConfig:
         return math.ceil(tokens / self.page_size)
 
     def shape(self, num_pages: int) -> tuple[int, ...]:
-        return (self.num_layers, 2, num_pages, self.page_size, self.num_kv_heads, self.head_dim)
+        return (num_pages, self.num_layers, 2, self.page_size, self.num_kv_heads, self.head_dim)
 
 
 @dataclass
@@ -207,9 +207,7 @@ async def run(cfg: KVBenchConfig) -> list[Row]:
                         bar.update()
                 if cfg.verify:
                     for b in backends:
-                        room[b].verified = torch.equal(
-                            receivers[b].read(dst), source[:, :, src].cpu()
-                        )
+                        room[b].verified = torch.equal(receivers[b].read(dst), source[src].cpu())
                 rows.extend(room.values())
     finally:
         for sender in senders.values():
@@ -309,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     pool = max(cfg.pages(t) for t in cfg.token_list())
     print(
-        f"layout: {cfg.num_layers} layers x 2 x {pool} pages x {cfg.page_size} tokens x "
+        f"layout: {pool} pages x {cfg.num_layers} layers x 2 x {cfg.page_size} tokens x "
         f"{cfg.num_kv_heads} kv heads x {cfg.head_dim} ({cfg.dtype}, {cfg.device}); pages "
         f"{cfg.page_order}; "
         f"{cfg.warmup} warmup + {cfg.repeats} timed writes each",

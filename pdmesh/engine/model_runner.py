@@ -10,7 +10,7 @@ import logging
 
 import torch
 
-from pdmesh.engine.attention import AttentionMetadata, PrefillSegment
+from pdmesh.engine.attention import AttentionMetadata, PrefillSegment, rows_per_page
 from pdmesh.engine.sampler import Sampler, SampleRow
 from pdmesh.engine.scheduler import ScheduledBatch
 from pdmesh.engine.sequence import Sequence, TokenLogprob
@@ -39,12 +39,14 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.page_size = page_size
+        # a slot is page * page_stride + offset (attention.py: page-major rows)
+        self.page_stride = rows_per_page(cfg.num_layers, page_size)
         self.eos_token_ids = eos_token_ids
         # zeroed: padded decode rows read slots nobody wrote, and 0 × garbage may be NaN
         self.kv_cache = torch.zeros(
+            num_pages,
             cfg.num_layers,
             2,
-            num_pages,
             page_size,
             cfg.num_kv_heads,
             cfg.head_dim,
@@ -91,7 +93,7 @@ class ModelRunner:
             if n == 1 and not prefills:  # single-token rows lead the batch: batched decode
                 # only the new token's slot here; the context slots are built on the device
                 slots.append(
-                    seq.block_table[start // self.page_size] * self.page_size
+                    seq.block_table[start // self.page_size] * self.page_stride
                     + start % self.page_size
                 )
                 decode_tables.append(seq.block_table)
@@ -135,12 +137,12 @@ class ModelRunner:
         )
         p = torch.arange(width, device=dev)
         valid = p < torch.tensor(lens, device=dev).unsqueeze(1)
-        slots = (pages[:, p // ps] * ps + p % ps).masked_fill_(~valid, 0)
+        slots = (pages[:, p // ps] * self.page_stride + p % ps).masked_fill_(~valid, 0)
         return slots, valid[:, None, None]
 
     def _slots(self, seq: Sequence, num_tokens: int) -> list[int]:
-        ps = self.page_size
-        return [seq.block_table[t // ps] * ps + t % ps for t in range(num_tokens)]
+        ps, stride = self.page_size, self.page_stride
+        return [seq.block_table[t // ps] * stride + t % ps for t in range(num_tokens)]
 
     def _segment(self, row0: int, start: int, n: int, ctx_slots: list[int]) -> PrefillSegment:
         dev = self.device
@@ -159,13 +161,13 @@ class ModelRunner:
     # -- page access for KV transfer ------------------------------------------------------
 
     def read_pages(self, page_ids: list[int]) -> torch.Tensor:
-        """KV of ``page_ids``: [layers, 2, len(page_ids), page_size, kv_heads, head_dim]."""
+        """KV of ``page_ids``: [len(page_ids), layers, 2, page_size, kv_heads, head_dim]."""
         idx = torch.tensor(page_ids, dtype=torch.long, device=self.device)
-        return self.kv_cache.index_select(2, idx)
+        return self.kv_cache.index_select(0, idx)
 
     def write_pages(self, page_ids: list[int], data: torch.Tensor) -> None:
         idx = torch.tensor(page_ids, dtype=torch.long, device=self.device)
-        self.kv_cache.index_copy_(2, idx, data.to(self.device, self.dtype))
+        self.kv_cache.index_copy_(0, idx, data.to(self.device, self.dtype))
 
     def _sample_row(self, seq: Sequence) -> SampleRow:
         p = seq.params

@@ -42,13 +42,16 @@ class EngineLoad:
         return 1.0 - self.num_free_pages / self.num_total_pages
 
 
+PAGE_MAJOR = "page_major"
+
+
 @dataclass(frozen=True)
 class KVLayout:
     """Where every KV page lives, for a transfer engine that writes raw bytes.
 
-    The cache is one contiguous buffer ``[num_layers, 2, num_pages, page_size, kv_heads,
-    head_dim]``: the K (kind 0) or V (kind 1) page ``p`` of layer ``l`` starts at
-    ``base_ptr + ((l * 2 + kind) * num_pages + p) * page_bytes`` and is ``page_bytes`` long.
+    The cache is one contiguous buffer ``[num_pages, num_layers, 2, page_size, kv_heads,
+    head_dim]`` (page-major): page ``p`` with every layer's K and V is the ``page_bytes`` starting
+    at ``base_ptr + p * page_bytes``, and consecutive pages are consecutive bytes.
     """
 
     base_ptr: int
@@ -60,19 +63,27 @@ class KVLayout:
     head_dim: int
     dtype: str
     device: str
+    # the dimension order above; a peer that lays its cache out otherwise is incompatible
+    order: str = PAGE_MAJOR
 
     @property
     def page_bytes(self) -> int:
-        return self.total_bytes // (self.num_layers * 2 * self.num_pages)
+        """Bytes of one page: every layer, K and V."""
+        return self.total_bytes // self.num_pages
 
-    def page_addr(self, layer: int, kind: int, page: int) -> int:
-        return self.base_ptr + ((layer * 2 + kind) * self.num_pages + page) * self.page_bytes
+    def page_addr(self, page: int) -> int:
+        return self.base_ptr + page * self.page_bytes
 
     def compatibility_errors(self, other: KVLayout) -> list[str]:
         """Mismatches that make a page of ``other`` unreadable as a page of ``self``."""
-        fields = ("page_size", "dtype", "num_layers", "num_kv_heads", "head_dim")
+        fields = ("order", "page_size", "dtype", "num_layers", "num_kv_heads", "head_dim")
         return [
-            f"{f}: {getattr(self, f)} != {getattr(other, f)}"
+            f"{f}: {_shown(getattr(self, f))} != {_shown(getattr(other, f))}"
             for f in fields
             if getattr(self, f) != getattr(other, f)
         ]
+
+
+def _shown(value: object) -> object:
+    # a peer from before a field existed sends its zero value: say so rather than print nothing
+    return value if value not in ("", 0) else "(not set)"

@@ -1,10 +1,10 @@
 """Turning page-id lists into as few byte-range copies as possible.
 
-With the ``[layers, 2, pages, ...]`` layout, pages ``p`` and ``p + 1`` of one (layer, kind) are
-adjacent in memory. A run of pages that is consecutive on *both* sides is therefore a single
-copy, and a room whose pages are contiguous on both sides costs ``2 * num_layers`` blocks
-however long it is. Each (src, dst, len) block costs a work request in Mooncake and a segment
-header in the grpc stream, so this matters for short pages (12 KiB for the default model).
+With the page-major ``[pages, layers, 2, ...]`` layout, a page holds every layer's K and V and
+pages ``p`` and ``p + 1`` are adjacent in memory. A run of pages that is consecutive on *both*
+sides is therefore a single copy, and a room whose pages are contiguous on both sides costs one
+block however long it is. Each (src, dst, len) block costs a work request in Mooncake and a
+segment header in the grpc stream, so fewer, longer blocks move faster.
 """
 
 from __future__ import annotations
@@ -36,10 +36,7 @@ def coalesce(
     """Byte blocks copying ``src_pages[i]`` of ``layout`` onto ``dst_pages[i]`` of
     ``dst_layout`` (default: the same layout), for every layer and both K and V.
 
-    Offsets are relative to each side's ``base_ptr``. Blocks come layer by layer (K then V),
-    so a transfer issued in this order fills the first layers first. ``dst_layout`` matters
-    even when the two are compatible: the prefill and decode pools usually differ in
-    ``num_pages``, which moves every (layer, kind) section.
+    Offsets are relative to each side's ``base_ptr``; blocks come in page order.
     """
     dst_layout = dst_layout or layout
     if len(src_pages) != len(dst_pages):
@@ -52,20 +49,10 @@ def coalesce(
         raise ValueError("destination pages repeat: two source pages would land on one page")
 
     page_bytes = layout.page_bytes
-    src_section = layout.num_pages * page_bytes  # bytes of one (layer, kind)
-    dst_section = dst_layout.num_pages * page_bytes
-    runs = page_runs(src_pages, dst_pages)
-    blocks: list[Block] = []
-    for section in range(layout.num_layers * 2):  # section = layer * 2 + kind
-        for s, d, n in runs:
-            blocks.append(
-                (
-                    section * src_section + s * page_bytes,
-                    section * dst_section + d * page_bytes,
-                    n * page_bytes,
-                )
-            )
-    return blocks
+    return [
+        (s * page_bytes, d * page_bytes, n * page_bytes)
+        for s, d, n in page_runs(src_pages, dst_pages)
+    ]
 
 
 def _check_pages(side: str, pages: list[int], num_pages: int) -> None:

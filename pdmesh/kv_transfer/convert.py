@@ -22,6 +22,7 @@ def handle_to_pb(handle: ReceiverHandle) -> kv_transfer_pb2.KVReceiverHandle:
         head_dim=layout.head_dim,
         dtype=layout.dtype,
         device=layout.device,
+        order=layout.order,
     )
 
 
@@ -36,5 +37,6 @@ def handle_from_pb(pb: kv_transfer_pb2.KVReceiverHandle) -> ReceiverHandle:
         head_dim=pb.head_dim,
         dtype=pb.dtype,
         device=pb.device,
+        order=pb.order,
     )
     return ReceiverHandle(pb.backend, pb.address, pb.receiver_id, layout)

@@ -47,14 +47,14 @@ class TransferStats:
 
 
 def layout_of(kv_cache: torch.Tensor) -> KVLayout:
-    """The ``KVLayout`` of a ``[layers, 2, pages, page_size, kv_heads, head_dim]`` tensor (what
+    """The ``KVLayout`` of a ``[pages, layers, 2, page_size, kv_heads, head_dim]`` tensor (what
     ``LLMEngine.kv_layout()`` returns for the engine's own cache)."""
-    if kv_cache.dim() != 6 or kv_cache.shape[1] != 2:
+    if kv_cache.dim() != 6 or kv_cache.shape[2] != 2:
         raise ValueError(
-            f"kv_cache must be [layers, 2, pages, page_size, kv_heads, head_dim], "
+            f"kv_cache must be [pages, layers, 2, page_size, kv_heads, head_dim], "
             f"got shape {tuple(kv_cache.shape)}"
         )
-    layers, _, pages, page_size, heads, head_dim = kv_cache.shape
+    pages, layers, _, page_size, heads, head_dim = kv_cache.shape
     return KVLayout(
         base_ptr=kv_cache.data_ptr(),
         total_bytes=kv_cache.nbytes,
@@ -78,7 +78,10 @@ def check_cache(kv_cache: torch.Tensor, layout: KVLayout) -> None:
             f"layout (base_ptr={layout.base_ptr:#x}, total_bytes={layout.total_bytes}) does not "
             f"describe kv_cache (data_ptr={kv_cache.data_ptr():#x}, nbytes={kv_cache.nbytes})"
         )
-    if layout.total_bytes != layout.page_bytes * layout.num_layers * 2 * layout.num_pages:
+    itemsize = kv_cache.element_size()
+    page_bytes = layout.num_layers * 2 * layout.page_size * layout.num_kv_heads * layout.head_dim
+    if layout.total_bytes != page_bytes * itemsize * layout.num_pages:
         raise ValueError(
-            f"layout total_bytes={layout.total_bytes} is not layers*2*pages*page_bytes"
+            f"layout total_bytes={layout.total_bytes} is not "
+            "pages*layers*2*page_size*kv_heads*head_dim*itemsize"
         )

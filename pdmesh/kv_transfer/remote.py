@@ -1,7 +1,7 @@
 """A KV receiver in a child process of its own, driven over a pipe.
 
 The benchmark and the integration tests need the receiver's memory in another process, as on a
-real decode worker. The child zero-fills a ``[layers, 2, pages, page_size, heads, head_dim]``
+real decode worker. The child zero-fills a ``[pages, layers, 2, page_size, heads, head_dim]``
 cache (on ``device``), opens the receiver and sends back its handle; then it answers ``read`` (a copy of some
 pages, to compare) and ``stop``. ``hosted=True`` (grpc only) puts the service on a grpc.aio
 server that the child owns, the way a decode worker hosts it on its main port.
@@ -40,7 +40,7 @@ def _serve_commands(conn: multiprocessing.connection.Connection, kv: torch.Tenso
     while True:
         cmd, arg = conn.recv()
         if cmd == "read":
-            conn.send(kv[:, :, arg].cpu())
+            conn.send(kv[arg].cpu())
         elif cmd == "stop":
             return
 
@@ -130,7 +130,7 @@ class ReceiverProcess:
         return reply
 
     def read(self, pages: list[int], timeout: float = 30.0) -> torch.Tensor:
-        """A copy of ``kv[:, :, pages]`` as the receiver sees it (on the CPU)."""
+        """A copy of ``kv[pages]`` as the receiver sees it (on the CPU)."""
         self._conn.send(("read", pages))
         if not self._conn.poll(timeout):
             raise TimeoutError(f"receiver process gave no pages within {timeout:g} s")

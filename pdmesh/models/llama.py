@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pdmesh.engine.attention import AttentionMetadata, paged_attention
+from pdmesh.engine.attention import AttentionMetadata, layer_rows, paged_attention
 from pdmesh.models.config import ModelConfig
 
 
@@ -91,7 +91,7 @@ class Attention(nn.Module):
         x: torch.Tensor,  # [T, hidden]
         cos: torch.Tensor,
         sin: torch.Tensor,
-        kv: torch.Tensor,  # [2, num_pages, page_size, kv_heads, head_dim] of this layer
+        kv: tuple[torch.Tensor, torch.Tensor],  # this layer's K and V rows (``layer_rows``)
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         t = x.shape[0]
@@ -101,9 +101,7 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_cache = kv[0].view(-1, self.num_kv_heads, self.head_dim)
-        v_cache = kv[1].view(-1, self.num_kv_heads, self.head_dim)
-        o = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
+        o = paged_attention(q, k, v, kv[0], kv[1], meta, self.scale)
         return self.o_proj(o.reshape(t, -1))
 
 
@@ -131,7 +129,7 @@ class DecoderLayer(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        kv: torch.Tensor,
+        kv: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, meta)
@@ -159,14 +157,14 @@ class LlamaForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,  # [T]
         positions: torch.Tensor,  # [T]
-        kv_cache: torch.Tensor,  # [layers, 2, num_pages, page_size, kv_heads, head_dim]
+        kv_cache: torch.Tensor,  # [num_pages, layers, 2, page_size, kv_heads, head_dim]
         meta: AttentionMetadata,
         rope: tuple[torch.Tensor, torch.Tensor],  # cos/sin tables [max_positions, head_dim]
     ) -> torch.Tensor:  # [T, hidden] after the final norm
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope[0][positions].to(x.dtype), rope[1][positions].to(x.dtype)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, kv_cache[i], meta)
+            x = layer(x, cos, sin, layer_rows(kv_cache, i), meta)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

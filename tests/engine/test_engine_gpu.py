@@ -27,5 +27,5 @@ def test_cuda_bfloat16_default_and_kv_layout(make_tiny_engine: EngineFactory) ->
     assert [len(o) for o in outs] == [16, 16, 16]
     layout = engine.kv_layout()
     assert layout.device.startswith("cuda") and layout.dtype == "bfloat16"
-    assert layout.page_addr(0, 0, 0) == engine.runner.kv_cache.data_ptr()
+    assert layout.page_addr(0) == engine.runner.kv_cache.data_ptr()
     assert_all_pages_free(engine)

@@ -191,10 +191,10 @@ def test_page_addresses_cover_the_cache(make_tiny_engine: EngineFactory) -> None
     e = make_tiny_engine(num_pages=10, page_size=4)
     layout = e.kv_layout()
     kv = e.runner.kv_cache
-    assert layout.page_addr(0, 0, 0) == kv.data_ptr()
-    assert layout.page_addr(1, 1, 9) == kv[1, 1, 9].data_ptr()
-    assert layout.page_bytes == kv[0, 0, 0].nbytes
-    assert layout.page_addr(1, 1, 9) + layout.page_bytes == kv.data_ptr() + kv.nbytes
+    assert layout.page_addr(0) == kv.data_ptr()
+    assert layout.page_addr(9) == kv[9].data_ptr()
+    assert layout.page_bytes == kv[0].nbytes
+    assert layout.page_addr(9) + layout.page_bytes == kv.data_ptr() + kv.nbytes
 
 
 def test_awaiting_kv_abort_frees_pages(make_tiny_engine: EngineFactory) -> None:

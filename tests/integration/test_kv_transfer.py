@@ -19,7 +19,7 @@ from pdmesh.kv_transfer import KVSender, KVTransferError, get_backend, layout_of
 from pdmesh.kv_transfer.remote import ReceiverProcess
 
 # 2 layers, 64 pages of 4 tokens, 2 kv heads, head_dim 8, float32: 256-byte pages
-SHAPE = (2, 2, 64, 4, 2, 8)
+SHAPE = (64, 2, 2, 4, 2, 8)  # [pages, layers, K/V, page_size, kv_heads, head_dim]
 # (backend, hosted on an app's own grpc.aio server like the decode worker does)
 RECEIVERS = [("mooncake", False), ("grpc", False), ("grpc", True)]
 IDS = ["mooncake", "grpc-own-port", "grpc-hosted"]
@@ -32,7 +32,7 @@ def open_sender(backend: str, kv: torch.Tensor) -> KVSender:
 @pytest.fixture
 def source() -> torch.Tensor:
     # the sender's pool differs in size from the receiver's, as a prefill's and a decode's do
-    return torch.randn(2, 2, 48, 4, 2, 8, generator=torch.Generator().manual_seed(0))
+    return torch.randn(48, 2, 2, 4, 2, 8, generator=torch.Generator().manual_seed(0))
 
 
 @pytest.fixture(params=RECEIVERS, ids=IDS)
@@ -64,15 +64,15 @@ def test_pages_arrive_exactly_and_nothing_else_changes(
 
     sizes = asyncio.run(run())
     page_bytes = layout_of(source).page_bytes
-    assert sizes == [len(src) * 2 * 2 * page_bytes for src, _ in writes]
+    assert sizes == [len(src) * page_bytes for src, _ in writes]
 
-    got = receiver.read(list(range(SHAPE[2])))
+    got = receiver.read(list(range(SHAPE[0])))
     written: set[int] = set()
     for src, dst in writes:
-        assert torch.equal(got[:, :, dst], source[:, :, src])
+        assert torch.equal(got[dst], source[src])
         written.update(dst)
-    untouched = [p for p in range(SHAPE[2]) if p not in written]
-    assert not got[:, :, untouched].any()
+    untouched = [p for p in range(SHAPE[0]) if p not in written]
+    assert not got[untouched].any()
 
 
 @pytest.mark.parametrize("variant", ["mooncake-poll", "mooncake-sync", "grpc"])
@@ -86,7 +86,7 @@ def test_concurrent_writes_of_many_rooms_all_land(variant: str, source: torch.Te
         sender: KVSender = MooncakeSender.open(source, layout_of(source), "127.0.0.1", wait=wait)
     else:
         sender = open_sender(backend, source)
-    dst_all = list(range(SHAPE[2]))
+    dst_all = list(range(SHAPE[0]))
     random.Random(1).shuffle(dst_all)
     rooms = [(list(range(6 * i, 6 * i + 6)), dst_all[6 * i : 6 * i + 6]) for i in range(8)]
 
@@ -100,13 +100,13 @@ def test_concurrent_writes_of_many_rooms_all_land(variant: str, source: torch.Te
 
     try:
         asyncio.run(run())
-        got = receiver.read(list(range(SHAPE[2])))
+        got = receiver.read(list(range(SHAPE[0])))
     finally:
         receiver.stop()
     for src, dst in rooms:
-        assert torch.equal(got[:, :, dst], source[:, :, src])
+        assert torch.equal(got[dst], source[src])
     untouched = dst_all[48:]
-    assert not got[:, :, untouched].any()
+    assert not got[untouched].any()
 
 
 @pytest.mark.parametrize(("backend", "hosted"), RECEIVERS, ids=IDS)
@@ -138,7 +138,7 @@ def test_write_to_a_hung_receiver_fails_at_the_deadline(
 ) -> None:
     # SIGSTOP: the process keeps its sockets but never reads; only the deadline ends the wait.
     # The payload must exceed what the socket buffers absorb, or the write would just finish.
-    big = torch.randn(2, 2, 512, 16, 8, 64)  # 16 MiB
+    big = torch.randn(512, 2, 2, 16, 8, 64)  # 16 MiB
     rp = ReceiverProcess(backend, big.shape, hosted=hosted)
     sender = open_sender(backend, big)
     pid = rp.process.pid
@@ -179,13 +179,13 @@ def test_grpc_receiver_refuses_a_handle_from_before_its_restart(
 
         with pytest.raises(KVTransferError, match="FAILED_PRECONDITION.*register again"):
             asyncio.run(run())
-        assert not rp.read(list(range(SHAPE[2]))).any()
+        assert not rp.read(list(range(SHAPE[0]))).any()
 
 
 @pytest.mark.parametrize("backend", ["mooncake", "grpc"])
 def test_layout_mismatch_is_named_and_nothing_is_sent(backend: str, source: torch.Tensor) -> None:
     # the receiver has 8-token pages (the sender 4) and bfloat16 (the sender float32)
-    with ReceiverProcess(backend, (2, 2, 32, 8, 2, 8), dtype="bfloat16") as rp:
+    with ReceiverProcess(backend, (32, 2, 2, 8, 2, 8), dtype="bfloat16") as rp:
         errors = layout_of(source).compatibility_errors(rp.handle.layout)
         assert errors == ["page_size: 4 != 8", "dtype: float32 != bfloat16"]
         sender = open_sender(backend, source)

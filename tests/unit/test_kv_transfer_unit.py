@@ -28,7 +28,7 @@ from pdmesh.kv_transfer.grpc_backend import GrpcSender, KVReceiverServicer
 from pdmesh.kv_transfer.handle import check_cache
 from pdmesh.v1 import kv_transfer_pb2
 
-PAGE_BYTES = 4 * 2 * 8 * 4  # page_size 4, 2 kv heads, head_dim 8, float32
+PAGE_BYTES = 4 * 2 * 8 * 4  # one layer's K of a page: page_size 4, 2 kv heads, head_dim 8, fp32
 
 
 def layout(num_pages: int = 64, num_layers: int = 2, base_ptr: int = 0, **kw: object) -> KVLayout:
@@ -54,9 +54,7 @@ def expand(blocks: list[tuple[int, int, int]], page_bytes: int) -> list[tuple[in
 
 def naive(src: KVLayout, dst: KVLayout, src_pages: list[int], dst_pages: list[int]) -> list:
     return [
-        (src.page_addr(layer, k, s) - src.base_ptr, dst.page_addr(layer, k, d) - dst.base_ptr)
-        for layer in range(src.num_layers)
-        for k in (0, 1)
+        (src.page_addr(s) - src.base_ptr, dst.page_addr(d) - dst.base_ptr)
         for s, d in zip(src_pages, dst_pages)
     ]
 
@@ -64,22 +62,17 @@ def naive(src: KVLayout, dst: KVLayout, src_pages: list[int], dst_pages: list[in
 # --- coalesce -----------------------------------------------------------------------------
 
 
-def test_contiguous_room_is_one_block_per_layer_and_kind() -> None:
+def test_contiguous_room_is_one_block_of_every_layer() -> None:
     lay = layout(num_pages=64, num_layers=3)
+    page = 3 * 2 * PAGE_BYTES  # page-major: a page holds every layer's K and V
+    assert lay.page_bytes == page
     blocks = coalesce(lay, list(range(10, 20)), list(range(40, 50)))
-    assert len(blocks) == 2 * 3
-    section = 64 * PAGE_BYTES
-    for i, (s, d, n) in enumerate(blocks):  # layer-major, K then V
-        assert (s, d, n) == (
-            i * section + 10 * PAGE_BYTES,
-            i * section + 40 * PAGE_BYTES,
-            10 * PAGE_BYTES,
-        )
+    assert blocks == [(10 * page, 40 * page, 10 * page)]
 
 
 def test_non_contiguous_pages_stay_separate() -> None:
     blocks = coalesce(layout(num_layers=1), [0, 2, 4], [1, 3, 5])
-    assert [n for _, _, n in blocks] == [PAGE_BYTES] * 6
+    assert [n for _, _, n in blocks] == [2 * PAGE_BYTES] * 3
     assert page_runs([0, 2, 4], [1, 3, 5]) == [(0, 1, 1), (2, 3, 1), (4, 5, 1)]
 
 
@@ -91,21 +84,20 @@ def test_run_breaks_where_either_side_breaks() -> None:
     assert page_runs([3, 2, 1], [0, 1, 2]) == [(3, 0, 1), (2, 1, 1), (1, 2, 1)]
 
 
-def test_interleaved_runs_and_offsets_per_layer_and_kind() -> None:
+def test_interleaved_runs_and_their_offsets() -> None:
     src, dst = layout(num_pages=16, num_layers=2), layout(num_pages=64, num_layers=2)
     src_pages, dst_pages = [0, 1, 2, 8, 9, 5], [30, 31, 32, 3, 4, 50]
     blocks = coalesce(src, src_pages, dst_pages, dst)
-    assert len(blocks) == 3 * 4  # 3 runs x (2 layers x K/V)
-    assert expand(blocks, PAGE_BYTES) == naive(src, dst, src_pages, dst_pages)
+    assert len(blocks) == 3  # one per run
+    assert expand(blocks, src.page_bytes) == naive(src, dst, src_pages, dst_pages)
 
 
-def test_pools_of_different_sizes_shift_every_section() -> None:
-    # a prefill with 16 pages writing into a decode with 64: V of layer 0 starts at page 16 on
-    # one side and page 64 on the other; using one layout for both would corrupt the cache
+def test_pools_of_different_sizes_address_pages_alike() -> None:
+    # a prefill with 16 pages writing into a decode with 64: page-major, a page's offset does
+    # not depend on the pool's size (layer-major it would, per layer and kind)
     src, dst = layout(num_pages=16, num_layers=1), layout(num_pages=64, num_layers=1)
-    (k, v) = coalesce(src, [0], [0], dst)
-    assert k == (0, 0, PAGE_BYTES)
-    assert v == (16 * PAGE_BYTES, 64 * PAGE_BYTES, PAGE_BYTES)
+    page = 2 * PAGE_BYTES
+    assert coalesce(src, [3], [7], dst) == [(3 * page, 7 * page, page)]
 
 
 @settings(max_examples=200, deadline=None)
@@ -118,8 +110,8 @@ def test_blocks_expand_to_the_page_by_page_copy(data: st.DataObject) -> None:
     dst_pages = data.draw(st.permutations(range(n_dst)))[:count]
     src, dst = layout(num_pages=n_src, num_layers=2), layout(num_pages=n_dst, num_layers=2)
     blocks = coalesce(src, src_pages, dst_pages, dst)
-    assert expand(blocks, PAGE_BYTES) == naive(src, dst, src_pages, dst_pages)
-    assert len(blocks) == 4 * len(page_runs(src_pages, dst_pages))
+    assert expand(blocks, src.page_bytes) == naive(src, dst, src_pages, dst_pages)
+    assert len(blocks) == len(page_runs(src_pages, dst_pages))
 
 
 def test_empty_room_has_no_blocks() -> None:
@@ -145,6 +137,9 @@ def test_bad_page_lists_are_refused(
 def test_incompatible_layouts_are_refused_naming_the_fields() -> None:
     with pytest.raises(ValueError, match="page_size: 4 != 8.*dtype: float32 != bfloat16"):
         coalesce(layout(), [0], [0], layout(page_size=8, dtype="bfloat16"))
+    # a peer from before the order was sent (layer-major) is refused, not written into
+    with pytest.raises(ValueError, match=r"order: page_major != \(not set\)"):
+        coalesce(layout(), [0], [0], layout(order=""))
 
 
 # --- registry, handle, stats ---------------------------------------------------------------
@@ -173,17 +168,17 @@ def test_handle_round_trips_through_the_proto() -> None:
 
 
 def test_layout_of_matches_page_addr_of_the_tensor() -> None:
-    kv = torch.zeros(2, 2, 8, 4, 2, 8)
+    kv = torch.zeros(8, 2, 2, 4, 2, 8)
     lay = layout_of(kv)
-    assert lay.page_bytes == PAGE_BYTES
-    assert lay.page_addr(1, 1, 3) == kv[1, 1, 3].data_ptr()
+    assert lay.page_bytes == 2 * 2 * PAGE_BYTES == kv[0].nbytes
+    assert lay.page_addr(3) == kv[3].data_ptr()
     check_cache(kv, lay)
     with pytest.raises(ValueError, match="does not describe kv_cache"):
         check_cache(kv, dataclasses.replace(lay, base_ptr=lay.base_ptr + 1))
     with pytest.raises(ValueError, match="contiguous"):
         check_cache(kv.transpose(0, 1), lay)
-    with pytest.raises(ValueError, match="layers, 2, pages"):
-        layout_of(torch.zeros(2, 3, 8, 4, 2, 8))
+    with pytest.raises(ValueError, match="pages, layers, 2"):
+        layout_of(torch.zeros(8, 2, 3, 4, 2, 8))
 
 
 def test_stats_gbps() -> None:
@@ -195,7 +190,7 @@ def test_stats_gbps() -> None:
 
 
 def sender(num_pages: int = 64, chunk_bytes: int = 4000) -> tuple[GrpcSender, torch.Tensor]:
-    kv = torch.randn(2, 2, num_pages, 4, 2, 8)
+    kv = torch.randn(num_pages, 2, 2, 4, 2, 8)
     return GrpcSender.open(kv, layout_of(kv), "127.0.0.1", chunk_bytes=chunk_bytes), kv
 
 
@@ -214,7 +209,7 @@ def test_write_to_a_mismatched_receiver_fails_before_sending() -> None:
 
 def test_chunks_respect_the_size_limit_and_land_at_the_right_offsets() -> None:
     s, src = sender(num_pages=16, chunk_bytes=1000)  # < one page: every block is split
-    dst = torch.zeros(2, 2, 64, 4, 2, 8)
+    dst = torch.zeros(64, 2, 2, 4, 2, 8)
     servicer = KVReceiverServicer(dst, "rid")
     src_pages, dst_pages = [0, 1, 2, 9, 4], [10, 11, 12, 3, 60]
     blocks = coalesce(s.layout, src_pages, dst_pages, layout_of(dst))
@@ -224,13 +219,13 @@ def test_chunks_respect_the_size_limit_and_land_at_the_right_offsets() -> None:
     for chunk in chunks:
         assert servicer._check(chunk) is None
         servicer._apply(chunk)
-    assert torch.equal(dst[:, :, dst_pages], src[:, :, src_pages])
+    assert torch.equal(dst[dst_pages], src[src_pages])
     untouched = [p for p in range(64) if p not in dst_pages]
-    assert not dst[:, :, untouched].any()
+    assert not dst[untouched].any()
 
 
 def test_receiver_refuses_segments_outside_the_cache() -> None:
-    servicer = KVReceiverServicer(torch.zeros(1, 2, 2, 4, 2, 8), "rid")
+    servicer = KVReceiverServicer(torch.zeros(2, 1, 2, 4, 2, 8), "rid")
     size = 1 * 2 * 2 * PAGE_BYTES
     bad = kv_transfer_pb2.PageChunk(
         receiver_id="rid", dst_offsets=[size - 8], lengths=[16], data=bytes(16)
