@@ -29,7 +29,7 @@ log = logging.getLogger("pdmesh.launcher")
 
 
 MODES = ("agg", "disagg")
-KV_BACKENDS = ("mooncake", "grpc")  # pdmesh.kv_transfer's (not imported: it loads torch)
+KV_BACKENDS = ("mooncake", "grpc", "cuda_ipc")  # pdmesh.kv_transfer's (not imported: it loads torch)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ import platform
 import random
 import statistics
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -32,11 +33,15 @@ from tqdm import tqdm
 
 from pdmesh.config import add_dataclass_args, flag, from_args
 from pdmesh.kv_transfer import KVSender, get_backend, layout_of
+from pdmesh.kv_transfer.coalesce import coalesce
+from pdmesh.kv_transfer.handle import ReceiverHandle, TransferStats
 from pdmesh.kv_transfer.raw_socket import RawSocketSender
 from pdmesh.kv_transfer.remote import ReceiverProcess
 
 REFERENCE = "raw"
-ALL_BACKENDS = ("mooncake", "mooncake-sync", "grpc", "raw")
+ALL_BACKENDS = ("mooncake", "mooncake-sync", "grpc", "raw", "cuda_ipc", "d2d")
+GPU_REFERENCE = "d2d"  # with --device cuda: an in-process device-to-device copy
+GPU_TARGET_RATIO = 0.50  # issue 7: same-host GPU->GPU transfer >= 50% of the d2d copy
 TARGET_RATIO = 0.70  # issue 4: mooncake >= 70% of raw for rooms of at least 1 MiB
 TARGET_MIN_BYTES = 1 << 20
 DEFINITIONS = [
@@ -54,8 +59,9 @@ class KVBenchConfig:
     tokens: str = flag("64,256,1024,4096", "room sizes in prompt tokens, comma-separated")
     backends: str = flag(
         "mooncake,grpc,raw",
-        "backends to time, comma-separated; 'raw' (a plain loopback socket "
-        "copy of the same bytes) is the reference of the ratios",
+        "backends to time, comma-separated: mooncake, mooncake-sync, grpc, raw (a plain "
+        "loopback socket copy of the same bytes: the reference of the ratios on CPU), and on "
+        "GPUs cuda_ipc and d2d (an in-process device-to-device copy: the reference on GPU)",
     )
     num_layers: int = flag(30, "layers of the KV layout (default: SmolLM2-135M's)")
     num_kv_heads: int = flag(3, "KV heads per layer")
@@ -66,6 +72,11 @@ class KVBenchConfig:
         "cpu",
         "where both KV caches live: 'cpu', or 'cuda' (GPU memory registered with Mooncake "
         "directly; raw copies CPU memory only)",
+    )
+    receiver_device: str = flag(
+        "",
+        "where the receivers' caches live; empty: --device. With --device cuda:0 "
+        "--receiver-device cuda:1 the cuda_ipc and d2d backends move pages between two GPUs",
     )
     page_order: str = flag(
         "contiguous",
@@ -95,6 +106,9 @@ class KVBenchConfig:
             raise ValueError("--warmup must be >= 0 and --timeout > 0")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"--dtype={self.dtype!r}; choose float32, bfloat16 or float16")
+        gpu_only = {"cuda_ipc", "d2d"} & set(self.backend_list())
+        if gpu_only and not self.device.startswith("cuda"):
+            raise ValueError(f"--backends {', '.join(sorted(gpu_only))} need --device cuda")
         if self.device.startswith("cuda") and "raw" in self.backend_list():
             raise ValueError("--backends raw copies CPU memory only; drop it with --device cuda")
         if self.page_order not in ("contiguous", "shuffled"):
@@ -113,6 +127,12 @@ class KVBenchConfig:
         if not sizes or min(sizes) <= 0:
             raise ValueError(f"--tokens={self.tokens!r} needs positive sizes")
         return sizes
+
+    def receivers_on(self) -> str:
+        return self.receiver_device or self.device
+
+    def reference(self) -> str:
+        return GPU_REFERENCE if self.device.startswith("cuda") else REFERENCE
 
     def backend_list(self) -> list[str]:
         return [b.strip() for b in self.backends.split(",") if b.strip()]
@@ -152,6 +172,39 @@ class Row:
         return self.bytes / self.median_s / 1e9
 
 
+class DeviceCopy:
+    """The GPU reference: the same blocks copied device to device inside this process, into a
+    cache on the receiver's device (what the link moves with no IPC, no second process)."""
+
+    def __init__(self, source: torch.Tensor, device: str) -> None:
+        self.source = source
+        self.dest = torch.zeros_like(source, device=device)
+        self.handle = ReceiverHandle("d2d", "local", "d2d", layout_of(self.dest))
+
+    async def write(
+        self, handle: ReceiverHandle, src: list[int], dst: list[int], timeout: float
+    ) -> TransferStats:
+        blocks = coalesce(layout_of(self.source), src, dst, handle.layout)
+        flat_src = self.source.view(torch.uint8).reshape(-1)
+        flat_dst = self.dest.view(torch.uint8).reshape(-1)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for s, d, n in blocks:
+            flat_dst[d : d + n].copy_(flat_src[s : s + n], non_blocking=True)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        return TransferStats(sum(n for _, _, n in blocks), len(src), len(blocks), seconds, "d2d")
+
+    def read(self, pages: list[int]) -> torch.Tensor:
+        return self.dest[pages].cpu()
+
+    def stop(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
 def open_sender(backend: str, kv: torch.Tensor, cfg: KVBenchConfig) -> KVSender:
     layout = layout_of(kv)
     if backend == "raw":
@@ -184,10 +237,14 @@ async def run(cfg: KVBenchConfig) -> list[Row]:
     rows: list[Row] = []
     try:
         for b in tqdm(backends, desc="starting receivers", leave=False):
+            if b == GPU_REFERENCE:
+                copy = DeviceCopy(source, cfg.receivers_on())
+                receivers[b], senders[b] = copy, copy  # type: ignore[assignment]
+                continue
             kind = "mooncake" if b.startswith("mooncake") else b
             options = {"protocol": cfg.protocol} if kind == "mooncake" else {}
             receivers[b] = ReceiverProcess(
-                kind, cfg.shape(pool), cfg.dtype, cfg.host, options, device=cfg.device
+                kind, cfg.shape(pool), cfg.dtype, cfg.host, options, device=cfg.receivers_on()
             )
             senders[b] = open_sender(b, source, cfg)
         total = len(cfg.token_list()) * (cfg.warmup + cfg.repeats) * len(backends)
@@ -218,10 +275,10 @@ async def run(cfg: KVBenchConfig) -> list[Row]:
 
 
 def render(rows: list[Row], cfg: KVBenchConfig) -> str:
-    ref = {r.tokens: r for r in rows if r.backend == REFERENCE}
+    ref = {r.tokens: r for r in rows if r.backend == cfg.reference()}
     header = (
         f"{'tokens':>7} {'MiB':>8} {'pages':>6} {'blocks':>7} {'backend':<9} "
-        f"{'ms':>9} {'GB/s':>7} {'vs raw':>7} {'ok':>3}"
+        f"{'ms':>9} {'GB/s':>7} {'vs ' + cfg.reference():>7} {'ok':>3}"
     )
     lines = [header, "-" * len(header)]
     for r in rows:
@@ -233,7 +290,20 @@ def render(rows: list[Row], cfg: KVBenchConfig) -> str:
         )
     lines.append("")
     lines.append(verdict(rows) if "mooncake" in cfg.backend_list() and ref else "")
+    if "cuda_ipc" in cfg.backend_list() and ref:
+        lines.append(gpu_verdict(rows))
     return "\n".join(lines)
+
+
+def gpu_verdict(rows: list[Row]) -> str:
+    ref = {r.tokens: r for r in rows if r.backend == GPU_REFERENCE}
+    ratios = [(r.tokens, r.gbps / ref[r.tokens].gbps) for r in rows if r.backend == "cuda_ipc"]
+    tokens, worst = min(ratios, key=lambda x: x[1])
+    met = "MET" if worst >= GPU_TARGET_RATIO else "NOT MET"
+    return (
+        f"target cuda_ipc >= {GPU_TARGET_RATIO:.0%} of the device-to-device copy: {met} "
+        f"(lowest {worst:.0%} at {tokens} tokens)"
+    )
 
 
 def verdict(rows: list[Row]) -> str:

@@ -46,6 +46,11 @@ class AttentionMetadata:
     decode_slots: torch.Tensor | None  # [B, L] context slots, padded with slot 0
     decode_mask: torch.Tensor | None  # [B, 1, 1, L] bool, True where a key is attended
     prefills: list[PrefillSegment]
+    # the CUDA path (triton_attention) reads the pages in place instead of decode_slots/mask
+    block_table: torch.Tensor | None = None  # [B, max_pages] int32 page ids of decode rows
+    context_lens: torch.Tensor | None = None  # [B] int32, 0 for padding rows of a graph
+    page_size: int = 0
+    page_stride: int = 0  # rows per page (rows_per_page)
 
 
 def paged_attention(
@@ -57,10 +62,27 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:  # [T, num_heads, head_dim]
-    k_cache.index_copy_(0, meta.slot_mapping, k)
-    v_cache.index_copy_(0, meta.slot_mapping, v)
     out = torch.empty_like(q)
-    if meta.num_decode:
+    if meta.block_table is not None:  # CUDA: kernels that read the pages in place
+        from pdmesh.engine import triton_attention as kernels  # triton: only where it exists
+
+        kernels.store_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        if meta.num_decode:
+            assert meta.context_lens is not None
+            out[: meta.num_decode] = kernels.decode_attention(
+                q[: meta.num_decode],
+                k_cache,
+                v_cache,
+                meta.block_table,
+                meta.context_lens,
+                meta.page_size,
+                meta.page_stride,
+                scale,
+            )
+    else:
+        k_cache.index_copy_(0, meta.slot_mapping, k)
+        v_cache.index_copy_(0, meta.slot_mapping, v)
+    if meta.num_decode and meta.block_table is None:
         assert meta.decode_slots is not None
         qd = q[: meta.num_decode].unsqueeze(2)  # [B, H, 1, D]
         kd = gather(k_cache, meta.decode_slots).transpose(1, 2)  # [B, Hkv, L, D]

@@ -36,18 +36,32 @@ class EngineConfig:
     max_model_len: int = flag(0, "context length; 0 = the model's, capped at 32768")
     enable_prefix_cache: bool = flag(True, "reuse KV of full pages shared with earlier prompts")
     seed: int = flag(0, "seed of the engine's generator for unseeded requests")
+    disable_cuda_graph: bool = flag(
+        False, "CUDA: launch every decode step's kernels one by one instead of replaying graphs"
+    )
+    cuda_graph_max_bs: int = flag(
+        0,
+        "CUDA: largest decode batch captured as a CUDA graph (bigger ones run eagerly); "
+        "0 = --max-running-requests",
+    )
 
     def __post_init__(self) -> None:
         for name in ("page_size", "max_running_requests", "max_num_batched_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
-        for name in ("num_pages", "max_model_len"):
+        for name in ("num_pages", "max_model_len", "cuda_graph_max_bs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.kv_cache_memory_gb < 0:
             raise ValueError(f"kv_cache_memory_gb={self.kv_cache_memory_gb} must be >= 0")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r}; choose auto, {', '.join(DTYPES)}")
+
+    def graph_max_batch(self) -> int:
+        """Decode batch sizes up to this run as CUDA graphs (0: none)."""
+        if self.disable_cuda_graph:
+            return 0
+        return self.cuda_graph_max_bs or self.max_running_requests
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

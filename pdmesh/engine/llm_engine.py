@@ -52,6 +52,7 @@ class LLMEngine:
             self.dtype,
             tuple(sorted(self.eos_token_ids)),
             config.seed,
+            cuda_graph_max_batch=config.graph_max_batch(),
         )
         self._seqs: dict[str, Sequence] = {}  # every request the engine knows, by id
         self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)

@@ -11,6 +11,7 @@ import logging
 import torch
 
 from pdmesh.engine.attention import AttentionMetadata, PrefillSegment, rows_per_page
+from pdmesh.engine.cuda_graphs import DecodeGraphs, use_kernels
 from pdmesh.engine.sampler import Sampler, SampleRow
 from pdmesh.engine.scheduler import ScheduledBatch
 from pdmesh.engine.sequence import Sequence, TokenLogprob
@@ -33,7 +34,10 @@ class ModelRunner:
         dtype: torch.dtype,
         eos_token_ids: tuple[int, ...] = (),
         seed: int = 0,
+        cuda_graph_max_batch: int = 0,
     ) -> None:
+        """``cuda_graph_max_batch``: on CUDA, capture decode steps of up to this many rows as
+        CUDA graphs (0: run every step eagerly)."""
         cfg: ModelConfig = model.config
         self.model = model
         self.device = device
@@ -56,17 +60,29 @@ class ModelRunner:
         cos, sin = llama.rope_cos_sin(cfg, max_model_len)
         self.rope = (cos.to(device), sin.to(device))
         self.sampler = Sampler(device, seed)
+        # CUDA: decode attention and KV writes through triton_attention (pages read in place)
+        self.kernels = use_kernels(device, cfg.head_dim)
+        if self.kernels:
+            model.fuse_projections()
+        self.max_pages_per_seq = -(-max_model_len // page_size)
+        self.graphs: DecodeGraphs | None = None
+        if self.kernels and cuda_graph_max_batch > 0:
+            self.graphs = DecodeGraphs(self, cuda_graph_max_batch)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> list[tuple[int, TokenLogprob | None] | None]:
         """Compute the batch; per sequence the sampled (token, logprob), or None mid-prefill."""
         input_ids, positions, meta, sample_rows = self._prepare(batch)
-        hidden = self.model(input_ids, positions, self.kv_cache, meta, self.rope)
         results: list[tuple[int, TokenLogprob | None] | None] = [None] * len(batch.seqs)
-        if not sample_rows:
-            return results
-        idx = torch.tensor([row for _, row in sample_rows], device=self.device)
-        logits = self.model.compute_logits(hidden[idx])
+        if self.graphs is not None and self.graphs.fits(meta, len(input_ids)):
+            # every row is a decode, and every decode samples: logits row i is sequence i
+            logits = self.graphs.replay(input_ids, positions, meta)
+        else:
+            hidden = self.model(input_ids, positions, self.kv_cache, meta, self.rope)
+            if not sample_rows:
+                return results
+            idx = torch.tensor([row for _, row in sample_rows], device=self.device)
+            logits = self.model.compute_logits(hidden[idx])
         rows = [self._sample_row(batch.seqs[i]) for i, _ in sample_rows]
         tokens, logprobs = self.sampler(logits, rows)
         for (i, _), tok, lp in zip(sample_rows, tokens, logprobs):
@@ -109,8 +125,12 @@ class ModelRunner:
             decode_slots=None,
             decode_mask=None,
             prefills=prefills,
+            page_size=self.page_size,
+            page_stride=self.page_stride,
         )
-        if decode_lens:
+        if self.kernels:
+            meta.block_table, meta.context_lens = self._block_table(decode_tables, decode_lens)
+        elif decode_lens:
             meta.decode_slots, meta.decode_mask = self._decode_slots(decode_tables, decode_lens)
         return (
             torch.tensor(ids, dtype=torch.long, device=dev),
@@ -139,6 +159,16 @@ class ModelRunner:
         valid = p < torch.tensor(lens, device=dev).unsqueeze(1)
         slots = (pages[:, p // ps] * self.page_stride + p % ps).masked_fill_(~valid, 0)
         return slots, valid[:, None, None]
+
+    def _block_table(
+        self, tables: list[list[int]], lens: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, pages] int32 page ids of the decode rows (0-padded) and [B] int32 lengths."""
+        width = max((-(-n // self.page_size) for n in lens), default=1)
+        rows = [t[:width] + [0] * (width - len(t[:width])) for t in tables] or [[0]]
+        dev = self.device
+        table = torch.tensor(rows, dtype=torch.int32, device=dev)
+        return table, torch.tensor(lens or [0], dtype=torch.int32, device=dev)
 
     def _slots(self, seq: Sequence, num_tokens: int) -> list[int]:
         ps, stride = self.page_size, self.page_stride
@@ -174,6 +204,4 @@ class ModelRunner:
         banned: tuple[int, ...] = ()
         if seq.num_completion_tokens < p.min_new_tokens:
             banned = p.stop_token_ids + (() if p.ignore_eos else self.eos_token_ids)
-        return SampleRow(
-            p, seq.token_ids[: seq.num_prompt_tokens], seq.completion_token_ids, banned
-        )
+        return SampleRow(p, seq.token_ids, seq.num_prompt_tokens, banned)

@@ -21,10 +21,20 @@ class SampleRow:
     """What the sampler needs from one sequence (built by the model runner)."""
 
     params: SamplingParams
-    prompt_ids: list[int]
-    output_ids: list[int]
+    # prompt + output so far: the sequence's own list, not a copy (a copy per row per step
+    # costs O(context) interpreter time, ~ms at batch 64 with 4k contexts)
+    token_ids: list[int]
+    num_prompt_tokens: int
     # tokens that may not be sampled now: EOS and stop ids until min_new_tokens is reached
     banned_ids: tuple[int, ...] = ()
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
 
 
 class Sampler:
@@ -74,7 +84,7 @@ class Sampler:
             if r.params.seed is None:
                 noise[i].exponential_(generator=self._gen)
             else:
-                pos = len(r.prompt_ids) + len(r.output_ids)
+                pos = len(r.token_ids)
                 self._seeded.manual_seed(hash((r.params.seed, pos)) & (2**63 - 1))
                 noise[i].exponential_(generator=self._seeded)
         return (probs / noise).argmax(dim=-1)

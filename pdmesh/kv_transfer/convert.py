@@ -23,6 +23,7 @@ def handle_to_pb(handle: ReceiverHandle) -> kv_transfer_pb2.KVReceiverHandle:
         dtype=layout.dtype,
         device=layout.device,
         order=layout.order,
+        backend_data=handle.extra,
     )
 
 
@@ -39,4 +40,4 @@ def handle_from_pb(pb: kv_transfer_pb2.KVReceiverHandle) -> ReceiverHandle:
         device=pb.device,
         order=pb.order,
     )
-    return ReceiverHandle(pb.backend, pb.address, pb.receiver_id, layout)
+    return ReceiverHandle(pb.backend, pb.address, pb.receiver_id, layout, pb.backend_data)

@@ -24,6 +24,8 @@ class ReceiverHandle:
     address: str
     receiver_id: str
     layout: KVLayout
+    # what only this backend needs (cuda_ipc: the shared memory handle, JSON)
+    extra: bytes = b""
 
     @property
     def base_ptr(self) -> int:

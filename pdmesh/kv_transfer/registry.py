@@ -1,4 +1,4 @@
-"""Backends by name (``--kv-transfer mooncake|grpc``), imported only when asked for, so a host
+"""Backends by name (``--kv-transfer-backend mooncake|grpc|cuda_ipc``), imported only when asked for, so a host
 without Mooncake can still use the grpc backend."""
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ DEFAULT_BACKEND = "mooncake"
 _BACKENDS: dict[str, tuple[str, str, str]] = {
     "mooncake": ("pdmesh.kv_transfer.mooncake_backend", "MooncakeReceiver", "MooncakeSender"),
     "grpc": ("pdmesh.kv_transfer.grpc_backend", "GrpcReceiver", "GrpcSender"),
+    # GPUs of one host: device-to-device copies through CUDA IPC
+    "cuda_ipc": ("pdmesh.kv_transfer.cuda_ipc_backend", "CudaIpcReceiver", "CudaIpcSender"),
 }
 
 

@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pdmesh.engine.attention import AttentionMetadata, layer_rows, paged_attention
+from pdmesh.models import cuda_ops
 from pdmesh.models.config import ModelConfig
 
 
@@ -23,12 +24,30 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``weight * norm(x)``; with ``residual``: ``residual += x`` in place first and the
+        sum is normalised (the next layer's input, one fused kernel on CUDA)."""
+        if cuda_ops.enabled(x):
+            return cuda_ops.rms_norm(x, self.weight, self.eps, residual)
+        if residual is not None:
+            residual.add_(x)
+            x = residual
         # normalise in fp32 like the reference implementation, then scale in the model dtype
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
+
+
+def _fuse(a: nn.Linear, b: nn.Linear, c: nn.Linear | None, name: str) -> torch.Tensor:
+    parts = [m for m in (a, b, c) if m is not None]
+    fused = torch.cat([getattr(m, name).data for m in parts])
+    start = 0
+    for m in parts:
+        n = getattr(m, name).shape[0]
+        setattr(m, name, nn.Parameter(fused[start : start + n], requires_grad=False))
+        start += n
+    return fused
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -85,6 +104,18 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
         self.scale = hd**-0.5
+        self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # fuse_projections()
+
+    def fuse_projections(self) -> None:
+        """Put q/k/v weights (and biases) in one tensor; the three parameters become views of
+        it, so state_dict and load_state_dict keep working on the HF names."""
+        weight = _fuse(self.q_proj, self.k_proj, self.v_proj, "weight")
+        bias = (
+            _fuse(self.q_proj, self.k_proj, self.v_proj, "bias")
+            if self.q_proj.bias is not None
+            else None
+        )
+        self.qkv = (weight, bias)
 
     def forward(
         self,
@@ -95,12 +126,23 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        if self.qkv is not None:  # fused on CUDA: one GEMM instead of three
+            qd, kd = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            q2, k2, v2 = F.linear(x, self.qkv[0], self.qkv[1]).split([qd, kd, kd], dim=-1)
+            q = q2.view(t, self.num_heads, self.head_dim)
+            k = k2.view(t, self.num_kv_heads, self.head_dim)
+            v = v2.view(t, self.num_kv_heads, self.head_dim)
+        else:
+            q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+            k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+            v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cuda_ops.enabled(q):
+            cuda_ops.rope_(q, cos, sin)
+            cuda_ops.rope_(k, cos, sin)
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o = paged_attention(q, k, v, kv[0], kv[1], meta, self.scale)
         return self.o_proj(o.reshape(t, -1))
 
@@ -112,7 +154,14 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
+        self.gate_up: torch.Tensor | None = None  # fuse_projections()
+
+    def fuse_projections(self) -> None:
+        self.gate_up = _fuse(self.gate_proj, self.up_proj, None, "weight")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up is not None and cuda_ops.enabled(x):
+            return self.down_proj(cuda_ops.silu_mul(F.linear(x, self.gate_up)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -131,9 +180,18 @@ class DecoderLayer(nn.Module):
         sin: torch.Tensor,
         kv: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        residual: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, residual)`` -> the same for the next layer: the residual stream is summed
+        inside each norm (``residual + x``), which fuses the add into the norm's kernel."""
+        if residual is None:  # first layer: x (the embedding) starts the residual stream
+            residual = x
+            h = self.input_layernorm(x)
+        else:
+            h = self.input_layernorm(x, residual)
+        h = self.self_attn(h, cos, sin, kv, meta)
+        h = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -163,9 +221,17 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:  # [T, hidden] after the final norm
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope[0][positions].to(x.dtype), rope[1][positions].to(x.dtype)
+        residual: torch.Tensor | None = None
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, layer_rows(kv_cache, i), meta)
-        return self.model.norm(x)
+            x, residual = layer(x, cos, sin, layer_rows(kv_cache, i), meta, residual)
+        return self.model.norm(x, residual)
+
+    def fuse_projections(self) -> None:
+        """One GEMM for q/k/v and one for gate/up per layer (CUDA: fewer, larger launches)."""
+        for layer in self.model.layers:
+            assert isinstance(layer, DecoderLayer)
+            layer.self_attn.fuse_projections()
+            layer.mlp.fuse_projections()
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -14,14 +14,20 @@ GREEDY = SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True)
 
 
 def test_cuda_float32_matches_cpu(make_tiny_engine: EngineFactory) -> None:
-    cpu = generate(make_tiny_engine(device="cpu"), PROMPTS, GREEDY)
-    gpu_engine = make_tiny_engine(device="cuda", dtype="float32")
+    cpu_engine = make_tiny_engine(device="cpu")
+    cpu = generate(cpu_engine, PROMPTS, GREEDY)
+    # CUDA graphs and the triton kernels (exact float32 products) against the CPU's SDPA;
+    # random init draws from a per-device generator, so the GPU engine gets the CPU's weights
+    gpu_engine = make_tiny_engine(device="cuda", dtype="float32", max_running_requests=4)
+    gpu_engine.runner.model.load_state_dict(cpu_engine.runner.model.state_dict())
+    assert gpu_engine.runner.graphs is not None
     assert generate(gpu_engine, PROMPTS, GREEDY) == cpu
     assert_all_pages_free(gpu_engine)
 
 
 def test_cuda_bfloat16_default_and_kv_layout(make_tiny_engine: EngineFactory) -> None:
-    engine = make_tiny_engine(device="cuda", max_num_batched_tokens=8)  # chunked prefill too
+    # dtype auto (the factory's default is float32); chunked prefill too
+    engine = make_tiny_engine(device="cuda", dtype="auto", max_num_batched_tokens=8)
     assert engine.dtype.is_floating_point and str(engine.dtype) == "torch.bfloat16"
     outs = generate(engine, PROMPTS, GREEDY)
     assert [len(o) for o in outs] == [16, 16, 16]

@@ -12,7 +12,8 @@ CPU = torch.device("cpu")
 def row(
     prompt: list[int] | None = None, output: list[int] | None = None, **kw: object
 ) -> SampleRow:
-    return SampleRow(SamplingParams(**kw), prompt or [0], output or [])  # type: ignore[arg-type]
+    prompt = prompt or [0]
+    return SampleRow(SamplingParams(**kw), prompt + (output or []), len(prompt))  # type: ignore[arg-type]
 
 
 def logits_of(values: dict[int, float], vocab: int = 10) -> torch.Tensor:
