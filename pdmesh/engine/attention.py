@@ -69,7 +69,7 @@ def paged_attention(
         kernels.store_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         if meta.num_decode:
             assert meta.context_lens is not None
-            out[: meta.num_decode] = kernels.decode_attention(
+            kernels.decode_attention(
                 q[: meta.num_decode],
                 k_cache,
                 v_cache,
@@ -78,6 +78,7 @@ def paged_attention(
                 meta.page_size,
                 meta.page_stride,
                 scale,
+                out=out[: meta.num_decode],
             )
     else:
         k_cache.index_copy_(0, meta.slot_mapping, k)

@@ -80,6 +80,8 @@ def _decode_split_kernel(
     scale,
     stride_bt,
     page_stride,
+    stride_qb,
+    stride_qh,
     H: tl.constexpr,
     HKV: tl.constexpr,
     D: tl.constexpr,
@@ -102,7 +104,8 @@ def _decode_split_kernel(
     d = tl.arange(0, D)
     heads = kvh * G + g
     gmask = g < G
-    q = tl.load(q_ptr + (b * H + heads)[:, None] * D + d[None, :], mask=gmask[:, None], other=0.0)
+    q_rows = b.to(tl.int64) * stride_qb + heads * stride_qh
+    q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=gmask[:, None], other=0.0)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, D], tl.float32)
@@ -134,7 +137,9 @@ def _decode_split_kernel(
 def _decode_reduce_kernel(
     mid_o_ptr,
     mid_lse_ptr,
-    out_ptr,  # [B, H, D]
+    out_ptr,  # [B, H, D], rows strided
+    stride_ob,
+    stride_oh,
     H: tl.constexpr,
     D: tl.constexpr,
     SPLITS: tl.constexpr,
@@ -153,7 +158,8 @@ def _decode_reduce_kernel(
     o = tl.load(mid_o_ptr + base[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
     total = tl.sum(w, 0)
     out = tl.sum(w[:, None] * o, 0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + (b * H + h) * D + d, out.to(out_ptr.dtype.element_ty))
+    o_row = b.to(tl.int64) * stride_ob + h * stride_oh
+    tl.store(out_ptr + o_row + d, out.to(out_ptr.dtype.element_ty))
 
 
 @functools.cache
@@ -178,15 +184,19 @@ def decode_attention(
     page_size: int,
     page_stride: int,
     scale: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [B, H, D]
+    """``q`` and ``out`` may be views with strided rows (e.g. slices of the fused qkv output
+    and of the layer's output): no copies in or out."""
     batch, heads, dim = q.shape
+    assert q.stride(2) == 1 and (out is None or out.stride(2) == 1)
     kv_heads = k_rows.shape[1]
     group = heads // kv_heads
     splits = num_splits(batch, kv_heads, q.device)
     mid_o = torch.empty(batch, heads, splits, dim, dtype=torch.float32, device=q.device)
     mid_lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
     _decode_split_kernel[(batch, kv_heads, splits)](
-        q.contiguous(),
+        q,
         k_rows,
         v_rows,
         block_table,
@@ -196,6 +206,8 @@ def decode_attention(
         scale,
         block_table.stride(0),
         page_stride,
+        q.stride(0),
+        q.stride(1),
         H=heads,
         HKV=kv_heads,
         D=dim,
@@ -208,11 +220,14 @@ def decode_attention(
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4,
     )
-    out = torch.empty_like(q)
+    if out is None:
+        out = torch.empty(batch, heads, dim, dtype=q.dtype, device=q.device)
     _decode_reduce_kernel[(batch, heads)](
         mid_o,
         mid_lse,
         out,
+        out.stride(0),
+        out.stride(1),
         H=heads,
         D=dim,
         SPLITS=splits,

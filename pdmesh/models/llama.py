@@ -39,6 +39,12 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
 
+def _qk_rows(q: torch.Tensor, t: int, heads: int, head_dim: int) -> torch.Tensor:
+    """[t, heads, head_dim] view over q's and k's heads in the fused qkv output (``q`` is its
+    first slice: same storage and row stride)."""
+    return q.as_strided((t, heads, head_dim), (q.stride(0), head_dim, 1))
+
+
 def _fuse(a: nn.Linear, b: nn.Linear, c: nn.Linear | None, name: str) -> torch.Tensor:
     parts = [m for m in (a, b, c) if m is not None]
     fused = torch.cat([getattr(m, name).data for m in parts])
@@ -138,7 +144,11 @@ class Attention(nn.Module):
             v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        if cuda_ops.enabled(q):
+        if cuda_ops.enabled(q) and self.qkv is not None and not self.qk_norm:
+            # q and k heads are adjacent in each row of the fused output: one launch for both
+            heads = self.num_heads + self.num_kv_heads
+            cuda_ops.rope_(_qk_rows(q2, t, heads, self.head_dim), cos, sin)
+        elif cuda_ops.enabled(q):
             cuda_ops.rope_(q, cos, sin)
             cuda_ops.rope_(k, cos, sin)
         else:

@@ -56,7 +56,7 @@ def test_env_names_set_the_pd_knobs(monkeypatch: pytest.MonkeyPatch) -> None:
         (("--mode", "prefill"), "python -m services.prefill"),
         (("--mode", "decode", "--heartbeat-interval", "0"), "must be > 0"),
         (("--mode", "decode", "--heartbeat-max-failures", "0"), "must be >= 1"),
-        (("--mode", "decode", "--kv-transfer-backend", "nixl"), "choose grpc, mooncake"),
+        (("--mode", "decode", "--kv-transfer-backend", "nixl"), "choose cuda_ipc, grpc, mooncake"),
         (("--mode", "decode", "--host", "0.0.0.0"), "--kv-transfer-host"),
     ],
 )
