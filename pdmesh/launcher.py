@@ -29,7 +29,8 @@ log = logging.getLogger("pdmesh.launcher")
 
 
 MODES = ("agg", "disagg")
-KV_BACKENDS = ("mooncake", "grpc", "cuda_ipc")  # pdmesh.kv_transfer's (not imported: it loads torch)
+# pdmesh.kv_transfer's backend names (not imported here: it loads torch)
+KV_BACKENDS = ("mooncake", "grpc", "cuda_ipc")
 
 
 @dataclass(frozen=True)
