@@ -13,6 +13,10 @@ from __future__ import annotations
 class EngineError(Exception):
     """Base class of every error the engine raises on purpose."""
 
+    # ``ErrorDetail.code`` on the wire, for causes the status code alone does not tell apart
+    # (e.g. "queue_timeout": a DEADLINE_EXCEEDED from the router's queue, not a worker)
+    error_code: str = ""
+
 
 class InvalidRequestError(EngineError, ValueError):
     """A request field is invalid; ``field`` names it (e.g. ``sampling_params.top_p``)."""

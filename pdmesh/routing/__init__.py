@@ -3,7 +3,7 @@
 ``policy``: the ``RoutingPolicy`` interface (candidates + ``RequestView`` + loads → one
 candidate) and ``RoundRobin``; ``random_policy``, ``power_of_two``, ``cache_aware`` (on
 ``radix_tree``) and ``kv_cost``; ``registry``: policies by ``--policy`` name.
-``circuit_breaker``: per-worker breakers; ``retry``: backoff and retryable status codes.
+``circuit_breaker``: per-worker breakers; ``retry``: backoff, retryable and migrating status codes.
 """
 
 from pdmesh.routing.cache_aware import CacheAware, CacheAwareConfig
@@ -20,7 +20,7 @@ from pdmesh.routing.power_of_two import PowerOfTwo
 from pdmesh.routing.radix_tree import RadixTree
 from pdmesh.routing.random_policy import RandomPolicy
 from pdmesh.routing.registry import POLICIES, PolicySettings, make_policy
-from pdmesh.routing.retry import RetryConfig, charges_breaker, is_retryable
+from pdmesh.routing.retry import RetryConfig, charges_breaker, is_retryable, migrates
 
 __all__ = [
     "POLICIES",
@@ -45,4 +45,5 @@ __all__ = [
     "charges_breaker",
     "is_retryable",
     "make_policy",
+    "migrates",
 ]

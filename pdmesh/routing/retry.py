@@ -1,5 +1,5 @@
-"""Retries: exponential backoff with jitter (SGLang router defaults), and which gRPC failures
-are worth another attempt on another worker.
+"""Retries: exponential backoff with jitter (SGLang router defaults), which gRPC failures are
+worth another attempt on another worker, and which broken streams may migrate.
 
 ``delay(n)`` before retry n (0-based) is ``min(max_backoff, initial * multiplier**n)`` scaled by
 a uniform factor in ``[1 - jitter, 1 + jitter]``: the jitter keeps many clients that failed
@@ -105,3 +105,16 @@ def charges_breaker(code: grpc.StatusCode) -> bool:
         grpc.StatusCode.OK,
         grpc.StatusCode.RESOURCE_EXHAUSTED,
     )
+
+
+def migrates(code: grpc.StatusCode, client_deadline_expired: bool = False) -> bool:
+    """Whether a stream that broke with ``code`` after tokens were sent may move to another
+    worker (within the failed worker's ``--migration-limit``): exactly the failures its circuit
+    breaker is charged for, i.e. the worker's, not the request's. A killed worker surfaces as
+    UNAVAILABLE, UNKNOWN ("Stream removed"), INTERNAL (RST_STREAM) or a worker-side CANCELLED
+    depending on timing, and a crashed engine as UNAVAILABLE or INTERNAL: all move. A client
+    error (INVALID_ARGUMENT, ...) fails the same way anywhere, RESOURCE_EXHAUSTED is
+    back-pressure, and once the client's deadline has passed nobody waits for the rest."""
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED and client_deadline_expired:
+        return False
+    return charges_breaker(code)

@@ -13,6 +13,8 @@ whatever escapes a handler into a status, so no servicer repeats try/except:
     AbortedError            → ABORTED
     anything else           → INTERNAL, with the traceback logged
 
+An ``EngineError`` whose ``error_code`` is set (e.g. the router's "queue_timeout") gets an
+``ErrorDetail{code}`` too, so a client can tell causes that share a status code apart.
 The ``ErrorDetail`` travels in the binary trailing metadata key ``pdmesh-error-detail-bin`` (a
 plain-protobuf stand-in for google.rpc.Status details, which would need googleapis protos);
 clients read it back with ``error_detail``.
@@ -20,6 +22,7 @@ clients read it back with ``error_detail``.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -33,6 +36,7 @@ from pdmesh.errors import (
     AbortedError,
     DeadlineExceededError,
     EngineDeadError,
+    EngineError,
     FailedPreconditionError,
     InvalidRequestError,
     PeerUnavailableError,
@@ -54,7 +58,16 @@ class RpcStatus:
 
 
 def status_for(exc: BaseException) -> RpcStatus:
-    """The status an exception escaping a handler becomes."""
+    """The status an exception escaping a handler becomes; an ``EngineError`` with an
+    ``error_code`` carries it in an ``ErrorDetail``."""
+    status = _status_for(exc)
+    code = exc.error_code if isinstance(exc, EngineError) else ""
+    if code and status.detail is None:
+        return dataclasses.replace(status, detail=common_pb2.ErrorDetail(code=code))
+    return status
+
+
+def _status_for(exc: BaseException) -> RpcStatus:
     if isinstance(exc, InvalidRequestError):
         detail = common_pb2.ErrorDetail(field=exc.field, reason=exc.message)
         return RpcStatus(grpc.StatusCode.INVALID_ARGUMENT, str(exc), detail)

@@ -42,12 +42,16 @@ class RpcServer:
         self,
         service_names: Sequence[str],
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        max_receive_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
         """``service_names``: full names of the services the caller will add to ``server``
-        (e.g. "pdmesh.v1.TokenizerService"), for health and reflection."""
+        (e.g. "pdmesh.v1.TokenizerService"), for health and reflection. A request message
+        larger than ``max_receive_bytes`` is refused by grpc itself (RESOURCE_EXHAUSTED)."""
         self.service_names = tuple(service_names)
+        receive = "grpc.max_receive_message_length"
+        options = (*(o for o in SERVER_OPTIONS if o[0] != receive), (receive, max_receive_bytes))
         self.server = grpc.aio.server(
-            interceptors=[ErrorInterceptor(), *interceptors], options=SERVER_OPTIONS
+            interceptors=[ErrorInterceptor(), *interceptors], options=options
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -58,7 +58,8 @@ class WorkerServiceConfig:
     migration_limit: int = flag(
         0,
         "how many times the router may migrate a request from this worker to another when "
-        "the connection to it is lost mid-stream (advertised in GetModelInfo); 0 = disabled",
+        "its stream breaks mid-way through a worker fault (a lost connection, a crash; never a "
+        "client error) (advertised in GetModelInfo); 0 = disabled",
     )
     log_level: str = flag("info", f"log verbosity: {', '.join(LOG_LEVELS)}")
     grace_period: float = flag(

@@ -29,8 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "pdmesh HTTP gateway: OpenAI-compatible /v1/chat/completions, /v1/completions and "
             "/v1/models, SGLang-native /generate, and /health, served from the router's gRPC "
-            "Generate stream. Streams are server-sent events; a client that disconnects "
-            "cancels its request down to the worker. Errors use OpenAI's error body. "
+            "Generate stream, plus the SGLang router's worker admin (POST /add_worker?url=, "
+            "POST /remove_worker?url=, GET /workers). Streams are server-sent events; a client "
+            "that disconnects "
+            "cancels its request down to the worker. Errors use OpenAI's error body (a router "
+            "at its limit: 429, or 408 after waiting in its queue). "
             "SIGTERM or Ctrl-C stops accepting, lets open requests finish for --grace-period "
             "seconds, then exits. Prometheus metrics at /metrics (no API key needed); traces "
             "follow the standard OTEL_* environment variables."

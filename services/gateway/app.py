@@ -1,5 +1,7 @@
-"""The ASGI app: FastAPI with the gateway's routes, its exception handlers, and the
-request-id / API-key / body-limit middleware around it; outermost the HTTP request span
+"""The ASGI app: FastAPI with the gateway's routes (the API, and the SGLang router's worker-admin
+routes), its exception handlers, and the request-id / API-key / body-limit middleware around
+it; around that CORS (``--cors-allowed-origins``: a browser's preflight carries no API key, so
+it is answered before the key is checked); outermost the HTTP request span
 (``TracingMiddleware``) and the request metrics, with ``/metrics`` served beside the API.
 While serving, the gateway is registered in Consul (HTTP check on ``/health``) and follows the
 catalog's routers (``--discovery consul``).
@@ -19,6 +21,7 @@ import grpc.aio
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp
 
 from pdmesh.discovery import (
@@ -33,9 +36,10 @@ from pdmesh.discovery import (
 )
 from pdmesh.telemetry import Metrics, TracingMiddleware, setup_tracing
 from services.gateway import errors
+from services.gateway.admin import admin
 from services.gateway.config import GatewayConfig
 from services.gateway.generation import GenerationError
-from services.gateway.middleware import GatewayMiddleware
+from services.gateway.middleware import REQUEST_ID_HEADER, GatewayMiddleware
 from services.gateway.routes import router
 from services.gateway.state import Gateway
 
@@ -108,8 +112,19 @@ def create_app(config: GatewayConfig, discovery_config: DiscoveryConfig | None =
     app.add_exception_handler(GenerationError, errors.router_error_handler)
     app.add_exception_handler(Exception, errors.internal_error_handler)
     app.include_router(router)
+    app.include_router(admin)
     # a route, not a mount (which would redirect /metrics to /metrics/)
     app.add_route("/metrics", metrics.endpoint, include_in_schema=False)
-    guarded = GatewayMiddleware(app, config.api_key, config.max_body_bytes)
+    guarded: ASGIApp = GatewayMiddleware(
+        app, config.api_key, config.max_body_bytes, config.request_id_header_names
+    )
+    if config.cors_origins:
+        guarded = CORSMiddleware(
+            guarded,
+            allow_origins=config.cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["*"],  # Authorization, Content-Type, the request-id headers...
+            expose_headers=[REQUEST_ID_HEADER],
+        )
     # the span outermost, so rejected requests (401, 413) are traced and counted too
     return TracingMiddleware(metrics.asgi_middleware(guarded))

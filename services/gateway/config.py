@@ -8,6 +8,8 @@ from pdmesh.config import flag
 from pdmesh.rpc.server import LOG_LEVELS
 
 DEFAULT_PORT = 8000
+# the SGLang router's default --request-id-headers
+DEFAULT_REQUEST_ID_HEADERS = ("x-request-id", "x-correlation-id", "x-trace-id", "request-id")
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,19 @@ class GatewayConfig:
         "host:port of a tokenizer service, used only to spell out the tokens of "
         "logprobs/top_logprobs; empty: they read 'token_id:<id>'",
     )
+    request_id_headers: str = flag(
+        ",".join(DEFAULT_REQUEST_ID_HEADERS),
+        "comma-separated request headers a request's id is taken from, the first one present "
+        "(and valid: up to 128 of A-Z a-z 0-9 ._:/+=-) wins; the id is echoed in the "
+        "x-request-id response header, names the response (chatcmpl-<id>) and is the router's "
+        "request_id; none present: a new random id; empty list: always a new one",
+    )
+    cors_allowed_origins: str = flag(
+        "",
+        "comma-separated origins browsers may call the API from (CORS, e.g. "
+        "https://app.example.com; * for any); empty: no CORS headers, so browsers on other "
+        "origins cannot read responses",
+    )
     log_level: str = flag("info", f"log verbosity: {', '.join(LOG_LEVELS)}")
     grace_period: float = flag(
         5.0, "seconds open requests get to finish after SIGTERM/SIGINT before they are cancelled"
@@ -62,7 +77,28 @@ class GatewayConfig:
             raise ValueError(f"--grace-period={self.grace_period} must be >= 0")
         if not self.host:
             raise ValueError("--host must not be empty")
+        for origin in self.cors_origins:
+            # browsers send Origin as scheme://host[:port], never with a path
+            if origin != "*" and ("://" not in origin or origin.endswith("/")):
+                raise ValueError(
+                    f"--cors-allowed-origins: {origin!r} is not * or scheme://host[:port]"
+                )
+        for header in self.request_id_header_names:
+            if not header.replace("-", "").replace("_", "").isalnum():
+                raise ValueError(f"--request-id-headers: {header!r} is not a header name")
 
     @property
     def routers(self) -> tuple[str, ...]:
-        return tuple(a.strip() for a in self.router.split(",") if a.strip())
+        return _split(self.router)
+
+    @property
+    def request_id_header_names(self) -> tuple[str, ...]:
+        return tuple(h.lower() for h in _split(self.request_id_headers))
+
+    @property
+    def cors_origins(self) -> tuple[str, ...]:
+        return _split(self.cors_allowed_origins)
+
+
+def _split(values: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in values.split(",") if v.strip())

@@ -86,6 +86,7 @@ def native_requests(
         repetition_penalty=sp.repetition_penalty,
         ignore_eos=sp.ignore_eos,
         skip_special_tokens=sp.skip_special_tokens,
+        detokenize=sp.detokenize,
     )
     _set_stops(params, sp.stop, sp.stop_token_ids, "sampling_params.stop")
     if body.return_logprob:

@@ -30,11 +30,18 @@ HTTP_STATUS_FOR_GRPC = {
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
+# causes the router tells apart with ``ErrorDetail.code`` where one status code has several
+HTTP_STATUS_FOR_ERROR_CODE = {
+    "queue_full": 429,  # RESOURCE_EXHAUSTED from the router's admission queue
+    "queue_timeout": 408,  # DEADLINE_EXCEEDED in that queue, not on a worker (504)
+}
 
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "invalid_request_error",
+    # the router's admission control: too busy to take the request (now, or in time)
+    408: "rate_limit_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
 }
@@ -80,10 +87,12 @@ class BodyTooLargeError(HTTPException):
 
 def from_rpc_error(error: grpc.aio.AioRpcError) -> APIError:
     code = error.code()
-    status = HTTP_STATUS_FOR_GRPC.get(code, 500)
     detail = error_detail(error)
     param = detail.field if detail is not None and detail.field else None
     message = error.details() or code.name
+    if detail is not None and detail.code in HTTP_STATUS_FOR_ERROR_CODE:
+        return APIError(HTTP_STATUS_FOR_ERROR_CODE[detail.code], message, param, detail.code)
+    status = HTTP_STATUS_FOR_GRPC.get(code, 500)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         message = f"the request did not finish before the deadline: {message}"
     elif code == grpc.StatusCode.UNAVAILABLE:
@@ -94,7 +103,10 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> APIError:
 def from_validation_error(error: RequestValidationError) -> APIError:
     """The first problem pydantic found, with ``param`` as a dotted path into the body."""
     first = error.errors()[0] if error.errors() else {}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_union_tag(p)]
+    loc = list(first.get("loc", ()))
+    if loc and loc[0] in _LOCATIONS:
+        loc = loc[1:]
+    loc = [str(p) for p in loc if not _is_union_tag(p)]
     kind = first.get("type", "")
     if kind == "json_invalid":
         ctx = first.get("ctx") or {}
@@ -104,6 +116,9 @@ def from_validation_error(error: RequestValidationError) -> APIError:
         return APIError(400, "the body must be a JSON object")
     message = str(first.get("msg", "invalid request"))
     return APIError(400, f"{param}: {message}" if param else message, param=param)
+
+
+_LOCATIONS = ("body", "query")  # pydantic's first loc part says where the field was
 
 
 def _is_union_tag(part: object) -> bool:

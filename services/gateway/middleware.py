@@ -1,5 +1,5 @@
-"""Pure-ASGI middleware for what every request goes through: its id, the API key, the body
-size limit.
+"""Pure-ASGI middleware for what every request goes through: its id (from the first of
+``--request-id-headers`` present, echoed as ``x-request-id``), the API key, the body size limit.
 
 Pure ASGI rather than Starlette's ``BaseHTTPMiddleware``, which runs the endpoint in a task
 of its own and so would hide the client's disconnect from streamed responses.
@@ -14,6 +14,7 @@ import uuid
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from services.gateway.config import DEFAULT_REQUEST_ID_HEADERS
 from services.gateway.errors import APIError, BodyTooLargeError
 
 # probes and Prometheus carry no key (metrics are counts and latencies, no request content)
@@ -24,17 +25,25 @@ VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
 
 class GatewayMiddleware:
-    def __init__(self, app: ASGIApp, api_key: str, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        api_key: str,
+        max_body_bytes: int,
+        request_id_headers: tuple[str, ...] = DEFAULT_REQUEST_ID_HEADERS,
+    ) -> None:
+        """``request_id_headers``: lower-case names, the first one present wins."""
         self.app = app
         self.api_key = api_key.encode()
         self.max_body_bytes = max_body_bytes
+        self.request_id_headers = request_id_headers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        request_id = _request_id(headers.get(REQUEST_ID_HEADER))
+        request_id = _request_id(headers, self.request_id_headers)
         scope.setdefault("state", {})["request_id"] = request_id
         send = _with_header(send, REQUEST_ID_HEADER, request_id)
         if error := self._reject(scope, headers):
@@ -77,9 +86,12 @@ class GatewayMiddleware:
         return receive_limited
 
 
-def _request_id(given: str | None) -> str:
-    if given and VALID_REQUEST_ID.fullmatch(given):
-        return given
+def _request_id(headers: Headers, names: tuple[str, ...]) -> str:
+    """The first valid id among the ``names`` headers, else a new one."""
+    for name in names:
+        given = headers.get(name)
+        if given and VALID_REQUEST_ID.fullmatch(given):
+            return given
     return uuid.uuid4().hex
 
 

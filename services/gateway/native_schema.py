@@ -31,6 +31,8 @@ class NativeSamplingParams(BaseModel):
     n: int = Field(default=1, ge=1, le=MAX_N)
     # SGLang's name for the per-request seed
     sampling_seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    # pdmesh's (vLLM's name): false = output_ids only, "text" stays empty, no tokenizer call
+    detokenize: bool | None = None
 
 
 class GenerateRequest(BaseModel):

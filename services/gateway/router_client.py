@@ -1,5 +1,6 @@
 """The gateway's side of the router's gRPC API: streamed ``Generate`` calls with a deadline,
-spread round-robin over one or more routers, plus health and model-name look-ups. The set of
+spread round-robin over one or more routers, plus health and model-name look-ups and the
+worker-admin calls (sent to every router). The set of
 routers is live: ``add``/``remove`` follow the Consul catalog under ``--discovery consul``.
 
 Closing a ``generate`` stream early (the HTTP client went away, or another choice failed)
@@ -26,6 +27,9 @@ CHANNEL_OPTIONS = (
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
 )
 LOOKUP_TIMEOUT_S = 2.0  # health checks and ListWorkers: an answer or a quick "no"
+# AddWorker answers after the router's first health check of the new worker (--rpc-timeout,
+# 10 s by default, per check call)
+ADMIN_TIMEOUT_S = 30.0
 
 
 class RouterClient:
@@ -62,12 +66,7 @@ class RouterClient:
         anything is skipped for the next one; any other failure raises ``AioRpcError``."""
         routers = list(self._channels.items())  # a snapshot: the set may change meanwhile
         if not routers:
-            raise grpc.aio.AioRpcError(
-                grpc.StatusCode.UNAVAILABLE,
-                grpc.aio.Metadata(),
-                grpc.aio.Metadata(),
-                details="no router is known (none registered in Consul yet?)",
-            )
+            raise _no_router()
         first = next(self._turn)
         for attempt in range(len(routers)):
             address, channel = routers[(first + attempt) % len(routers)]
@@ -120,7 +119,45 @@ class RouterClient:
                     names.append(worker.model_name)
         return names
 
+    async def add_worker(self, address: str, role: router_pb2.WorkerRole) -> router_pb2.Worker:
+        """Add the worker on every router; the first router's view of it."""
+        request = router_pb2.AddWorkerRequest(address=address, role=role)
+        replies = [await stub.AddWorker(request, timeout=ADMIN_TIMEOUT_S) for stub in self._admin()]
+        return replies[0].worker
+
+    async def remove_worker(self, address: str) -> bool:
+        """Remove the worker from every router; whether any of them had it."""
+        request = router_pb2.RemoveWorkerRequest(address=address)
+        found = [
+            (await stub.RemoveWorker(request, timeout=ADMIN_TIMEOUT_S)).found
+            for stub in self._admin()
+        ]
+        return any(found)
+
+    async def list_workers(self) -> list[router_pb2.Worker]:
+        """Every router's workers, each id once (the first router's view of it)."""
+        seen: dict[str, router_pb2.Worker] = {}
+        for stub in self._admin():
+            reply = await stub.ListWorkers(router_pb2.ListWorkersRequest(), timeout=ADMIN_TIMEOUT_S)
+            for worker in reply.workers:
+                seen.setdefault(worker.id, worker)
+        return list(seen.values())
+
+    def _admin(self) -> list[router_pb2_grpc.RouterServiceStub]:
+        if not self._channels:
+            raise _no_router()
+        return [router_pb2_grpc.RouterServiceStub(c) for c in list(self._channels.values())]
+
     async def close(self) -> None:
         for channel in list(self._channels.values()):
             await channel.close()
         self._channels.clear()
+
+
+def _no_router() -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(),
+        details="no router is known (none registered in Consul yet?)",
+    )

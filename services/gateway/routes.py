@@ -18,7 +18,7 @@ from services.gateway.generation import ChoiceResult, collect, total_usage
 from services.gateway.native_schema import GenerateRequest
 from services.gateway.openai_format import ResponseMeta
 from services.gateway.openai_schema import ChatCompletionRequest, CompletionRequest
-from services.gateway.state import Gateway
+from services.gateway.state import Gateway, gateway_of
 from services.gateway.streams import Pieces, StreamShape
 
 router = APIRouter()
@@ -26,7 +26,7 @@ router = APIRouter()
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-    gateway, request_id = _gateway(request), _request_id(request)
+    gateway, request_id = gateway_of(request), _request_id(request)
     await gateway.check_model(body.model)
     requests = convert.chat_requests(body, request_id)
     meta = ResponseMeta(f"chatcmpl-{request_id}", body.model, int(time.time()))
@@ -43,7 +43,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request) -> Response:
-    gateway, request_id = _gateway(request), _request_id(request)
+    gateway, request_id = gateway_of(request), _request_id(request)
     await gateway.check_model(body.model)
     requests = convert.completion_requests(body, request_id)
     meta = ResponseMeta(f"cmpl-{request_id}", body.model, int(time.time()))
@@ -62,7 +62,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
 @router.post("/generate")
 async def generate(body: GenerateRequest, request: Request) -> Response:
     """SGLang's native API: one body for a single prompt with n=1, else a list."""
-    gateway, start = _gateway(request), time.monotonic()
+    gateway, start = gateway_of(request), time.monotonic()
     requests = convert.native_requests(body, _request_id(request))
     request_ids = [r.request_id for r in requests]
     logprobs = body.return_logprob
@@ -83,14 +83,14 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
-    gateway = _gateway(request)
+    gateway = gateway_of(request)
     names = await gateway.models()
     return {"object": "list", "data": [openai_format.model_card(n, gateway.started) for n in names]}
 
 
 @router.get("/v1/models/{model:path}")
 async def get_model(model: str, request: Request) -> dict[str, Any]:
-    gateway = _gateway(request)
+    gateway = gateway_of(request)
     await gateway.check_model(model)
     return openai_format.model_card(model, gateway.started)
 
@@ -98,7 +98,7 @@ async def get_model(model: str, request: Request) -> dict[str, Any]:
 @router.get("/health")
 async def health(request: Request) -> dict[str, str]:
     """200 when a router answers its health check, 503 otherwise (for load balancers)."""
-    if not await _gateway(request).router.healthy():
+    if not await gateway_of(request).router.healthy():
         raise APIError(503, "no router is serving", code="unavailable")
     return {"status": "ok"}
 
@@ -110,12 +110,6 @@ async def _first_piece(request: Request, pieces: Pieces) -> Pieces:
 
 async def _all_pieces(request: Request, pieces: Pieces, num_choices: int) -> list[ChoiceResult]:
     return await unless_disconnected(request, collect(pieces, num_choices))
-
-
-def _gateway(request: Request) -> Gateway:
-    gateway = request.app.state.gateway
-    assert isinstance(gateway, Gateway)
-    return gateway
 
 
 def _request_id(request: Request) -> str:

@@ -7,6 +7,8 @@ import contextlib
 import time
 from collections.abc import AsyncGenerator, Sequence
 
+from starlette.requests import Request
+
 from pdmesh.v1 import router_pb2
 from services.gateway import convert
 from services.gateway.config import GatewayConfig
@@ -62,3 +64,10 @@ class Gateway:
     async def close(self) -> None:
         await self.router.close()
         await self.texts.close()
+
+
+def gateway_of(request: Request) -> Gateway:
+    """The ``Gateway`` the app's lifespan made (``app.state.gateway``)."""
+    gateway = request.app.state.gateway
+    assert isinstance(gateway, Gateway)
+    return gateway

@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m services.router",
         description=(
             "pdmesh router (gRPC pdmesh.v1.RouterService): takes text, token ids or chat "
-            "messages, tokenizes them with the tokenizer service, picks a worker round-robin, "
+            "messages, tokenizes them with the tokenizer service, picks a worker by --policy, "
             "streams the worker's tokens back as text (stop strings applied) and manages the "
             "worker set (ListWorkers/AddWorker/RemoveWorker). With --prefill-workers and "
             "--decode-workers it disaggregates: each request gets a random 63-bit bootstrap room "
@@ -34,21 +34,34 @@ def build_parser() -> argparse.ArgumentParser:
             "back, and a failure of either side before the first token cancels the other and "
             "is returned naming the side. Short prompts (--disagg-min-prompt-tokens) or no "
             "healthy prefill: the decode worker prefills itself. Cancelling a Generate call "
-            "cancels it on every worker it reached. Also serves grpc.health.v1 and reflection; "
-            "SIGTERM or Ctrl-C drains in-flight calls, then exits."
+            "cancels it on every worker it reached. At most --max-concurrent-requests run at "
+            "once; --queue-size more wait up to --queue-timeout-secs (a full queue: "
+            "RESOURCE_EXHAUSTED; a wait too long: DEADLINE_EXCEEDED with error code "
+            "queue_timeout). Prometheus metrics on --prometheus-port (= --metrics-port). Also "
+            "serves grpc.health.v1 and reflection; SIGTERM or Ctrl-C drains in-flight calls, "
+            "then exits."
         ),
     )
     add_dataclass_args(parser, RouterServiceConfig)
+    parser.add_argument(
+        "--request-timeout",
+        dest="request_timeout_secs",
+        type=float,
+        default=argparse.SUPPRESS,  # --request-timeout-secs's default stands
+        help="the old spelling of --request-timeout-secs",
+    )
     add_mesh_args(parser)
     return parser
 
 
+def _configs(args: argparse.Namespace) -> tuple[RouterServiceConfig, MeshOptions]:
+    config, mesh = from_args(RouterServiceConfig, args), MeshOptions.from_args(args)
+    config.metrics_address(mesh.telemetry.metrics_port)  # both /metrics ports agree
+    return config, mesh
+
+
 def main(argv: list[str] | None = None) -> int:
-    parsed = parse_configs(
-        build_parser(),
-        argv,
-        lambda a: (from_args(RouterServiceConfig, a), MeshOptions.from_args(a)),
-    )
+    parsed = parse_configs(build_parser(), argv, _configs)
     if parsed is None:
         return 2
     config, mesh = parsed

@@ -13,13 +13,18 @@ from pdmesh.routing import (
     PolicySettings,
     RetryConfig,
 )
+from pdmesh.routing import admission as ad
 from pdmesh.routing import cache_aware as ca
 from pdmesh.routing import circuit_breaker as cb
 from pdmesh.routing import kv_cost as kv
 from pdmesh.routing import retry as rt
+from pdmesh.routing.admission import AdmissionConfig
 from pdmesh.rpc.server import LOG_LEVELS
 
 DEFAULT_PORT = 50051
+# SGLang router's --max-payload-size as its docs give it; a request message larger than this is
+# refused by grpc itself with RESOURCE_EXHAUSTED
+DEFAULT_MAX_PAYLOAD_SIZE = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -32,7 +37,9 @@ class RouterServiceConfig:
         "",
         "comma-separated host:port list of aggregated workers (python -m services.decode) to "
         "route to; more can be added at run time with the AddWorker RPC, and with --discovery "
-        "consul every worker in the catalog is added and removed as it comes and goes",
+        "consul every worker in the catalog is added and removed as it comes and goes. In this "
+        "and the other worker lists, sglang-grpc://host:port names a worker that speaks SGLang's "
+        "scheduler gRPC protocol (an SGLang engine started with --grpc-mode)",
     )
     prefill_workers: str = flag(
         "",
@@ -126,10 +133,39 @@ class RouterServiceConfig:
         cb.DEFAULT_WINDOW_DURATION_SECS, "window the consecutive failures must fall within"
     )
     disable_circuit_breaker: bool = flag(False, "never take a worker out for its failures")
-    request_timeout: float = flag(
+    request_timeout_secs: float = flag(
         600.0,
-        "deadline in seconds of a whole generation on its worker (a client's own, shorter "
-        "deadline wins)",
+        "deadline in seconds of a whole generation on its workers, counted from admission (a "
+        "client's own, shorter deadline wins); also how long a removed worker's in-flight "
+        "requests may run before its channel is closed",
+    )
+    max_concurrent_requests: int = flag(
+        ad.DEFAULT_MAX_CONCURRENT_REQUESTS,
+        "requests the router runs at once; more wait in a queue (--queue-size); <= 0: no limit",
+    )
+    queue_size: int = flag(
+        ad.DEFAULT_QUEUE_SIZE,
+        "requests that may wait for a slot when --max-concurrent-requests are running; one "
+        "more is refused at once with RESOURCE_EXHAUSTED (HTTP 429 at the gateway); 0: no queue",
+    )
+    queue_timeout_secs: float = flag(
+        ad.DEFAULT_QUEUE_TIMEOUT_SECS,
+        "seconds a request may wait in the queue; then DEADLINE_EXCEEDED with error code "
+        "queue_timeout (HTTP 408 at the gateway)",
+    )
+    max_payload_size: int = flag(
+        DEFAULT_MAX_PAYLOAD_SIZE,
+        "largest request message in bytes the router accepts; a larger one is refused with "
+        "RESOURCE_EXHAUSTED",
+    )
+    prometheus_host: str = flag(
+        "", "address of the Prometheus /metrics server; empty: --host (SGLang router's name)"
+    )
+    prometheus_port: int = flag(
+        -1,
+        "port of the Prometheus /metrics server (SGLang router's name for --metrics-port: both "
+        "reach the same one server; give either, or both with the same value); -1: "
+        "--metrics-port's value, 0: a free port",
     )
     rpc_timeout: float = flag(
         10.0, "deadline in seconds of short calls: tokenize, chat template, health, model info"
@@ -165,7 +201,12 @@ class RouterServiceConfig:
         self.policy_settings()
         self.retry_config()
         self.breaker_config()
-        for name in ("request_timeout", "rpc_timeout", "health_check_interval"):
+        self.admission_config()
+        if self.max_payload_size <= 0:
+            raise ValueError(f"--max-payload-size={self.max_payload_size} must be > 0")
+        if not -1 <= self.prometheus_port <= 65535:
+            raise ValueError(f"--prometheus-port={self.prometheus_port} must be -1 or a port")
+        for name in ("request_timeout_secs", "rpc_timeout", "health_check_interval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be > 0")
         if self.log_level.lower() not in LOG_LEVELS:
@@ -221,6 +262,27 @@ class RouterServiceConfig:
             jitter_factor=self.retry_jitter_factor,
             enabled=not self.disable_retries,
         )
+
+    def admission_config(self) -> AdmissionConfig:
+        return AdmissionConfig(
+            max_concurrent_requests=self.max_concurrent_requests,
+            queue_size=self.queue_size,
+            queue_timeout_secs=self.queue_timeout_secs,
+        )
+
+    def metrics_address(self, metrics_port: int) -> tuple[str, int]:
+        """(host, port) of the one /metrics server, from --prometheus-host/--prometheus-port
+        and the mesh's ``--metrics-port`` (port -1: none). Raises ValueError when the two
+        ports disagree."""
+        port = metrics_port
+        if self.prometheus_port != -1:
+            if metrics_port not in (-1, self.prometheus_port):
+                raise ValueError(
+                    f"--prometheus-port={self.prometheus_port} and --metrics-port={metrics_port} "
+                    "name two ports for the router's one /metrics server; give one of them"
+                )
+            port = self.prometheus_port
+        return self.prometheus_host or self.host, port
 
     def breaker_config(self) -> CircuitBreakerConfig:
         return CircuitBreakerConfig(

@@ -1,20 +1,22 @@
 """The ``pdmesh.v1.RouterService`` servicer and the router's entry coroutine.
 
-Handlers are thin: generation is ``generate.Generation``, the worker set ``workers.WorkerSet``.
-Errors of the router's own checks escape to ``pdmesh.rpc``'s interceptor; errors of the
-services it calls (``UpstreamError``) are answered with the callee's own status.
+Handlers are thin: generation is ``generate.Generation``, the worker set ``workers.WorkerSet``,
+admission (concurrency limit and queue) ``pdmesh.routing.admission``. Errors of the router's own
+checks escape to ``pdmesh.rpc``'s interceptor; errors of the services it calls
+(``UpstreamError``) are answered with the callee's own status.
 
 NOTE on cancellation: when the client cancels (or its deadline passes), grpc may cancel the
 handler while it is parked at a ``yield``, and then no ``finally`` in it runs until the garbage
 collector closes the generator. So the upstream calls are also cancelled from the call's
 done-callback, which grpc runs as soon as the call ends: the worker sees its Generate cancelled
-and frees the request's pages at once.
+and frees the request's pages at once. The request's admission slot is given back there too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import grpc.aio
 
@@ -31,7 +33,11 @@ from pdmesh.discovery import (
 )
 from pdmesh.errors import InvalidRequestError
 from pdmesh.routing import CircuitBreakers, make_policy
+from pdmesh.routing.admission import Admission, QueueFullError, QueueTimeoutError
+from pdmesh.rpc.errors import status_for
 from pdmesh.rpc.server import RpcServer
+from pdmesh.telemetry import Metrics
+from pdmesh.telemetry.router_metrics import RouterMetrics, WorkerGauges
 from pdmesh.v1 import router_pb2, router_pb2_grpc
 from services.mesh import MeshOptions, Observed
 from services.router import convert
@@ -47,24 +53,70 @@ SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
-    def __init__(self, generation: Generation, request_timeout: float) -> None:
+    def __init__(
+        self,
+        generation: Generation,
+        request_timeout: float,
+        admission: Admission,
+        metrics: Metrics,
+    ) -> None:
+        """``metrics``: the process's generic families (TTFT and inter-token latency are
+        timed here, as the router's clients see them); the router's own are
+        ``generation.metrics``."""
         self._generation = generation
         self._workers = generation.workers
         self._request_timeout = request_timeout
+        self._admission = admission
+        self._metrics = metrics
+        self._stats = generation.metrics
 
     async def Generate(
         self, request: router_pb2.RouterGenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[router_pb2.RouterGenerateResponse]:
+        timer = self._metrics.token_timer()  # from arrival: the queue is part of the TTFT
         calls = OutgoingCalls()
-        context.add_done_callback(lambda _: calls.cancel_all())
-        remaining = context.time_remaining()  # the client's deadline, when it set one
-        timeout = min(self._request_timeout, remaining or self._request_timeout)
+        ticket = self._admission.ticket()
+        # whether the handler ended the call itself (done, failed, refused); grpc.aio's
+        # context.cancelled() does not say (it stays False for a client's cancel)
+        answered = False
+
+        def done(_: object) -> None:
+            calls.cancel_all()
+            ticket.release()
+            if not answered:  # the client cancelled, or let its deadline pass, first
+                self._stats.cancellations.inc()
+
+        context.add_done_callback(done)
+        try:
+            await ticket.acquire()
+        except (QueueFullError, QueueTimeoutError) as e:
+            answered = True
+            self._stats.rejected.labels(e.error_code).inc()
+            self._stats.errors.labels(status_for(e).code.name).inc()
+            raise
+        finally:
+            if ticket.waited:
+                self._stats.queue_wait.observe(ticket.waited)
+        # the request timeout counts from admission; the client's own deadline from its send
+        remaining = context.time_remaining()
+        timeout = self._request_timeout if remaining is None else remaining
+        timeout = min(self._request_timeout, timeout)
         try:
             async for reply in self._generation.generate(request, timeout, calls):
+                timer.tokens(len(reply.token_ids))
                 yield reply
+            answered = True
         except UpstreamError as e:
+            answered = True
+            self._stats.errors.labels(e.code.name).inc()
             calls.cancel_all()
             await e.abort(context)
+        except Exception as e:
+            answered = True
+            self._stats.errors.labels(status_for(e).code.name).inc()
+            raise
+        finally:
+            ticket.release()
 
     async def ListWorkers(
         self, request: router_pb2.ListWorkersRequest, context: grpc.aio.ServicerContext
@@ -102,9 +154,13 @@ async def serve(config: RouterServiceConfig, mesh: MeshOptions | None = None) ->
     ``--discovery consul`` the workers and tokenizers are the catalog's healthy instances,
     followed live, and the router registers itself."""
     mesh = mesh or MeshOptions()
-    observed = Observed.start("pdmesh-router", config.host, mesh.telemetry)
+    # --prometheus-port and --metrics-port name the same one /metrics server
+    metrics_host, metrics_port = config.metrics_address(mesh.telemetry.metrics_port)
+    telemetry = dataclasses.replace(mesh.telemetry, metrics_port=metrics_port)
+    observed = Observed.start("pdmesh-router", metrics_host, telemetry)
+    router_metrics = RouterMetrics(observed.metrics.registry)
     consul = mesh.discovery.discovery == "consul"
-    workers = WorkerSet(config.rpc_timeout, drain_timeout=config.request_timeout)
+    workers = WorkerSet(config.rpc_timeout, drain_timeout=config.request_timeout_secs)
     for role, addresses in config.workers_by_role.items():
         for address in addresses:
             workers.add(address, role)
@@ -123,12 +179,19 @@ async def serve(config: RouterServiceConfig, mesh: MeshOptions | None = None) ->
         decode_policy=make_policy(config.policy_for("decode"), settings),
         retry=config.retry_config(),
         breakers=CircuitBreakers(config.breaker_config()),
+        metrics=router_metrics,
     )
     workers.on_remove.append(generation.forget_worker)
-    rpc = RpcServer([SERVICE_NAME], interceptors=observed.interceptors())
-    router_pb2_grpc.add_RouterServiceServicer_to_server(
-        RouterServicer(generation, config.request_timeout), rpc.server
+    admission = Admission(config.admission_config())
+    router_metrics.watch_admission(lambda: admission.queued, lambda: admission.active)
+    router_metrics.watch_workers(lambda: worker_gauges(generation))
+    rpc = RpcServer(
+        [SERVICE_NAME],
+        interceptors=observed.interceptors(),
+        max_receive_bytes=config.max_payload_size,
     )
+    servicer = RouterServicer(generation, config.request_timeout_secs, admission, observed.metrics)
+    router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, rpc.server)
     discovery = make_discovery(mesh.discovery)
     if consul:
         follow_catalog(discovery, workers, tokenizer)
@@ -141,6 +204,19 @@ async def serve(config: RouterServiceConfig, mesh: MeshOptions | None = None) ->
     finally:
         await workers.close()
         await tokenizer.close()
+
+
+def worker_gauges(generation: Generation) -> Iterator[WorkerGauges]:
+    """Each worker's load, circuit and health, for a scrape (which runs on the metrics
+    server's thread: it only reads, from a copy of the worker list)."""
+    for worker in generation.workers.all():
+        yield WorkerGauges(
+            worker=worker.id,
+            role=worker.role,
+            in_flight=generation.loads.get(worker.id).in_flight,
+            circuit_state=generation.breakers.get(worker.id).state.value,
+            healthy=worker.healthy,
+        )
 
 
 def follow_catalog(discovery: Discovery, workers: WorkerSet, tokenizer: TokenizerClient) -> None:

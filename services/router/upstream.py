@@ -14,7 +14,7 @@ request there and frees its pages.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NoReturn, TypeVar
 
 import grpc
@@ -77,11 +77,26 @@ def calling(service: str) -> Iterator[None]:
 class OutgoingCalls:
     def __init__(self) -> None:
         self._calls: list[grpc.aio.Call] = []
+        self._on_next: Callable[[], None] | None = None
 
     def track(self, call: CallT) -> CallT:
         """Remember ``call``; returns it for chaining."""
         self._calls.append(call)
+        if self._on_next is not None:
+            on_next, self._on_next = self._on_next, None
+            on_next()
         return call
+
+    def on_next_track(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once, when the next call is tracked (the router times its own
+        work up to the moment the worker call is issued)."""
+        self._on_next = callback
+
+    def forget(self, call: grpc.aio.Call) -> None:
+        """Stop tracking ``call`` (its last message arrived): ``cancel_all`` then leaves it to
+        end by itself, rather than cancelling a call whose worker may still be closing it."""
+        with contextlib.suppress(ValueError):
+            self._calls.remove(call)
 
     def cancel_all(self) -> None:
         # cancelling a finished call is a no-op, so there is no need to forget finished ones
