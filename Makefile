@@ -7,11 +7,11 @@ STAMP := $(VENV)/.stamp-install
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install protos run run-disagg test test-gpu lint typecheck model bench bench-kv trace-ui clean help
+.PHONY: install protos run run-disagg test test-gpu lint typecheck model bench bench-kv bench-router trace-ui clean help
 
 help:
 	@echo "make install    create $(VENV) and install pdmesh with its dev tools"
-	@echo "make protos     generate the gRPC stubs (pdmesh/v1/) from protos/"
+	@echo "make protos     generate the gRPC stubs (pdmesh/v1/, pdmesh/sglang/) from protos/"
 	@echo "make run        start tokenizer + worker + router + gateway on localhost (RUN_ARGS=...)"
 	@echo "make run-disagg tokenizer + prefill + decode + router + gateway (PD; RUN_ARGS=...)"
 	@echo "make test       install if needed, then run the test suite (GPU tests skip without a GPU)"
@@ -21,6 +21,8 @@ help:
 	@echo "make model      fetch and convert the default model into the cache dir"
 	@echo "make bench      offline engine throughput vs transformers (CPU or GPU)"
 	@echo "make bench-kv   KV transfer GB/s: mooncake vs grpc vs a raw socket copy"
+	@echo "make bench-router pdmesh's router vs sglang-router: per-hop overhead, routing quality"
+	@echo "                (OVERHEAD_ARGS=..., QUALITY_ARGS=...; installs sglang-router)"
 	@echo "make trace-ui   Arize Phoenix trace UI (own venv .venv-phoenix) on :6006, OTLP :4317"
 
 # system parts first (Debian packages; root on these machines), then the venv
@@ -35,7 +37,7 @@ $(STAMP): pyproject.toml scripts/install_consul.sh scripts/install_mooncake.sh
 	PYTHON=$(PY) scripts/install_mooncake.sh
 	touch $@
 
-PROTO_SRCS := $(wildcard protos/pdmesh/v1/*.proto)
+PROTO_SRCS := $(wildcard protos/pdmesh/v1/*.proto protos/pdmesh/sglang/*.proto)
 PROTO_STAMP := pdmesh/v1/.stamp-protos
 
 # generated stubs are not committed: they are rebuilt whenever a .proto changes
@@ -76,6 +78,19 @@ bench: install
 
 bench-kv: install
 	$(PY) -m pdmesh.bench.kv_transfer $(BENCH_ARGS)
+
+BENCH_ROUTER_STAMP := $(VENV)/.stamp-bench-router
+
+# the peer router is the optional extra `bench` (sglang-router from PyPI), installed on first use
+$(BENCH_ROUTER_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install -q -e ".[bench]"
+	touch $@
+
+# pdmesh's router beside sglang-router (python -m pdmesh.bench router-overhead --help,
+# routing-quality --help): what each adds per request, then routing quality on real engines
+bench-router: install $(BENCH_ROUTER_STAMP)
+	$(PY) -m pdmesh.bench router-overhead $(OVERHEAD_ARGS)
+	$(PY) -m pdmesh.bench routing-quality $(QUALITY_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -4,6 +4,10 @@ Examples:
     python -m pdmesh.bench                                   # CPU, SmolLM2-135M, float32
     python -m pdmesh.bench --compare-dtypes                  # pdmesh float32 vs bfloat16
     python -m pdmesh.bench --model random:llama-3.1-8b --device cuda --dtype bfloat16
+
+Subcommands (each with its own --help): ``serve`` (load-test a running mesh),
+``router-overhead`` and ``routing-quality`` (pdmesh's router beside sglang-router), ``vs-smg``
+(SGLang's gateway smg beside pdmesh's, in front of the same workers).
 """
 
 from __future__ import annotations
@@ -51,7 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Offline benchmark of the pdmesh engine against transformers generate on the same\n"
             "weights, in the same process: prefill tok/s, decode tok/s and ms per decode step,\n"
-            "medians over --repeats, printed with ratios (never asserted)."
+            "medians over --repeats, printed with ratios (never asserted).\n\n"
+            "Subcommands, each with its own --help: 'serve' (load-test a running mesh), "
+            "'router-overhead' (what pdmesh's router and sglang-router add to a request) and "
+            "'routing-quality' (prefix hits, TTFT and balance of every routing policy)."
         ),
         epilog="definitions:\n" + "\n".join("  " + d for d in DEFINITIONS),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -197,6 +204,22 @@ def main(argv: list[str] | None = None) -> int:
         from pdmesh.bench.serve.__main__ import main as serve_main
 
         return serve_main(argv[1:])
+    if argv[:1] == ["router-overhead"]:  # routers side by side: pdmesh/bench/routers
+        from pdmesh.bench.routers.overhead import main as overhead_main
+
+        return overhead_main(argv[1:])
+    if argv[:1] == ["routing-quality"]:
+        from pdmesh.bench.routers.quality import main as quality_main
+
+        return quality_main(argv[1:])
+    if argv[:1] == ["pd-vs-agg"]:  # 1 prefill + 1 decode vs 2 aggregated: pdmesh/bench/pd_vs_agg
+        from pdmesh.bench.pd_vs_agg.main import main as pd_vs_agg_main
+
+        return pd_vs_agg_main(argv[1:])
+    if argv[:1] == ["vs-smg"]:  # SGLang's gateway vs pdmesh's, same workers: pdmesh/bench/smg
+        from pdmesh.bench.smg import main as smg_main
+
+        return smg_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         cfg = from_args(BenchConfig, args)
