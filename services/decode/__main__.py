@@ -29,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
             "the prompt's pages, registers with the prefill's bootstrap server (once per "
             "prefill), receives the KV and first token (--kv-transfer-backend), then decodes; it "
             "heartbeats every prefill it holds rooms on and fails those rooms when one is lost. "
-            "Also serves grpc.health.v1 and reflection; SIGTERM or Ctrl-C turns health "
+            "Also serves SGLang's scheduler protocol (sglang.grpc.scheduler.SglangScheduler) on "
+            "the same port, for SGLang's gateway smg in gRPC mode (docs/sglang_interop.md), and "
+            "grpc.health.v1 and reflection; SIGTERM or Ctrl-C turns health "
             "NOT_SERVING, lets in-flight generations finish for --grace-period, then exits."
         ),
     )

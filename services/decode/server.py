@@ -41,6 +41,7 @@ from services.decode.calls import LiveCalls
 from services.decode.config import WorkerServiceConfig
 from services.decode.disagg import DecodeSide, open_decode_side
 from services.mesh import MeshOptions, Observed
+from services.sglang_grpc import servicer as sglang_grpc
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ async def serve(
     async_engine = AsyncEngine(engine)
     async_engine.start()
     observed = Observed.start("pdmesh-decode", config.host, mesh.telemetry)
-    names = [SERVICE_NAME]
+    names = [SERVICE_NAME, sglang_grpc.SERVICE_NAME]  # SGLang's protocol beside ours
     if config.mode == "decode" and config.kv_transfer_backend == "grpc":
         names.append(KV_RECEIVER_SERVICE)  # hosted here: health and reflection name it
     rpc = RpcServer(names, interceptors=observed.interceptors())
@@ -154,6 +155,7 @@ async def serve(
     )
     servicer = WorkerServicer(async_engine, model_info, decode_side)
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, rpc.server)
+    sglang_grpc.add_to_server(rpc.server, servicer, async_engine, model_info)
     tag = TAG_DECODE if config.mode == "decode" else TAG_AGG
     meta = {
         META_MODEL: model_info.model_name,

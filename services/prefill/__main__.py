@@ -28,7 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
             "--bootstrap-port: decode workers register their KV layout there (a mismatch is "
             "refused, naming it), send each room's page ids (Transfer) and ping it. Cancelling "
             "either call stops the room at any stage and frees its pages. GetModelInfo "
-            "advertises role 'prefill' and the bootstrap port. Also grpc.health.v1 and "
+            "advertises role 'prefill' and the bootstrap port. SGLang's scheduler protocol "
+            "(sglang.grpc.scheduler.SglangScheduler) is served on --port too, its "
+            "disaggregated_params driving the same flow (docs/sglang_interop.md). Also "
+            "grpc.health.v1 and "
             "reflection on both ports; SIGTERM or Ctrl-C drains for --grace-period, then exits."
         ),
     )

@@ -40,6 +40,7 @@ from services.mesh import MeshOptions, Observed
 from services.prefill.bootstrap import SERVICE_NAME as BOOTSTRAP_SERVICE
 from services.prefill.bootstrap import BootstrapServicer
 from services.prefill.config import PrefillServiceConfig
+from services.sglang_grpc import servicer as sglang_grpc
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,8 @@ async def serve(
     bootstrap_pb2_grpc.add_BootstrapServiceServicer_to_server(
         BootstrapServicer(bootstrap), boot_rpc.server
     )
-    rpc = RpcServer([SERVICE_NAME], interceptors=observed.interceptors())
+    # SGLang's protocol beside ours
+    rpc = RpcServer([SERVICE_NAME, sglang_grpc.SERVICE_NAME], interceptors=observed.interceptors())
     discovery = make_discovery(mesh.discovery)
     try:
         bootstrap_port = await boot_rpc.start(config.host, config.bootstrap_port)
@@ -137,6 +139,7 @@ async def serve(
         model_info = convert.model_info_to_pb(engine, "prefill", bootstrap_port)
         servicer = PrefillServicer(async_engine, runner, rooms, model_info)
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, rpc.server)
+        sglang_grpc.add_to_server(rpc.server, servicer, async_engine, model_info)
         bound = await rpc.start(config.host, config.port)
         log.info(
             "%s (prefill, %s KV transfer) listening on %s:%d",

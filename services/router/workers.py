@@ -28,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pdmesh.errors import InvalidRequestError
 from pdmesh.telemetry import client_interceptors
 from pdmesh.v1 import worker_pb2, worker_pb2_grpc
+from services.sglang_grpc import client as sglang_client
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,23 @@ class WorkerHandle:
     bootstrap_address: str = ""
     # how many times a request may move off this worker when its stream breaks (GetModelInfo)
     migration_limit: int = 0
-    stub: worker_pb2_grpc.WorkerServiceStub = field(init=False, repr=False)
+    # the protocol it speaks: "pdmesh" (pdmesh.v1.WorkerService) or "sglang-grpc" (SGLang's
+    # scheduler protocol, through an adapter with the same calls: services/sglang_grpc/client)
+    kind: str = "pdmesh"
+    stub: worker_pb2_grpc.WorkerServiceStub | sglang_client.SglangWorkerStub = field(
+        init=False, repr=False
+    )
 
     def __post_init__(self) -> None:
-        self.stub = worker_pb2_grpc.WorkerServiceStub(self.channel)
+        if self.kind == sglang_client.KIND:
+            self.stub = sglang_client.SglangWorkerStub(self.channel, self)
+        else:
+            self.stub = worker_pb2_grpc.WorkerServiceStub(self.channel)
+
+    @property
+    def health_service(self) -> str:
+        """The service name its grpc.health.v1 answers for."""
+        return sglang_client.SERVICE_NAME if self.kind == sglang_client.KIND else WORKER_SERVICE
 
     @property
     def label(self) -> str:
@@ -80,7 +94,9 @@ class WorkerSet:
         return list(self._workers.values())
 
     def add(self, address: str, role: str = "aggregated", id: str | None = None) -> WorkerHandle:
-        """Register a worker (unhealthy until ``check`` finds it serving)."""
+        """Register a worker (unhealthy until ``check`` finds it serving); an address
+        ``sglang-grpc://host:port`` is a worker that speaks SGLang's scheduler protocol."""
+        kind, address = sglang_client.split_address(address)
         if ":" not in address:
             raise InvalidRequestError("address", f"{address!r} is not host:port")
         if role not in ROLES:
@@ -93,13 +109,15 @@ class WorkerSet:
                     f"{w.label} is already registered",
                 )
         channel = grpc.aio.insecure_channel(address, interceptors=client_interceptors())
-        worker = WorkerHandle(worker_id, address, role, channel)
+        worker = WorkerHandle(worker_id, address, role, channel, kind=kind)
         self._workers[worker_id] = worker
         log.info("added %s", worker.label)
         return worker
 
     def remove(self, id: str | None = None, address: str | None = None) -> bool:
         """Unregister a worker; requests already on it run on for up to the drain timeout."""
+        if address is not None:  # as given to add, with or without its scheme
+            address = sglang_client.split_address(address)[1]
         worker = next(
             (w for w in self._workers.values() if w.id == id or w.address == address), None
         )
@@ -134,7 +152,7 @@ class WorkerSet:
         """Ask ``worker`` whether it is serving; (re)learn its model info whenever it turns
         healthy (a restarted prefill may have a new bootstrap port)."""
         health = health_pb2_grpc.HealthStub(worker.channel)
-        request = health_pb2.HealthCheckRequest(service=WORKER_SERVICE)
+        request = health_pb2.HealthCheckRequest(service=worker.health_service)
         try:
             reply = await health.Check(request, timeout=self._rpc_timeout)
             serving = reply.status == health_pb2.HealthCheckResponse.SERVING
