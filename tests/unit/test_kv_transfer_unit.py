@@ -238,3 +238,19 @@ def test_receiver_refuses_segments_outside_the_cache() -> None:
         receiver_id="rid", dst_offsets=[0], lengths=[16], data=bytes(8)
     )
     assert "lengths add up to 16 bytes, data has 8" in (servicer._check(short) or "")
+
+
+def test_mooncake_splits_long_blocks_into_parts_that_cover_them_exactly() -> None:
+    from pdmesh.kv_transfer.mooncake_backend import split_blocks
+
+    kib = 1 << 10
+    blocks = [(0, 4096 * kib, 3000 * kib), (8192 * kib, 0, 300 * kib), (100, 200, 10)]
+    parts = split_blocks(blocks, 4)
+    # the long block in 4 parts; 300 KiB is one part (parts stay >= 256 KiB); 10 bytes as is
+    assert len(parts) == 4 + 1 + 1
+    for (s, d, n), group in zip(blocks, (parts[:4], parts[4:5], parts[5:])):
+        assert group[0][:2] == (s, d)
+        assert sum(p[2] for p in group) == n
+        for a, b in zip(group, group[1:]):
+            assert (b[0], b[1]) == (a[0] + a[2], a[1] + a[2])  # contiguous on both sides
+    assert split_blocks(blocks, 1) == blocks
