@@ -32,6 +32,17 @@ def use_kernels(device: torch.device, head_dim: int) -> bool:
     """Whether to use ``triton_attention``: on CUDA with triton, for power-of-two head dims."""
     if device.type != "cuda" or os.environ.get(ENV_KERNELS, "1") == "0":
         return False
+    if device.index not in (None, 0):
+        # triton launches on a second GPU of one process failed here (kernels loaded for one
+        # device's context, launched from another's); give each worker its GPU with
+        # CUDA_VISIBLE_DEVICES instead, as `python -m pdmesh.bench pd-vs-agg` does
+        log.warning(
+            "%s: CUDA kernels and graphs run only on a process's first GPU; running plain "
+            "torch ops (slower). Start the worker with CUDA_VISIBLE_DEVICES=%d --device cuda",
+            device,
+            device.index,
+        )
+        return False
     if head_dim < 16 or head_dim & (head_dim - 1):
         log.info("head_dim %d is not a power of two >= 16: decode attention runs SDPA", head_dim)
         return False

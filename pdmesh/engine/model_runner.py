@@ -6,6 +6,7 @@ chunks), runs the model once, computes logits only for the rows that sample, and
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -67,11 +68,18 @@ class ModelRunner:
         self.max_pages_per_seq = -(-max_model_len // page_size)
         self.graphs: DecodeGraphs | None = None
         if self.kernels and cuda_graph_max_batch > 0:
-            self.graphs = DecodeGraphs(self, cuda_graph_max_batch)
+            with _on(device):
+                self.graphs = DecodeGraphs(self, cuda_graph_max_batch)
 
-    @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> list[tuple[int, TokenLogprob | None] | None]:
         """Compute the batch; per sequence the sampled (token, logprob), or None mid-prefill."""
+        # the current device is per thread and the engine steps on its own thread: without it
+        # triton kernels and graphs of an engine on cuda:1 would launch on cuda:0
+        with _on(self.device):
+            return self._run(batch)
+
+    @torch.inference_mode()
+    def _run(self, batch: ScheduledBatch) -> list[tuple[int, TokenLogprob | None] | None]:
         input_ids, positions, meta, sample_rows = self._prepare(batch)
         results: list[tuple[int, TokenLogprob | None] | None] = [None] * len(batch.seqs)
         if self.graphs is not None and self.graphs.fits(meta, len(input_ids)):
@@ -205,3 +213,8 @@ class ModelRunner:
         if seq.num_completion_tokens < p.min_new_tokens:
             banned = p.stop_token_ids + (() if p.ignore_eos else self.eos_token_ids)
         return SampleRow(p, seq.token_ids, seq.num_prompt_tokens, banned)
+
+
+def _on(device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """``device`` as the thread's current CUDA device (a no-op elsewhere)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

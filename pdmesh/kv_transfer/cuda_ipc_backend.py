@@ -181,9 +181,11 @@ class CudaIpcSender(KVSender):
         return TransferStats(nbytes, len(src_pages), len(blocks), loop.time() - start, BACKEND)
 
     def _copy(self, remote: torch.Tensor, blocks: list[tuple[int, int, int]]) -> None:
-        # the engine thread wrote these pages on the default stream: order after that work
-        self._stream.wait_stream(torch.cuda.default_stream(self.kv_cache.device))
-        with torch.cuda.stream(self._stream):
+        # No wait on the engine's stream: a prefill's pages are final once its output is out,
+        # because every engine step ends in a host sync (the sampler reads the tokens), and
+        # they stay held until the write is done. Waiting on the stream would also wait for
+        # the prefill chunks of later requests queued behind them.
+        with torch.cuda.device(self.kv_cache.device), torch.cuda.stream(self._stream):
             for s, d, n in blocks:
                 remote[d : d + n].copy_(self._flat[s : s + n], non_blocking=True)
         self._stream.synchronize()

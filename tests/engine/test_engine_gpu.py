@@ -35,3 +35,18 @@ def test_cuda_bfloat16_default_and_kv_layout(make_tiny_engine: EngineFactory) ->
     assert layout.device.startswith("cuda") and layout.dtype == "bfloat16"
     assert layout.page_addr(0) == engine.runner.kv_cache.data_ptr()
     assert_all_pages_free(engine)
+
+
+def test_engine_on_a_second_gpu_of_the_process_is_correct(make_tiny_engine: EngineFactory) -> None:
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    first = make_tiny_engine(device="cuda:0", dtype="float32", max_running_requests=4)
+    second = make_tiny_engine(device="cuda:1", dtype="float32", max_running_requests=4)
+    second.runner.model.load_state_dict(first.runner.model.state_dict())
+    # cuda:1 of a process runs plain torch ops (cuda_graphs.use_kernels says why), correctly
+    assert second.runner.graphs is None and not second.runner.kernels
+    assert first.runner.graphs is not None
+    assert generate(second, PROMPTS, GREEDY) == generate(first, PROMPTS, GREEDY)
+    assert_all_pages_free(second)
