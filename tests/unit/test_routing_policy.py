@@ -20,6 +20,7 @@ from pdmesh.routing import (
 )
 from pdmesh.routing.cache_aware import is_imbalanced
 from pdmesh.routing.kv_cost import softmax_pick
+from pdmesh.routing.tree_policy import NEAR_LOAD
 
 
 def test_round_robin_takes_turns() -> None:
@@ -130,9 +131,20 @@ def test_cache_aware_sends_a_shared_prefix_back_to_its_worker() -> None:
 def test_cache_aware_miss_goes_to_the_least_loaded_not_the_smallest_tree() -> None:
     policy = CacheAware(rng=random.Random(0), clock=lambda: 0.0)
     policy.tree.insert(list(range(500)), "busy_but_big")
-    # "small" has the smallest (empty) tree but more load: a miss must not go there
-    loads = {"small": WorkerLoad(3), "busy_but_big": WorkerLoad(1)}
+    # "small" has the smallest (empty) tree but clearly more load (beyond NEAR_LOAD): a miss
+    # must not go there
+    loads = {"small": WorkerLoad(1 + NEAR_LOAD + 1), "busy_but_big": WorkerLoad(1)}
     assert policy.select(["small", "busy_but_big"], RequestView([7] * 50), loads) == "busy_but_big"
+
+
+def test_cache_aware_new_prefix_goes_to_the_smaller_tree_when_loads_are_near() -> None:
+    policy = CacheAware(rng=random.Random(0), clock=lambda: 0.0)
+    for tenant in range(3):  # three tenants' prefixes already on "a", one on "b"
+        policy.tree.insert([tenant] * 64, "a")
+    policy.tree.insert([9] * 64, "b")
+    # "a" is one request less busy, but holds three tenants: the new one goes to "b"
+    loads = {"a": WorkerLoad(2), "b": WorkerLoad(3)}
+    assert policy.select(["a", "b"], RequestView([42] * 64), loads) == "b"
 
 
 def test_cache_aware_spreads_distinct_prompts_by_load() -> None:
