@@ -14,7 +14,7 @@ PIN_FILE=/etc/apt/preferences.d/pdmesh-bullseye
 SOURCE_LINE="deb http://deb.debian.org/debian bullseye main"
 
 if command -v consul >/dev/null 2>&1; then
-  consul version | head -n 1
+  consul version | sed -n 1p  # sed reads it all: head would SIGPIPE consul under pipefail
   exit 0
 fi
 
@@ -37,4 +37,4 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 apt-get install -y -q consul
 
-consul version | head -n 1
+consul version | sed -n 1p  # sed reads it all: head would SIGPIPE consul under pipefail
