@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from pdmesh.bench.config import BenchConfig
+from pdmesh.bench.host import loadavg
 from pdmesh.bench.offline import PdmeshRunner
 from pdmesh.bench.report import Comparison, Report, render_table, write_json
 from pdmesh.bench.workload import DEFINITIONS, Timing, random_prompts
@@ -140,7 +141,7 @@ def run(cfg: BenchConfig) -> Report:
             del sides
             _free_memory(cfg)
     env = environment(cfg, source)
-    env["loadavg_1min_at_end"] = _loadavg()
+    env["loadavg_1min_at_end"] = loadavg()
     return Report(cfg, env, comps, profiles)
 
 
@@ -181,14 +182,6 @@ def environment(cfg: BenchConfig, source: loader.ModelSource) -> dict[str, Any]:
         "transformers": _version("transformers"),
         "python": platform.python_version(),
     }
-
-
-def _loadavg() -> float | None:
-    # other processes on a small machine skew CPU timings: the report says how busy it was
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return None
 
 
 def _version(package: str) -> str | None:

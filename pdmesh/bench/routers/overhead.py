@@ -35,6 +35,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from pdmesh.bench.host import loadavg
 from pdmesh.bench.routers import launch
 from pdmesh.bench.routers import overhead_config as oc
 from pdmesh.bench.routers.echo_worker import echo_ids
@@ -187,7 +188,7 @@ def run(cfg: oc.OverheadConfig) -> Report:
     with Fleet(Path(cfg.log_dir) if cfg.log_dir else None, cfg.startup_timeout) as fleet:
         started = start_arms(cfg, fleet, arms)
         results = asyncio.run(measure(cfg, started, fleet))
-    env["loadavg_1min_at_end"] = _loadavg()
+    env["loadavg_1min_at_end"] = loadavg()
     return Report(asdict(cfg), env, results, skipped)
 
 
@@ -334,16 +335,9 @@ def environment() -> dict[str, Any]:
     return {
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
-        "loadavg_1min_at_start": _loadavg(),
+        "loadavg_1min_at_start": loadavg(),
         **versions,
     }
-
-
-def _loadavg() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
 
 
 if __name__ == "__main__":

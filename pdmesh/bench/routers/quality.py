@@ -31,6 +31,7 @@ import grpc.aio
 import numpy as np
 from tqdm import tqdm
 
+from pdmesh.bench.host import loadavg
 from pdmesh.bench.routers import launch
 from pdmesh.bench.routers.fleet import Child, ChildDied, Fleet, free_port
 from pdmesh.bench.routers.launch import SGLANG_MISSING, pdmesh_router_args, sglang_router_args
@@ -165,11 +166,11 @@ def run(cfg: QualityConfig) -> Report:
 
         ensure_default_model()  # once here, rather than in every worker at the same time
     tokenizer = load_tokenizer(cfg.tokenizer)
-    env = {"cpus": os.cpu_count(), "loadavg_1min_at_start": _loadavg()}
+    env = {"cpus": os.cpu_count(), "loadavg_1min_at_start": loadavg()}
     with Fleet(Path(cfg.log_dir) if cfg.log_dir else None, cfg.startup_timeout) as fleet:
         workers = start_workers(cfg, fleet)
         results = asyncio.run(measure(cfg, fleet, workers, arms, tokenizer))
-    env["loadavg_1min_at_end"] = _loadavg()
+    env["loadavg_1min_at_end"] = loadavg()
     return Report(asdict(cfg), results, best_hit_rate(cfg), skipped, env)
 
 
@@ -351,13 +352,6 @@ def _ids(prompt: str | list[int]) -> list[int]:
     if isinstance(prompt, str):  # as_ids=True gives ids; a text prompt here is a bug
         raise TypeError("the shared-prefix dataset gave text where token ids were asked")
     return prompt
-
-
-def _loadavg() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
 
 
 if __name__ == "__main__":
