@@ -15,9 +15,24 @@ from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 T = TypeVar("T")
 
 
-def flag(default: Any, help: str, env: str | None = None) -> Any:
-    """A dataclass field with its ``--help`` text (and an optional ``PDMESH_*`` env override)."""
-    return dataclasses.field(default=default, metadata={"help": help, "env": env})
+def flag(
+    default: Any, help: str, env: str | tuple[str, ...] | None = None, secret: bool = False
+) -> Any:
+    """A dataclass field with its ``--help`` text and an optional env override (``PDMESH_*``;
+    with several names the first one set wins). A ``secret`` (API key, token) stays out of the
+    dataclass's repr, so a config that is printed or logged does not show it."""
+    names = (env,) if isinstance(env, str) else env
+    return dataclasses.field(
+        default=default, repr=not secret, metadata={"help": help, "env": names}
+    )
+
+
+def env_value(f: dataclasses.Field[Any]) -> tuple[str, str] | None:
+    """The first of the field's env variables that is set, with its value."""
+    for name in f.metadata.get("env") or ():
+        if name in os.environ:
+            return name, os.environ[name]
+    return None
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -28,7 +43,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
         default = f.default
         help_text = f.metadata.get("help", "")
         if env := f.metadata.get("env"):
-            help_text += f" (env {env})"
+            help_text += f" (env {' or '.join(env)})"
         if typ is bool:
             parser.add_argument(
                 name,
@@ -53,9 +68,9 @@ def from_args(cls: type[T], args: argparse.Namespace) -> T:
     values = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         value = getattr(args, f.name)
-        env = f.metadata.get("env")
-        if env and env in os.environ and value == f.default:
-            value = _parse_env(_base_type(hints[f.name]), os.environ[env], env)
+        found = env_value(f)
+        if found is not None and value == f.default:
+            value = _parse_env(_base_type(hints[f.name]), found[1], found[0])
         values[f.name] = value
     return cls(**values)
 

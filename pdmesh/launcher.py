@@ -5,7 +5,8 @@ tokenizer + prefill worker + decode worker + router (in PD mode) + gateway, with
 ``--kv-transfer-backend``. The children run on loopback; the launcher waits until each answers
 its health check (with a deadline), prints the URL and a curl example, and on Ctrl-C or SIGTERM
 stops them in reverse order (SIGTERM, then SIGKILL after the grace period). If any child dies,
-the rest are stopped and the launcher exits non-zero with the dead one's name.
+the rest are stopped and the launcher exits non-zero with the dead one's name. The ``--tls-*``
+flags go to every service (each serves and dials with them) and secure the health probes.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
-import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdmesh.config import add_dataclass_args, flag, from_args
+from pdmesh.rpc.tls import PLAINTEXT, TLSConfig
 
 log = logging.getLogger("pdmesh.launcher")
 
@@ -73,7 +75,7 @@ class Child:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, worker_extra = parse_args(argv)
+    cfg, tls, worker_extra = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s launcher %(message)s")
     if cfg.model == "smollm2-135m-instruct":
         from pdmesh.models.fetch import ensure_default_model
@@ -92,10 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         deadline = time.monotonic() + cfg.startup_timeout
         # in dependency order: the router's first health checks must find the worker up, and
         # the gateway's /health means the router answers
-        for stage in plan(cfg, worker_extra):
+        for stage in plan(cfg, worker_extra, tls):
             started = [spawn(*service) for service in stage]
             children += started
-            wait_healthy(started, deadline, lambda: stopping)
+            wait_healthy(started, deadline, lambda: stopping, tls)
         if not stopping:
             announce(cfg)
         while not stopping:
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         stop_all(children, cfg.grace_period)
 
 
-def parse_args(argv: list[str] | None) -> tuple[LauncherConfig, list[str]]:
+def parse_args(argv: list[str] | None) -> tuple[LauncherConfig, TLSConfig, list[str]]:
     argv = sys.argv[1:] if argv is None else argv
     extra: list[str] = []
     if "--" in argv:
@@ -126,8 +128,12 @@ def parse_args(argv: list[str] | None) -> tuple[LauncherConfig, list[str]]:
         "--max-running-requests 16).",
     )
     add_dataclass_args(parser, LauncherConfig)
+    tls = parser.add_argument_group("TLS (passed to every service; secures the health probes)")
+    # argument groups share add_argument with the parser, which is all add_dataclass_args uses
+    add_dataclass_args(cast(argparse.ArgumentParser, tls), TLSConfig)
     try:
-        return from_args(LauncherConfig, parser.parse_args(argv)), extra
+        args = parser.parse_args(argv)
+        return from_args(LauncherConfig, args), from_args(TLSConfig, args), extra
     except ValueError as e:
         parser.error(str(e))
 
@@ -135,10 +141,12 @@ def parse_args(argv: list[str] | None) -> tuple[LauncherConfig, list[str]]:
 Service = tuple[str, str, list[str], str]  # name, module, args, health target
 
 
-def plan(cfg: LauncherConfig, worker_extra: list[str]) -> list[list[Service]]:
+def plan(
+    cfg: LauncherConfig, worker_extra: list[str], tls: TLSConfig = PLAINTEXT
+) -> list[list[Service]]:
     """Stages started one after another; the services of a stage start together."""
     h = cfg.host
-    common = ["--host", h, "--grace-period", str(cfg.grace_period)]
+    common = ["--host", h, "--grace-period", str(cfg.grace_period), *tls.flags()]
     tok, wrk, rtr, pre = (
         f"{h}:{p}" for p in (cfg.tokenizer_port, cfg.worker_port, cfg.router_port, cfg.prefill_port)
     )
@@ -170,7 +178,7 @@ def plan(cfg: LauncherConfig, worker_extra: list[str]) -> list[list[Service]]:
           [*common, "--port", str(cfg.router_port), *routing, "--tokenizer", tok],
           f"grpc://{rtr}")],
         [("gateway", "services.gateway",
-          ["--host", h, "--port", str(cfg.gateway_port), "--router", rtr],
+          ["--host", h, "--port", str(cfg.gateway_port), "--router", rtr, *tls.flags()],
           f"http://{h}:{cfg.gateway_port}/health")],
     ]  # fmt: skip
 
@@ -182,7 +190,12 @@ def spawn(name: str, module: str, args: list[str], health: str) -> Child:
     return Child(name, proc, health)
 
 
-def wait_healthy(children: list[Child], deadline: float, cancelled: Callable[[], bool]) -> None:
+def wait_healthy(
+    children: list[Child],
+    deadline: float,
+    cancelled: Callable[[], bool],
+    tls: TLSConfig = PLAINTEXT,
+) -> None:
     pending = list(children)
     while pending:
         if cancelled():
@@ -190,7 +203,7 @@ def wait_healthy(children: list[Child], deadline: float, cancelled: Callable[[],
         for c in list(pending):
             if c.proc.poll() is not None:
                 raise RuntimeError(f"{c.name} exited with {c.proc.returncode} during startup")
-            if is_healthy(c.health):
+            if is_healthy(c.health, tls):
                 log.info("%s is healthy", c.name)
                 pending.remove(c)
         if time.monotonic() > deadline:
@@ -199,12 +212,14 @@ def wait_healthy(children: list[Child], deadline: float, cancelled: Callable[[],
         time.sleep(0.5)
 
 
-def is_healthy(target: str) -> bool:
+def is_healthy(target: str, tls: TLSConfig = PLAINTEXT) -> bool:
+    """Whether ``target`` (``http://…`` or ``grpc://host:port``, dialed with ``tls``) says it
+    is serving."""
     try:
         if target.startswith("http"):
             with urllib.request.urlopen(target, timeout=2) as resp:
                 return bool(resp.status == 200)
-        with grpc.insecure_channel(target.removeprefix("grpc://")) as channel:
+        with tls.sync_channel(target.removeprefix("grpc://")) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=2
             )

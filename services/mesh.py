@@ -1,13 +1,14 @@
-"""What every pdmesh gRPC service does the same way to be found and observed: the discovery and
-telemetry flags, tracing, the ``/metrics`` server, the server interceptors, and serving while
-registered.
+"""What every pdmesh gRPC service does the same way to be found, observed and secured: the
+discovery, TLS and telemetry flags, tracing, the ``/metrics`` server, the server interceptors,
+and serving while registered.
 
     parser = ...; add_mesh_args(parser)
     mesh = MeshOptions.from_args(args)
     observed = Observed.start("pdmesh-tokenizer", config.host, mesh.telemetry)
-    rpc = RpcServer([SERVICE_NAME], interceptors=observed.interceptors())
+    rpc = RpcServer([SERVICE_NAME], interceptors=observed.interceptors(), tls=mesh.tls)
     registration = registration_for(mesh.discovery, TOKENIZER, config.host, 0,
-                                    meta={META_MODEL: ..., **observed.meta()})
+                                    meta={META_MODEL: ..., **observed.meta()},
+                                    grpc_tls=mesh.tls.serves_tls)
     await observed.serve(rpc, config.host, config.port, config.grace_period,
                          make_discovery(mesh.discovery), registration)
 """
@@ -34,6 +35,7 @@ from pdmesh.discovery import (
     serve_registered,
 )
 from pdmesh.rpc.server import RpcServer
+from pdmesh.rpc.tls import PLAINTEXT, TLSConfig
 from pdmesh.telemetry import (
     Metrics,
     MetricsServer,
@@ -47,11 +49,16 @@ log = logging.getLogger(__name__)
 
 
 def add_mesh_args(parser: argparse.ArgumentParser, telemetry: bool = True) -> None:
-    """The discovery flags (``--discovery``, ``--consul-addr``…) and, with ``telemetry``,
-    ``--metrics-port``, in groups of their own so ``--help`` reads by topic."""
+    """The discovery flags (``--discovery``, ``--consul-addr``…), the TLS flags (``--tls-cert``
+    …) and, with ``telemetry``, ``--metrics-port``, in groups of their own so ``--help`` reads
+    by topic."""
     discovery = parser.add_argument_group("discovery (Consul)")
     # argument groups share add_argument with the parser, which is all add_dataclass_args uses
     add_dataclass_args(cast(argparse.ArgumentParser, discovery), DiscoveryConfig)
+    tls = parser.add_argument_group(
+        "TLS (every gRPC server and client of this process; the same mode across the mesh)"
+    )
+    add_dataclass_args(cast(argparse.ArgumentParser, tls), TLSConfig)
     if telemetry:
         metrics = parser.add_argument_group(
             "telemetry (tracing follows the standard OTEL_* environment variables)"
@@ -63,14 +70,16 @@ def add_mesh_args(parser: argparse.ArgumentParser, telemetry: bool = True) -> No
 class MeshOptions:
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    tls: TLSConfig = PLAINTEXT
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> MeshOptions:
-        """Raises ``ValueError`` for bad values, as ``from_args`` does."""
+        """Raises ``ValueError`` for bad values (an unreadable --tls-cert…), as ``from_args``
+        does."""
         telemetry = (
             from_args(TelemetryConfig, args) if hasattr(args, "metrics_port") else TelemetryConfig()
         )
-        return cls(from_args(DiscoveryConfig, args), telemetry)
+        return cls(from_args(DiscoveryConfig, args), telemetry, from_args(TLSConfig, args))
 
 
 class Observed:

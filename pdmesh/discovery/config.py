@@ -19,6 +19,8 @@ BACKENDS = ("static", "consul")
 DEFAULT_CONSUL_ADDR = "127.0.0.1:8500"
 # Consul reaps critical services every 30 s and ignores timeouts below a minute
 MIN_DEREGISTER_AFTER_S = 60.0
+# pdmesh's own name first, then the one the consul CLI reads
+CONSUL_TOKEN_ENV = ("PDMESH_CONSUL_TOKEN", "CONSUL_HTTP_TOKEN")
 
 
 @dataclass(frozen=True)
@@ -35,8 +37,10 @@ class DiscoveryConfig:
     )
     consul_token: str = flag(
         "",
-        "Consul ACL token; prefer the environment variable (flags show in ps)",
-        env="CONSUL_HTTP_TOKEN",
+        "Consul ACL token, sent as X-Consul-Token (never logged); prefer the environment "
+        "variables (flags show in ps)",
+        env=CONSUL_TOKEN_ENV,
+        secret=True,
     )
     consul_check_interval: float = flag(
         2.0,
@@ -84,7 +88,10 @@ class DiscoveryConfig:
         return self.consul_addr or os.environ.get("CONSUL_HTTP_ADDR") or DEFAULT_CONSUL_ADDR
 
     def resolved_consul_token(self) -> str:
-        return self.consul_token or os.environ.get("CONSUL_HTTP_TOKEN", "")
+        """``--consul-token``, else the first of ``CONSUL_TOKEN_ENV`` that is set."""
+        return self.consul_token or next(
+            (os.environ[name] for name in CONSUL_TOKEN_ENV if name in os.environ), ""
+        )
 
     def advertised(self, listen_host: str) -> str:
         """The address to register for a server listening on ``listen_host``."""

@@ -163,15 +163,20 @@ class ConsulDiscovery:
         if watch.tag is not None:
             params["tag"] = watch.tag
         path = f"/v1/health/service/{watch.service}"
+        loop = asyncio.get_running_loop()
         index = 0
         failures = 0
+        settle_until = 0.0  # see _settled
         while True:
             query = dict(params)
+            wait = self.watch_wait
+            if loop.time() < settle_until:  # come back when the window closes
+                wait = max(min(wait, settle_until - loop.time()), 1.0)
             if index > 0:
-                query |= {"index": str(index), "wait": f"{self.watch_wait:g}s"}
+                query |= {"index": str(index), "wait": f"{wait:g}s"}
             try:
                 # the agent may hold the query up to wait + wait/16 (its jitter): allow that
-                timeout = self.watch_wait * 17 / 16 + self.api.timeout if index > 0 else None
+                timeout = wait * 17 / 16 + self.api.timeout if index > 0 else None
                 entries, new_index = await self.api.get(path, query, timeout=timeout)
                 endpoints = frozenset(endpoint_from_entry(e) for e in entries or ())
             except (ConsulUnavailable, ConsulError, KeyError, TypeError, ValueError) as e:
@@ -187,14 +192,40 @@ class ConsulDiscovery:
                 index = 0  # after an outage, start with a plain query: the agent may be new
                 await asyncio.sleep(self._backoff(failures))
                 continue
-            if failures:
-                log.info("watching %s: Consul reachable again", watch.label)
-                failures = 0
             # an index that goes backwards (a restarted agent, a snapshot restore) means ours
             # is meaningless there: the next query must not block on it
+            if failures or new_index < index:
+                log.info("watching %s: Consul reachable again", watch.label)
+                failures = 0
+                settle_until = loop.time() + self.settle_s
             index = new_index if new_index >= index else 0
+            if loop.time() < settle_until:
+                endpoints = self._settled(watch, endpoints)
             await watch.deliver(endpoints)
             await asyncio.sleep(MIN_QUERY_GAP_S)
+
+    @property
+    def settle_s(self) -> float:
+        """How long instances may take to be passing again in an agent that lost them (one
+        restarted without its data, as a dev agent always is): each one's keeper notices
+        within its resync interval (or its backoff, if it saw the outage), registers again, and
+        the first check must pass."""
+        return self.resync_interval + self.retry_max + 2 * self.check_interval
+
+    def _settled(self, watch: Watch, endpoints: frozenset[Endpoint]) -> frozenset[Endpoint]:
+        """``endpoints`` plus those delivered before that the agent does not list (yet): right
+        after an outage, a missing instance is most likely one not registered again yet, and
+        dropping it would leave watchers with none (its health is for them to judge)."""
+        ids = {e.id for e in endpoints}
+        missing = frozenset(e for e in watch.endpoints if e.id not in ids)
+        if missing:
+            log.info(
+                "watching %s: keeping %d endpoints the agent does not list yet (%s)",
+                watch.label,
+                len(missing),
+                ", ".join(sorted(e.id for e in missing)),
+            )
+        return endpoints | missing
 
     def _backoff(self, failures: int) -> float:
         delay = min(self.retry_max, self.retry_min * 2 ** (failures - 1))
@@ -242,7 +273,15 @@ def service_definition(
         "DeregisterCriticalServiceAfter": duration(deregister_after),
     }
     if registration.check == "grpc":
-        check |= {"GRPC": registration.target, "GRPCUseTLS": False}
+        check |= {"GRPC": registration.target, "GRPCUseTLS": registration.grpc_tls}
+        if registration.grpc_tls:
+            # The agent cannot check our certificate's name (Consul 1.8 checks name the node,
+            # not the address) and knows no mesh CA unless configured: it skips verification.
+            # The check reads only SERVING/NOT_SERVING; clients of the mesh verify servers.
+            # Under mutual TLS the agent must present a client certificate of the mesh CA
+            # (cert_file/key_file with enable_agent_tls_for_checks), or the check fails and
+            # the instance is never passing.
+            check["TLSSkipVerify"] = True
     elif registration.check == "http":
         path = "/" + registration.http_check_path.lstrip("/")
         check |= {"HTTP": f"http://{registration.target}{path}", "Method": "GET"}

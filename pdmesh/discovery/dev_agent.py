@@ -124,9 +124,12 @@ class ConsulDevAgent:
         self.proc.wait()
         self.proc = None
 
-    def get(self, path: str) -> object:
-        """GET ``path`` of the HTTP API, decoded JSON (for checks from the outside)."""
-        with urllib.request.urlopen(self.url + path, timeout=5) as response:
+    def get(self, path: str, token: str = "") -> object:
+        """GET ``path`` of the HTTP API, decoded JSON (for checks from the outside); ``token``:
+        an ACL token, for an agent started with ACLs on."""
+        headers = {"X-Consul-Token": token} if token else {}
+        request = urllib.request.Request(self.url + path, headers=headers)
+        with urllib.request.urlopen(request, timeout=5) as response:
             return json.loads(response.read() or b"null")
 
     def _leader(self) -> bool:

@@ -57,10 +57,12 @@ def registration_for(
     tags: Iterable[str] = (),
     meta: Mapping[str, object] | None = None,
     check: CheckKind = "grpc",
+    grpc_tls: bool = False,
 ) -> ServiceRegistration:
     """This instance's registration: the advertised address for ``listen_host``, the role's
     ``tags`` plus ``--service-tags``, ``meta`` values as strings (empty ones dropped).
-    ``port`` 0 means "the port the server binds" (``serve_registered`` fills it in)."""
+    ``port`` 0 means "the port the server binds" (``serve_registered`` fills it in).
+    ``grpc_tls``: the server serves TLS, so Consul's gRPC check must too."""
     all_tags = tuple(dict.fromkeys((*tags, *config.tags)))  # ordered, no repeats
     return ServiceRegistration(
         name=name,
@@ -70,6 +72,7 @@ def registration_for(
         tags=all_tags,
         meta={k: str(v) for k, v in (meta or {}).items() if v is not None and str(v) != ""},
         check=check,
+        grpc_tls=grpc_tls,
     )
 
 

@@ -76,6 +76,8 @@ class ServiceRegistration:
     meta: Mapping[str, str] = field(default_factory=dict)
     check: CheckKind = "grpc"
     http_check_path: str = "/health"
+    # the gRPC check speaks TLS (the server serves --tls-cert)
+    grpc_tls: bool = False
 
     def __post_init__(self) -> None:
         if not self.name:

@@ -28,6 +28,7 @@ from pdmesh.kv_transfer.base import DEFAULT_TIMEOUT_S, KVReceiver, KVSender
 from pdmesh.kv_transfer.coalesce import Block
 from pdmesh.kv_transfer.errors import KVTransferError
 from pdmesh.kv_transfer.handle import ReceiverHandle, TransferStats, check_cache
+from pdmesh.rpc.tls import PLAINTEXT, TLSConfig
 from pdmesh.v1 import kv_transfer_pb2, kv_transfer_pb2_grpc
 
 SERVICE_NAME = "pdmesh.v1.KVReceiverService"
@@ -114,7 +115,8 @@ class _ServerThread:
     """A grpc.aio server with its own event loop on a daemon thread, for a receiver that is not
     hosted on the worker's server (tests, the benchmark)."""
 
-    def __init__(self, servicer: KVReceiverServicer, bind: str) -> None:
+    def __init__(self, servicer: KVReceiverServicer, bind: str, tls: TLSConfig) -> None:
+        self._tls = tls
         self._loop = asyncio.new_event_loop()
         self._server: grpc.aio.Server | None = None
         self._thread = threading.Thread(target=self._run, name="kv-receiver-grpc", daemon=True)
@@ -134,7 +136,7 @@ class _ServerThread:
     async def _start(self, servicer: KVReceiverServicer, bind: str) -> int:
         self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         kv_transfer_pb2_grpc.add_KVReceiverServiceServicer_to_server(servicer, self._server)
-        port = self._server.add_insecure_port(bind)
+        port = self._tls.add_port(self._server, bind)
         await self._server.start()
         return port
 
@@ -152,7 +154,13 @@ class GrpcReceiver(KVReceiver):
     backend = "grpc"
 
     def __init__(
-        self, kv_cache: torch.Tensor, layout: KVLayout, host: str, address: str | None, port: int
+        self,
+        kv_cache: torch.Tensor,
+        layout: KVLayout,
+        host: str,
+        address: str | None,
+        port: int,
+        tls: TLSConfig = PLAINTEXT,
     ) -> None:
         self.kv_cache = kv_cache
         self.servicer = KVReceiverServicer(kv_cache, uuid.uuid4().hex)
@@ -160,7 +168,7 @@ class GrpcReceiver(KVReceiver):
         if address is None:
             bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             try:
-                self._thread = _ServerThread(self.servicer, bind)
+                self._thread = _ServerThread(self.servicer, bind, tls)
             except Exception as e:
                 raise KVTransferError(f"cannot serve KVReceiverService on {bind}: {e}", bind) from e
             address = bind.rsplit(":", 1)[0] + f":{self._thread.port}"
@@ -175,12 +183,14 @@ class GrpcReceiver(KVReceiver):
         *,
         address: str | None = None,
         port: int = 0,
+        tls: TLSConfig = PLAINTEXT,
     ) -> GrpcReceiver:
         """Without ``address``: serve on ``host:port`` (0 = a free port) from a thread of its
-        own. With ``address`` (``host:port`` of the caller's grpc.aio server): serve nothing
-        yet; call ``add_to_server`` on that server before it starts."""
+        own, with ``tls``. With ``address`` (``host:port`` of the caller's grpc.aio server):
+        serve nothing yet; call ``add_to_server`` on that server before it starts (it is then
+        as secure as that server's port)."""
         check_cache(kv_cache, layout)
-        return cls(kv_cache, layout, host, address, port)
+        return cls(kv_cache, layout, host, address, port, tls)
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Host ``pdmesh.v1.KVReceiverService`` on ``server`` (``SERVICE_NAME`` for health and
@@ -201,8 +211,15 @@ class GrpcReceiver(KVReceiver):
 class GrpcSender(KVSender):
     backend = "grpc"
 
-    def __init__(self, kv_cache: torch.Tensor, layout: KVLayout, chunk_bytes: int) -> None:
+    def __init__(
+        self,
+        kv_cache: torch.Tensor,
+        layout: KVLayout,
+        chunk_bytes: int,
+        tls: TLSConfig = PLAINTEXT,
+    ) -> None:
         super().__init__(kv_cache, layout)
+        self.tls = tls
         if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
             raise ValueError(f"chunk_bytes={chunk_bytes} must be in (0, {MAX_CHUNK_BYTES}]")
         self.chunk_bytes = chunk_bytes
@@ -220,10 +237,12 @@ class GrpcSender(KVSender):
         host: str,
         *,
         chunk_bytes: int = MAX_CHUNK_BYTES,
+        tls: TLSConfig = PLAINTEXT,
     ) -> GrpcSender:
-        """``host`` is unused: a gRPC client needs no endpoint of its own."""
+        """``host`` is unused: a gRPC client needs no endpoint of its own. ``tls``: how the
+        channels to receivers are secured (receivers hosted on a worker's TLS port need it)."""
         check_cache(kv_cache, layout)
-        return cls(kv_cache, layout, chunk_bytes)
+        return cls(kv_cache, layout, chunk_bytes, tls)
 
     async def write(
         self,
@@ -304,7 +323,7 @@ class GrpcSender(KVSender):
             self._loop = loop
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = self.tls.channel(address, options=CHANNEL_OPTIONS)
             self._channels[address] = channel
         return channel
 

@@ -29,6 +29,7 @@ from pdmesh.errors import (
 from pdmesh.pd import wire
 from pdmesh.pd.values import FirstToken
 from pdmesh.rpc.server import MAX_MESSAGE_BYTES
+from pdmesh.rpc.tls import PLAINTEXT, TLSConfig
 from pdmesh.v1 import bootstrap_pb2, bootstrap_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -45,12 +46,13 @@ class PrefillPeer:
         address: str,
         registration: Callable[[], bootstrap_pb2.RegisterDecodeRequest],
         rpc_timeout: float,
+        tls: TLSConfig = PLAINTEXT,
     ) -> None:
         self.address = address
         self.instance_id: str | None = None  # set once registered
         self._registration = registration
         self._rpc_timeout = rpc_timeout
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = tls.channel(address, options=CHANNEL_OPTIONS)
         self._stub = bootstrap_pb2_grpc.BootstrapServiceStub(self._channel)
         self._lock = asyncio.Lock()  # concurrent rooms register once
 
@@ -149,17 +151,19 @@ class PrefillPeer:
 
 
 class PrefillPeers:
-    def __init__(self, rpc_timeout: float) -> None:
-        """``rpc_timeout``: deadline of registrations. Set ``registration`` (what this decode
-        registers with every prefill) once the decode's receiver address is known."""
+    def __init__(self, rpc_timeout: float, tls: TLSConfig = PLAINTEXT) -> None:
+        """``rpc_timeout``: deadline of registrations; ``tls``: how the channels to bootstrap
+        servers are secured. Set ``registration`` (what this decode registers with every
+        prefill) once the decode's receiver address is known."""
         self.registration: bootstrap_pb2.RegisterDecodeRequest | None = None
         self._rpc_timeout = rpc_timeout
+        self._tls = tls
         self._peers: dict[str, PrefillPeer] = {}
 
     def get(self, address: str) -> PrefillPeer:
         peer = self._peers.get(address)
         if peer is None:
-            peer = PrefillPeer(address, self._current_registration, self._rpc_timeout)
+            peer = PrefillPeer(address, self._current_registration, self._rpc_timeout, self._tls)
             self._peers[address] = peer
         return peer
 

@@ -13,6 +13,9 @@ whatever escapes a handler into a status, so no servicer repeats try/except:
     AbortedError            → ABORTED
     anything else           → INTERNAL, with the traceback logged
 
+A request message that does not parse (corrupt or truncated bytes, invalid UTF-8 in a string
+field) is INVALID_ARGUMENT too: grpc itself would answer UNKNOWN, as for a server fault.
+
 An ``EngineError`` whose ``error_code`` is set (e.g. the router's "queue_timeout") gets an
 ``ErrorDetail{code}`` too, so a client can tell causes that share a status code apart.
 The ``ErrorDetail`` travels in the binary trailing metadata key ``pdmesh-error-detail-bin`` (a
@@ -31,6 +34,7 @@ from typing import Any
 
 import grpc
 import grpc.aio
+from google.protobuf.message import DecodeError
 
 from pdmesh.errors import (
     AbortedError,
@@ -132,11 +136,42 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             wrapped = _wrap(behavior, method)
             if wrapped is None:
                 return handler
-            return make(wrapped, handler.request_deserializer, handler.response_serializer)
+            decode = _decoder(handler.request_deserializer, streaming=kind.startswith("stream"))
+            return make(wrapped, decode, handler.response_serializer)
         return handler
 
 
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Any]
+Deserializer = Callable[[bytes], Any]
+
+
+@dataclass(frozen=True)
+class _Undecodable:
+    """Stands in for a unary request that did not parse; the wrapped handler raises ``error``."""
+
+    error: InvalidRequestError
+
+
+def _decoder(deserialize: Deserializer | None, streaming: bool) -> Deserializer | None:
+    """``deserialize`` with parse failures turned into ``InvalidRequestError``.
+
+    grpc parses a unary request before any handler runs and answers UNKNOWN when that raises,
+    so there the error travels as an ``_Undecodable`` the wrapped handler raises. A streamed
+    request's messages are parsed as the handler reads them: the error is raised there.
+    """
+    if deserialize is None:
+        return None
+
+    def decode(raw: bytes) -> Any:
+        try:
+            return deserialize(raw)
+        except DecodeError as e:
+            error = InvalidRequestError("request", f"is not a valid protobuf message: {e}")
+            if streaming:
+                raise error from e
+            return _Undecodable(error)
+
+    return decode
 
 
 def _wrap(behavior: Behavior, method: str) -> Behavior | None:
@@ -146,6 +181,8 @@ def _wrap(behavior: Behavior, method: str) -> Behavior | None:
 
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             try:
+                if isinstance(request, _Undecodable):
+                    raise request.error
                 async for response in behavior(request, context):
                     yield response
             except grpc.aio.AbortError:  # the handler chose its own status
@@ -158,6 +195,8 @@ def _wrap(behavior: Behavior, method: str) -> Behavior | None:
 
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
+                if isinstance(request, _Undecodable):
+                    raise request.error
                 return await behavior(request, context)
             except grpc.aio.AbortError:
                 raise

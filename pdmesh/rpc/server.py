@@ -22,7 +22,9 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from pdmesh.rpc import keepalive
 from pdmesh.rpc.errors import ErrorInterceptor
+from pdmesh.rpc.tls import PLAINTEXT, TLSConfig
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,8 @@ SERVER_OPTIONS = (
     # grpc sets SO_REUSEPORT by default, so a second server on a taken port would start and
     # silently share it; without it, binding a taken port fails loudly.
     ("grpc.so_reuseport", 0),
+    # callers ping to find out a hung peer (pdmesh.rpc.keepalive): accept their pings
+    *keepalive.SERVER_OPTIONS,
 )
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -43,11 +47,14 @@ class RpcServer:
         service_names: Sequence[str],
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         max_receive_bytes: int = MAX_MESSAGE_BYTES,
+        tls: TLSConfig = PLAINTEXT,
     ) -> None:
         """``service_names``: full names of the services the caller will add to ``server``
         (e.g. "pdmesh.v1.TokenizerService"), for health and reflection. A request message
-        larger than ``max_receive_bytes`` is refused by grpc itself (RESOURCE_EXHAUSTED)."""
+        larger than ``max_receive_bytes`` is refused by grpc itself (RESOURCE_EXHAUSTED).
+        ``tls``: the port serves TLS (or mutual TLS) when it has a certificate."""
         self.service_names = tuple(service_names)
+        self.tls = tls
         receive = "grpc.max_receive_message_length"
         options = (*(o for o in SERVER_OPTIONS if o[0] != receive), (receive, max_receive_bytes))
         self.server = grpc.aio.server(
@@ -65,12 +72,14 @@ class RpcServer:
             f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
         )
         try:
-            bound = self.server.add_insecure_port(address)
+            bound = self.tls.add_port(self.server, address)
         except RuntimeError as e:
             raise OSError(f"cannot listen on {address}: {e}") from e
         if bound == 0:  # older grpc returns 0 instead of raising
             raise OSError(f"cannot listen on {address}")
         await self.server.start()
+        if self.tls.serves_tls:
+            log.info("%s: %s on port %d", ", ".join(self.service_names), self.tls.mode, bound)
         for name in ("", *self.service_names):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return bound

@@ -30,7 +30,7 @@ from typing import Any
 from aiohttp import web
 
 from pdmesh.config import add_dataclass_args, flag, from_args
-from pdmesh.discovery.config import DEFAULT_CONSUL_ADDR
+from pdmesh.discovery.config import CONSUL_TOKEN_ENV, DEFAULT_CONSUL_ADDR
 from pdmesh.discovery.consul import ConsulDiscovery
 from pdmesh.discovery.consul_api import ConsulError, ConsulUnavailable
 from pdmesh.discovery.model import META_METRICS_PORT, SERVICE_PREFIX, Endpoint, join_host_port
@@ -95,7 +95,12 @@ class HttpSdConfig:
         f"Consul agent HTTP address; empty: {DEFAULT_CONSUL_ADDR}",
         env="CONSUL_HTTP_ADDR",
     )
-    consul_token: str = flag("", "Consul ACL token (needs service:read)", env="CONSUL_HTTP_TOKEN")
+    consul_token: str = flag(
+        "",
+        "Consul ACL token (needs service:read)",
+        env=CONSUL_TOKEN_ENV,
+        secret=True,
+    )
     service_prefix: str = flag(SERVICE_PREFIX, "only services whose name starts with this")
     log_level: str = flag("info", f"log verbosity: {', '.join(LOG_LEVELS)}")
 

@@ -105,7 +105,7 @@ def _arguments_as_dict(call: dict[str, Any]) -> dict[str, Any]:
         return call
     try:
         args = json.loads(fn["arguments"])
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # not JSON, or nested past the parser
         return call
     return {**call, "function": {**fn, "arguments": args}} if isinstance(args, dict) else call
 

@@ -21,6 +21,7 @@ from pdmesh.pd.decode import DisaggDecoder
 from pdmesh.pd.heartbeat import HeartbeatMonitor
 from pdmesh.pd.peers import PrefillPeers
 from pdmesh.rpc.server import RpcServer
+from pdmesh.rpc.tls import PLAINTEXT, TLSConfig
 from services.decode.config import WorkerServiceConfig
 
 log = logging.getLogger(__name__)
@@ -70,10 +71,11 @@ class DecodeSide:
 
 
 def open_decode_side(
-    config: WorkerServiceConfig, engine: AsyncEngine, rpc: RpcServer
+    config: WorkerServiceConfig, engine: AsyncEngine, rpc: RpcServer, tls: TLSConfig = PLAINTEXT
 ) -> DecodeSide:
     """Open the KV receiver on ``engine``'s cache (hosting it on ``rpc`` when the backend
-    serves over gRPC) and wire up the decode side."""
+    serves over gRPC, so it is as secure as the worker's port) and wire up the decode side;
+    ``tls`` secures its calls to prefill bootstrap servers."""
     llm = engine.engine
     layout = llm.kv_layout()
     backend = get_backend(config.kv_transfer_backend)
@@ -89,7 +91,7 @@ def open_decode_side(
         receiver = grpc_receiver
     else:
         receiver = backend.receiver.open(llm.runner.kv_cache, layout, host)
-    peers = PrefillPeers(REGISTER_TIMEOUT_S)
+    peers = PrefillPeers(REGISTER_TIMEOUT_S, tls)
     monitor = HeartbeatMonitor(
         peers.ping,
         config.heartbeat_interval,

@@ -146,10 +146,10 @@ async def serve(
     names = [SERVICE_NAME, sglang_grpc.SERVICE_NAME]  # SGLang's protocol beside ours
     if config.mode == "decode" and config.kv_transfer_backend == "grpc":
         names.append(KV_RECEIVER_SERVICE)  # hosted here: health and reflection name it
-    rpc = RpcServer(names, interceptors=observed.interceptors())
+    rpc = RpcServer(names, interceptors=observed.interceptors(), tls=mesh.tls)
     decode_side = None
     if config.mode == "decode":
-        decode_side = open_decode_side(config, async_engine, rpc)
+        decode_side = open_decode_side(config, async_engine, rpc, mesh.tls)
     model_info = convert.model_info_to_pb(
         engine, role=config.mode, migration_limit=config.migration_limit
     )
@@ -163,7 +163,9 @@ async def serve(
         META_KV_BACKEND: config.kv_transfer_backend if config.mode == "decode" else None,
         **observed.meta(),
     }
-    registration = registration_for(mesh.discovery, WORKER, config.host, 0, (tag,), meta)
+    registration = registration_for(
+        mesh.discovery, WORKER, config.host, 0, (tag,), meta, grpc_tls=mesh.tls.serves_tls
+    )
     discovery = make_discovery(mesh.discovery)
     try:
         # serve_registered's steps, with the decode side told the bound port before the

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(config.log_level)
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(config, mesh.discovery),
+            create_app(config, mesh.discovery, mesh.tls),
             host=config.host,
             port=config.port,
             log_config=None,  # keep the one log format every pdmesh service uses

@@ -34,9 +34,11 @@ from pdmesh.discovery import (
     registered,
     registration_for,
 )
+from pdmesh.rpc.tls import PLAINTEXT, TLSConfig
 from pdmesh.telemetry import Metrics, TracingMiddleware, setup_tracing
 from services.gateway import errors
 from services.gateway.admin import admin
+from services.gateway.client_streams import ClientStreams
 from services.gateway.config import GatewayConfig
 from services.gateway.generation import GenerationError
 from services.gateway.middleware import REQUEST_ID_HEADER, GatewayMiddleware
@@ -61,7 +63,13 @@ _NO_NATIVE_TELEMETRY: dict[str, Any] = (
 )
 
 
-def create_app(config: GatewayConfig, discovery_config: DiscoveryConfig | None = None) -> ASGIApp:
+def create_app(
+    config: GatewayConfig,
+    discovery_config: DiscoveryConfig | None = None,
+    tls: TLSConfig = PLAINTEXT,
+) -> ASGIApp:
+    """``tls``: how the gateway's gRPC channels (router, tokenizer) are secured; the HTTP side
+    is plain HTTP (terminate TLS in front of it)."""
     discovery_config = discovery_config or DiscoveryConfig()
     consul = discovery_config.discovery == "consul"
     setup_tracing("pdmesh-gateway")
@@ -71,7 +79,7 @@ def create_app(config: GatewayConfig, discovery_config: DiscoveryConfig | None =
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # grpc.aio channels belong to the loop that makes them: uvicorn's, so made here.
         # Under Consul the routers are the catalog's; --router (which has a default) is static's
-        gateway = Gateway(config, routers=() if consul else None)
+        gateway = Gateway(config, routers=() if consul else None, tls=tls)
         app.state.gateway = gateway
         discovery = make_discovery(discovery_config)
         if consul:
@@ -116,7 +124,11 @@ def create_app(config: GatewayConfig, discovery_config: DiscoveryConfig | None =
     # a route, not a mount (which would redirect /metrics to /metrics/)
     app.add_route("/metrics", metrics.endpoint, include_in_schema=False)
     guarded: ASGIApp = GatewayMiddleware(
-        app, config.api_key, config.max_body_bytes, config.request_id_header_names
+        app,
+        config.api_keys(),
+        config.max_body_bytes,
+        config.request_id_header_names,
+        ClientStreams(config.max_streams_per_client),
     )
     if config.cors_origins:
         guarded = CORSMiddleware(

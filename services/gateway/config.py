@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from pdmesh.config import flag
 from pdmesh.rpc.server import LOG_LEVELS
+from services.gateway.api_keys import APIKeys
 
 DEFAULT_PORT = 8000
 # the SGLang router's default --request-id-headers
@@ -30,8 +31,24 @@ class GatewayConfig:
     )
     api_key: str = flag(
         "",
-        "require 'Authorization: Bearer <key>' on every endpoint but /health; empty: no auth",
+        "require 'Authorization: Bearer <key>' on every endpoint but /health and /metrics; a "
+        "comma-separated list accepts any of the keys (compared in constant time, never "
+        "logged); empty (and no --api-key-file): no auth. Prefer the environment variable or "
+        "--api-key-file (flags show in ps)",
         env="PDMESH_API_KEY",
+        secret=True,
+    )
+    api_key_file: str = flag(
+        "",
+        "file of API keys, one per line (blank lines and # comments skipped), accepted besides "
+        "--api-key's",
+        env="PDMESH_API_KEY_FILE",
+    )
+    max_streams_per_client: int = flag(
+        0,
+        "generation requests (streamed or not) one client may have open at once; one more is "
+        "refused with HTTP 429 (code too_many_streams). A client is its API key when keys are "
+        "required, else its address; 0: no limit",
     )
     max_body_bytes: int = flag(
         4 * 1024 * 1024, "largest request body accepted; larger ones get HTTP 413"
@@ -69,6 +86,9 @@ class GatewayConfig:
             raise ValueError(f"--port={self.port} must be in [0, 65535]")
         if self.max_body_bytes <= 0:
             raise ValueError(f"--max-body-bytes={self.max_body_bytes} must be > 0")
+        if self.max_streams_per_client < 0:
+            raise ValueError(f"--max-streams-per-client={self.max_streams_per_client} must be >= 0")
+        self.api_keys()  # an unreadable --api-key-file fails at startup
         if self.request_timeout <= 0:
             raise ValueError(f"--request-timeout={self.request_timeout} must be > 0")
         if self.log_level.lower() not in LOG_LEVELS:
@@ -86,6 +106,10 @@ class GatewayConfig:
         for header in self.request_id_header_names:
             if not header.replace("-", "").replace("_", "").isalnum():
                 raise ValueError(f"--request-id-headers: {header!r} is not a header name")
+
+    def api_keys(self) -> APIKeys:
+        """The keys of --api-key and --api-key-file (the file is read on each call)."""
+        return APIKeys.load(self.api_key, self.api_key_file)
 
     @property
     def routers(self) -> tuple[str, ...]:

@@ -16,6 +16,7 @@ from services.gateway.errors import APIError
 from services.gateway.generation import GenerationError, Piece, TokenLogprob, Usage
 from services.gateway.native_schema import GenerateRequest
 from services.gateway.openai_schema import (
+    MAX_CHOICES,
     MAX_SEED,
     MAX_STOP_STRINGS,
     ChatCompletionRequest,
@@ -23,6 +24,7 @@ from services.gateway.openai_schema import (
     Prompt,
     SamplingFields,
 )
+from services.gateway.text_check import check_text
 
 FINISH_REASONS = {
     common_pb2.FINISH_REASON_STOP: "stop",
@@ -37,6 +39,7 @@ PromptInput = dict[str, Any]
 def chat_requests(
     body: ChatCompletionRequest, request_id: str
 ) -> list[router_pb2.RouterGenerateRequest]:
+    check_text(body)
     chat = common_pb2.ChatRequest(messages=[_chat_message(m) for m in body.messages])
     if body.tools is not None:
         chat.tools_json = json.dumps(body.tools)
@@ -54,6 +57,7 @@ def chat_requests(
 def completion_requests(
     body: CompletionRequest, request_id: str
 ) -> list[router_pb2.RouterGenerateRequest]:
+    check_text(body)
     if body.echo:
         raise APIError(400, "echo: not supported", param="echo")
     params = openai_sampling(body, body.max_new_tokens)
@@ -66,6 +70,7 @@ def completion_requests(
 def native_requests(
     body: GenerateRequest, request_id: str
 ) -> list[router_pb2.RouterGenerateRequest]:
+    check_text(body)
     prompt: Prompt
     if body.text is not None and body.input_ids is None:
         prompt, field = body.text, "text"
@@ -165,8 +170,15 @@ def fan_out(
     """``n`` router requests per prompt; choice ``i`` of a prompt gets seed ``seed + i`` (so
     the choices differ, yet each is reproducible) and request id ``<id>-<k>`` when there are
     several (the worker needs them unique)."""
-    requests = []
     total = len(inputs) * n
+    if total > MAX_CHOICES:
+        raise APIError(
+            400,
+            f"{len(inputs)} prompts x n={n} make {total} choices; at most {MAX_CHOICES} per "
+            "request",
+            param="n",
+        )
+    requests = []
     for p, prompt in enumerate(inputs):
         for i in range(n):
             k = p * n + i

@@ -9,23 +9,30 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.gateway.openai_schema import MAX_N, MAX_SEED, MAX_TOP_LOGPROBS
+from services.gateway.openai_schema import (
+    MAX_INT32,
+    MAX_N,
+    MAX_SEED,
+    MAX_TOP_LOGPROBS,
+    TokenCount,
+    TokenId,
+)
 
 
 class NativeSamplingParams(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    max_new_tokens: int | None = Field(default=None, ge=0)
-    min_new_tokens: int | None = Field(default=None, ge=0)
+    max_new_tokens: TokenCount | None = None
+    min_new_tokens: TokenCount | None = None
     temperature: float | None = Field(default=None, ge=0)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=-1)
+    top_k: int | None = Field(default=None, ge=-1, le=MAX_INT32)
     min_p: float | None = Field(default=None, ge=0, le=1)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     repetition_penalty: float | None = Field(default=None, gt=0)
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
     n: int = Field(default=1, ge=1, le=MAX_N)
@@ -39,7 +46,7 @@ class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     text: str | list[str] | None = None
-    input_ids: list[int] | list[list[int]] | None = None
+    input_ids: list[TokenId] | list[list[TokenId]] | None = None
     sampling_params: NativeSamplingParams = NativeSamplingParams()
     stream: bool = False
     rid: str | None = None

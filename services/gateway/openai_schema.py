@@ -9,11 +9,20 @@ ignored, as OpenAI clients send them freely. Beyond OpenAI's own fields, the SGL
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_N = 64  # each choice is a router call: keep one request from flooding the mesh
+# choices of one request over all its prompts (a batch of prompts times n): the router's
+# default --max-concurrent-requests, so one request cannot take more than the mesh runs at once
+MAX_CHOICES = 256
+# token counts and ids are int32 on the wire: a larger value is the client's error (400), not
+# a failure to build the message (500). Beyond the context length a count changes nothing.
+MAX_INT32 = 2**31 - 1
+# the range the wire carries; the tokenizer and workers check ids against the vocabulary
+TokenId = Annotated[int, Field(ge=-(2**31), le=MAX_INT32)]
+TokenCount = Annotated[int, Field(ge=0, le=MAX_INT32)]
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
 MAX_SEED = 2**64 - 1
@@ -32,7 +41,7 @@ class SamplingFields(BaseModel):
     n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(default=None, ge=0)
+    max_tokens: TokenCount | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
@@ -40,12 +49,12 @@ class SamplingFields(BaseModel):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     # SGLang / vLLM extras
-    top_k: int | None = Field(default=None, ge=-1)
+    top_k: int | None = Field(default=None, ge=-1, le=MAX_INT32)
     min_p: float | None = Field(default=None, ge=0, le=1)
     repetition_penalty: float | None = Field(default=None, gt=0)
     ignore_eos: bool | None = None
-    min_tokens: int | None = Field(default=None, ge=0)
-    stop_token_ids: list[int] | None = None
+    min_tokens: TokenCount | None = None
+    stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool | None = None
 
     @property
@@ -82,7 +91,7 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     # OpenAI's newer name for max_tokens on chat; it wins when both are given
-    max_completion_tokens: int | None = Field(default=None, ge=0)
+    max_completion_tokens: TokenCount | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
@@ -95,7 +104,7 @@ class ChatCompletionRequest(SamplingFields):
         return self.max_tokens
 
 
-Prompt = str | list[str] | list[int] | list[list[int]]
+Prompt = str | list[str] | list[TokenId] | list[list[TokenId]]
 
 
 class CompletionRequest(SamplingFields):

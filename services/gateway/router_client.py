@@ -17,6 +17,7 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from pdmesh.rpc.tls import PLAINTEXT, TLSConfig
 from pdmesh.telemetry import client_interceptors
 from pdmesh.v1 import router_pb2, router_pb2_grpc
 
@@ -33,9 +34,13 @@ ADMIN_TIMEOUT_S = 30.0
 
 
 class RouterClient:
-    def __init__(self, addresses: Sequence[str], timeout: float) -> None:
-        """``addresses``: the routers to start with; more (or all, when empty) via ``add``."""
+    def __init__(
+        self, addresses: Sequence[str], timeout: float, tls: TLSConfig = PLAINTEXT
+    ) -> None:
+        """``addresses``: the routers to start with; more (or all, when empty) via ``add``.
+        ``tls``: how the channels to them are secured (``--tls-*``)."""
         self.timeout = timeout
+        self.tls = tls
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._turn = itertools.count()
         for address in addresses:
@@ -47,7 +52,7 @@ class RouterClient:
 
     def add(self, address: str) -> None:
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(
+            self._channels[address] = self.tls.channel(
                 address, options=CHANNEL_OPTIONS, interceptors=client_interceptors()
             )
             log.info("added router %s", address)

@@ -9,6 +9,7 @@ from collections.abc import AsyncGenerator, Sequence
 
 from starlette.requests import Request
 
+from pdmesh.rpc.tls import PLAINTEXT, TLSConfig
 from pdmesh.v1 import router_pb2
 from services.gateway import convert
 from services.gateway.config import GatewayConfig
@@ -19,13 +20,19 @@ from services.gateway.token_text import TokenTexts
 
 
 class Gateway:
-    def __init__(self, config: GatewayConfig, routers: Sequence[str] | None = None) -> None:
-        """``routers``: the routers to start with; None: ``--router``'s."""
+    def __init__(
+        self,
+        config: GatewayConfig,
+        routers: Sequence[str] | None = None,
+        tls: TLSConfig = PLAINTEXT,
+    ) -> None:
+        """``routers``: the routers to start with; None: ``--router``'s. ``tls``: how the
+        channels to the router and tokenizer are secured."""
         self.config = config
         self.router = RouterClient(
-            config.routers if routers is None else routers, config.request_timeout
+            config.routers if routers is None else routers, config.request_timeout, tls
         )
-        self.texts = TokenTexts(config.tokenizer)
+        self.texts = TokenTexts(config.tokenizer, tls)
         self.started = int(time.time())
         self._models: list[str] = [config.model_name] if config.model_name else []
 

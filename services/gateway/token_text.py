@@ -11,8 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 
-import grpc.aio
-
+from pdmesh.rpc.tls import PLAINTEXT, TLSConfig
 from pdmesh.telemetry import client_interceptors
 from pdmesh.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 
@@ -20,9 +19,9 @@ LOOKUP_TIMEOUT_S = 5.0
 
 
 class TokenTexts:
-    def __init__(self, tokenizer_address: str = "") -> None:
+    def __init__(self, tokenizer_address: str = "", tls: TLSConfig = PLAINTEXT) -> None:
         self._channel = (
-            grpc.aio.insecure_channel(tokenizer_address, interceptors=client_interceptors())
+            tls.channel(tokenizer_address, interceptors=client_interceptors())
             if tokenizer_address
             else None
         )

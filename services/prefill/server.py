@@ -116,7 +116,10 @@ async def serve(
     layout = engine.kv_layout()
     backend = get_backend(config.kv_transfer_backend)
     host = config.kv_transfer_host or config.host
-    sender = backend.sender.open(engine.runner.kv_cache, layout, host)
+    # the grpc backend dials decode workers' ports, which serve TLS when the mesh does
+    # (mooncake's and cuda_ipc's transports have no TLS: see docs/architecture.md, Security)
+    options = {"tls": mesh.tls} if backend.name == "grpc" else {}
+    sender = backend.sender.open(engine.runner.kv_cache, layout, host, **options)
     rooms = RoomTable(config.bootstrap_timeout)
     bootstrap = Bootstrap(rooms, DecodeRegistry(layout, backend.name))
     budget = OptimisticBudget(layout.num_pages, layout.page_size, config.optimistic_prefill_share)
@@ -126,12 +129,16 @@ async def serve(
 
     # counted but not traced: decodes ping it every few seconds, and a root span per ping
     # would bury the requests' traces
-    boot_rpc = RpcServer([BOOTSTRAP_SERVICE], interceptors=[observed.metrics.grpc_interceptor()])
+    boot_rpc = RpcServer(
+        [BOOTSTRAP_SERVICE], interceptors=[observed.metrics.grpc_interceptor()], tls=mesh.tls
+    )
     bootstrap_pb2_grpc.add_BootstrapServiceServicer_to_server(
         BootstrapServicer(bootstrap), boot_rpc.server
     )
     # SGLang's protocol beside ours
-    rpc = RpcServer([SERVICE_NAME, sglang_grpc.SERVICE_NAME], interceptors=observed.interceptors())
+    rpc = RpcServer(
+        [SERVICE_NAME, sglang_grpc.SERVICE_NAME], interceptors=observed.interceptors(), tls=mesh.tls
+    )
     discovery = make_discovery(mesh.discovery)
     try:
         bootstrap_port = await boot_rpc.start(config.host, config.bootstrap_port)
@@ -156,7 +163,13 @@ async def serve(
             **observed.meta(),
         }
         registration = registration_for(
-            mesh.discovery, PREFILL, config.host, bound, (TAG_PREFILL,), meta
+            mesh.discovery,
+            PREFILL,
+            config.host,
+            bound,
+            (TAG_PREFILL,),
+            meta,
+            grpc_tls=mesh.tls.serves_tls,
         )
         try:
             async with registered(discovery, registration) as handle:

@@ -108,7 +108,7 @@ class Generation:
             skip = params.skip_special_tokens if params.HasField("skip_special_tokens") else None
             detok = await self.tokenizer.open_detokenizer(prompt, params.stop, skip, timeout, calls)
         worker_request = worker_pb2.GenerateRequest(
-            request_id=request_id, token_ids=prompt, sampling_params=params
+            request_id=_worker_request_id(request_id), token_ids=prompt, sampling_params=params
         )
         prefill_done = None
         deadline = asyncio.get_running_loop().time() + timeout
@@ -410,6 +410,15 @@ async def _next(
             grpc.StatusCode.INTERNAL, f"{worker.label} ended the stream without a finish reason"
         )
     return reply
+
+
+def _worker_request_id(request_id: str) -> str:
+    """The id a worker knows this request by: the client's, made unique per router call. A
+    worker keys its engine state by id, and clients' ids need not be unique: two clients may
+    send the same one, and when a router dies the gateway retries a request on another router
+    under the same id while the worker may still be unwinding the first attempt (whose abort,
+    by id, would otherwise stop the second)."""
+    return f"{request_id}.{uuid.uuid4().hex[:8]}"
 
 
 def _left(deadline: float) -> float:

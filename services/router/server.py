@@ -160,13 +160,15 @@ async def serve(config: RouterServiceConfig, mesh: MeshOptions | None = None) ->
     observed = Observed.start("pdmesh-router", metrics_host, telemetry)
     router_metrics = RouterMetrics(observed.metrics.registry)
     consul = mesh.discovery.discovery == "consul"
-    workers = WorkerSet(config.rpc_timeout, drain_timeout=config.request_timeout_secs)
+    workers = WorkerSet(config.rpc_timeout, drain_timeout=config.request_timeout_secs, tls=mesh.tls)
     for role, addresses in config.workers_by_role.items():
         for address in addresses:
             workers.add(address, role)
     # under Consul the tokenizers are the catalog's; --tokenizer (which has a default) is for
     # static discovery
-    tokenizer = TokenizerClient([] if consul else [config.tokenizer], config.rpc_timeout)
+    tokenizer = TokenizerClient(
+        [] if consul else [config.tokenizer], config.rpc_timeout, tls=mesh.tls
+    )
     settings = config.policy_settings()
     generation = Generation(
         workers,
@@ -189,6 +191,7 @@ async def serve(config: RouterServiceConfig, mesh: MeshOptions | None = None) ->
         [SERVICE_NAME],
         interceptors=observed.interceptors(),
         max_receive_bytes=config.max_payload_size,
+        tls=mesh.tls,
     )
     servicer = RouterServicer(generation, config.request_timeout_secs, admission, observed.metrics)
     router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, rpc.server)
@@ -196,7 +199,9 @@ async def serve(config: RouterServiceConfig, mesh: MeshOptions | None = None) ->
     if consul:
         follow_catalog(discovery, workers, tokenizer)
     workers.start_health_checks(config.health_check_interval)
-    registration = registration_for(mesh.discovery, ROUTER, config.host, 0, meta=observed.meta())
+    registration = registration_for(
+        mesh.discovery, ROUTER, config.host, 0, meta=observed.meta(), grpc_tls=mesh.tls.serves_tls
+    )
     try:
         await observed.serve(
             rpc, config.host, config.port, config.grace_period, discovery, registration

@@ -8,6 +8,7 @@ tokenize call and the detokenize stream of one request may go to different ones.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import logging
@@ -19,6 +20,8 @@ import grpc
 import grpc.aio
 
 from pdmesh.errors import InvalidRequestError
+from pdmesh.rpc import keepalive
+from pdmesh.rpc.tls import PLAINTEXT, TLSConfig
 from pdmesh.telemetry import client_interceptors
 from pdmesh.v1 import router_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 from services.router.upstream import OutgoingCalls, UpstreamError, calling
@@ -47,9 +50,13 @@ class _Instance:
 
 
 class TokenizerClient:
-    def __init__(self, addresses: str | Sequence[str], rpc_timeout: float) -> None:
-        """``addresses``: the tokenizers to start with (``host:port``; more via ``add``)."""
+    def __init__(
+        self, addresses: str | Sequence[str], rpc_timeout: float, tls: TLSConfig = PLAINTEXT
+    ) -> None:
+        """``addresses``: the tokenizers to start with (``host:port``; more via ``add``);
+        ``tls``: how the channels to them are secured (``--tls-*``)."""
         self._rpc_timeout = rpc_timeout
+        self._tls = tls
         self._instances: dict[str, _Instance] = {}
         self._turn = itertools.count()
         for address in [addresses] if isinstance(addresses, str) else addresses:
@@ -63,7 +70,10 @@ class TokenizerClient:
     def add(self, address: str) -> None:
         if address in self._instances:
             return
-        channel = grpc.aio.insecure_channel(address, interceptors=client_interceptors())
+        # pings find a hung tokenizer within seconds (pdmesh.rpc.keepalive)
+        channel = self._tls.channel(
+            address, keepalive.CLIENT_OPTIONS, interceptors=client_interceptors()
+        )
         stub = tokenizer_pb2_grpc.TokenizerServiceStub(channel)
         self._instances[address] = _Instance(address, channel, stub)
         log.info("added tokenizer %s", address)
@@ -149,13 +159,22 @@ class Detokenizer:
     ) -> tokenizer_pb2.DetokenizeStreamResponse:
         tokens = tokenizer_pb2.DetokenizeStreamTokens(token_ids=token_ids, final=final)
         with calling(self._label):
-            await self._call.write(tokenizer_pb2.DetokenizeStreamRequest(tokens=tokens))
+            try:
+                await self._call.write(tokenizer_pb2.DetokenizeStreamRequest(tokens=tokens))
+            except asyncio.InvalidStateError:
+                # the call ended between two pushes (the tokenizer died or went away): grpc
+                # refuses the write without saying why; the call's status does
+                raise await self._ended() from None
             reply = await self._call.read()
         if reply is grpc.aio.EOF:
             raise UpstreamError(
                 grpc.StatusCode.INTERNAL, f"{self._label} ended the detokenize stream early"
             )
         return reply
+
+    async def _ended(self) -> grpc.aio.AioRpcError:
+        code, details = await self._call.code(), await self._call.details()
+        return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
 
     async def close(self) -> None:
         """End the call cleanly once the tokenizer has ended its side (after a final or

@@ -26,6 +26,8 @@ import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdmesh.errors import InvalidRequestError
+from pdmesh.rpc import keepalive
+from pdmesh.rpc.tls import PLAINTEXT, TLSConfig
 from pdmesh.telemetry import client_interceptors
 from pdmesh.v1 import worker_pb2, worker_pb2_grpc
 from services.sglang_grpc import client as sglang_client
@@ -77,9 +79,13 @@ class WorkerHandle:
 
 
 class WorkerSet:
-    def __init__(self, rpc_timeout: float, drain_timeout: float) -> None:
+    def __init__(
+        self, rpc_timeout: float, drain_timeout: float, tls: TLSConfig = PLAINTEXT
+    ) -> None:
         """``rpc_timeout``: deadline of health and model-info calls; ``drain_timeout``: how long
-        a removed worker's in-flight calls may run before its channel is closed under them."""
+        a removed worker's in-flight calls may run before its channel is closed under them;
+        ``tls``: how the channels to workers are secured (``--tls-*``)."""
+        self._tls = tls
         self._workers: dict[str, WorkerHandle] = {}  # by id, in the order they were added
         self._rpc_timeout = rpc_timeout
         self._drain_timeout = drain_timeout
@@ -108,7 +114,11 @@ class WorkerSet:
                     "address" if w.address == address else "id",
                     f"{w.label} is already registered",
                 )
-        channel = grpc.aio.insecure_channel(address, interceptors=client_interceptors())
+        # pings find a hung pdmesh worker within seconds (its calls fail UNAVAILABLE, so they
+        # retry or migrate) instead of at each request's deadline; an SGLang server's own ping
+        # policy is not ours to loosen, so it is not pinged
+        options = keepalive.CLIENT_OPTIONS if kind != sglang_client.KIND else ()
+        channel = self._tls.channel(address, options, interceptors=client_interceptors())
         worker = WorkerHandle(worker_id, address, role, channel, kind=kind)
         self._workers[worker_id] = worker
         log.info("added %s", worker.label)

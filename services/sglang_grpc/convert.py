@@ -20,6 +20,7 @@ from pdmesh.v1 import common_pb2, worker_pb2
 
 SGLANG_MAX_NEW_TOKENS = 128  # SGLang's default when max_new_tokens is unset
 ROOM_MASK = (1 << 32) - 1  # SGLang rooms are int32 on this wire; pdmesh's are uint64
+INT32_MAX = (1 << 31) - 1  # pdmesh's token ids and counts are int32, SGLang's uint32
 
 # the worker names request fields by pdmesh's wire; an SGLang client knows its own
 _SGLANG_FIELDS = {
@@ -43,6 +44,7 @@ def generate_request_from_pb(req: sgl.GenerateRequest) -> worker_pb2.GenerateReq
             "tokenized.input_ids", "required: the gateway tokenizes, workers take token ids"
         )
     _refuse_unsupported(req)
+    _check_int32(req)
     out = worker_pb2.GenerateRequest(
         request_id=req.request_id,
         token_ids=list(req.tokenized.input_ids),
@@ -105,6 +107,25 @@ def _refuse_unsupported(req: sgl.GenerateRequest) -> None:
         raise InvalidRequestError("lora_id", "LoRA adapters are not supported")
     if req.return_hidden_states:
         raise InvalidRequestError("return_hidden_states", "is not supported")
+
+
+def _check_int32(req: sgl.GenerateRequest) -> None:
+    """SGLang's token ids and counts are uint32, pdmesh's int32: a value past 2^31 - 1 is
+    refused here, naming the field (building the pdmesh message would fail with a ValueError,
+    an INTERNAL; found by the gRPC fuzzer)."""
+    p = req.sampling_params
+    lists = {"tokenized.input_ids": req.tokenized.input_ids}
+    lists["sampling_params.stop_token_ids"] = p.stop_token_ids
+    for name, values in lists.items():
+        bad = [v for v in values if v > INT32_MAX]
+        if bad:
+            raise InvalidRequestError(name, f"ids {bad[:5]} are past pdmesh's {INT32_MAX}")
+    counts = {"sampling_params.min_new_tokens": p.min_new_tokens}
+    if p.HasField("max_new_tokens"):
+        counts["sampling_params.max_new_tokens"] = p.max_new_tokens
+    for name, value in counts.items():
+        if value > INT32_MAX:
+            raise InvalidRequestError(name, f"{value} is past pdmesh's {INT32_MAX}")
 
 
 def _host_port(host: str, port: int) -> str:

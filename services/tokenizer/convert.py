@@ -72,6 +72,8 @@ def _json(raw: str, field: str, kind: type) -> Any:
         value = json.loads(raw)
     except json.JSONDecodeError as e:
         raise InvalidRequestError(field, f"is not valid JSON: {e}") from e
+    except RecursionError as e:  # Python's parser recurses per level (found by fuzzing)
+        raise InvalidRequestError(field, "is nested too deeply") from e
     if not isinstance(value, kind):
         raise InvalidRequestError(field, f"must be a JSON {_json_kind(kind)}")
     return value

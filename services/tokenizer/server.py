@@ -112,12 +112,14 @@ async def serve(
     serving."""
     mesh = mesh or MeshOptions()
     observed = Observed.start("pdmesh-tokenizer", config.host, mesh.telemetry)
-    rpc = RpcServer([SERVICE_NAME], interceptors=observed.interceptors())
+    rpc = RpcServer([SERVICE_NAME], interceptors=observed.interceptors(), tls=mesh.tls)
     tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server(
         TokenizerServicer(tokenizer), rpc.server
     )
     meta = {META_MODEL: tokenizer.info().model_name, **observed.meta()}
-    registration = registration_for(mesh.discovery, TOKENIZER, config.host, 0, meta=meta)
+    registration = registration_for(
+        mesh.discovery, TOKENIZER, config.host, 0, meta=meta, grpc_tls=mesh.tls.serves_tls
+    )
     await observed.serve(
         rpc,
         config.host,

@@ -24,6 +24,8 @@ from types import TracebackType
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from pdmesh.rpc.tls import PLAINTEXT, TLSConfig
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 180.0  # the first start may fetch and convert the default model
 STOP_TIMEOUT_S = 30.0
@@ -47,9 +49,17 @@ class ServiceProc:
     """One ``python -m <module>`` process listening on ``127.0.0.1:<port>``."""
 
     def __init__(
-        self, module: str, args: list[str], name: str, port: int, log_dir: Path | None = None
+        self,
+        module: str,
+        args: list[str],
+        name: str,
+        port: int,
+        log_dir: Path | None = None,
+        tls: TLSConfig = PLAINTEXT,
     ) -> None:
+        """``tls``: how this test dials it (a service started with ``--tls-*`` flags)."""
         self.module = module
+        self.tls = tls
         self.name = name
         self.port = port
         self.address = f"127.0.0.1:{port}"
@@ -73,7 +83,7 @@ class ServiceProc:
 
     def health(self, service: str = "") -> int:
         """The health status of ``service`` ("" = the whole server); raises grpc.RpcError."""
-        with grpc.insecure_channel(self.address) as channel:
+        with self.tls.sync_channel(self.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
         return int(reply.status)
@@ -145,10 +155,12 @@ def start_service(
     *,
     log_dir: Path | None = None,
     timeout: float = STARTUP_TIMEOUT_S,
+    tls: TLSConfig = PLAINTEXT,
 ) -> ServiceProc:
     """Start ``python -m module --host 127.0.0.1 --port <free> *args`` and wait until its
-    health check answers SERVING. ``name`` labels its log file and failure messages."""
-    svc = ServiceProc(module, args, name, free_port(), log_dir)
+    health check (dialed with ``tls``) answers SERVING. ``name`` labels its log file and
+    failure messages."""
+    svc = ServiceProc(module, args, name, free_port(), log_dir, tls)
     try:
         svc.wait_until_serving(timeout)
     except BaseException:
