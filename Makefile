@@ -6,8 +6,11 @@ STAMP := $(VENV)/.stamp-install
 # CPU build of torch on these machines (a local wheel); on GPU hosts an existing CUDA torch is kept.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+FUZZ_EXAMPLES ?= 10000
+CHAOS ?= full
+SOAK_SECONDS ?= 300
 
-.PHONY: install protos run run-disagg test test-gpu lint typecheck model bench bench-kv bench-router trace-ui clean help
+.PHONY: install protos run run-disagg test test-gpu lint typecheck model bench bench-kv bench-router fuzz chaos soak trace-ui clean help
 
 help:
 	@echo "make install    create $(VENV) and install pdmesh with its dev tools"
@@ -24,6 +27,12 @@ help:
 	@echo "make bench-router pdmesh's router vs sglang-router: per-hop overhead, routing quality"
 	@echo "                (OVERHEAD_ARGS=..., QUALITY_ARGS=...; installs sglang-router)"
 	@echo "make trace-ui   Arize Phoenix trace UI (own venv .venv-phoenix) on :6006, OTLP :4317"
+	@echo "make fuzz       fuzz the HTTP API and every gRPC service, $(FUZZ_EXAMPLES) inputs each;"
+	@echo "                prints inputs and server errors per API (FUZZ_EXAMPLES=..., PDMESH_FUZZ_SEED=...)"
+	@echo "make chaos      kill -9 / SIGTERM each role (and SIGSTOP a worker) under load; prints the"
+	@echo "                outcome table of docs/chaos.md (CHAOS=role:kill,role:term,... for a few)"
+	@echo "make soak       minutes of load with cancellations and killed workers; prints RSS, fds,"
+	@echo "                threads and KV pages per process and a verdict (SOAK_SECONDS=300)"
 
 # system parts first (Debian packages; root on these machines), then the venv
 $(STAMP): pyproject.toml scripts/install_consul.sh scripts/install_mooncake.sh
@@ -94,6 +103,24 @@ bench-router: install $(BENCH_ROUTER_STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# the fuzzers of the default suite at full volume (tests/integration/test_fuzz_*.py send a few
+# hundred inputs per API there) and their regression tests; -s shows each API's
+# "fuzz <api>: N inputs, K server errors"
+fuzz: install
+	PDMESH_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -s -o timeout=0 \
+	  tests/integration/test_fuzz_http.py tests/integration/test_fuzz_grpc.py $(PYTEST_ARGS)
+
+# the whole chaos matrix (the default suite runs two of its faults); the table also goes to
+# build/chaos-report.md
+chaos: install
+	PDMESH_CHAOS=$(CHAOS) PDMESH_CHAOS_REPORT=build/chaos-report.md $(PY) -m pytest -q -s -o timeout=0 \
+	  tests/chaos/test_chaos.py $(PYTEST_ARGS)
+
+# minutes under load with faults; prints every process's series and the verdict
+soak: install
+	PDMESH_SOAK_SECONDS=$(SOAK_SECONDS) $(PY) -m pytest -q -s -o timeout=0 \
+	  tests/chaos/test_soak.py $(PYTEST_ARGS)
 
 # a local trace UI; the mesh sends to it with OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4317
 trace-ui:

@@ -166,6 +166,8 @@ class ConsulDiscovery:
         loop = asyncio.get_running_loop()
         index = 0
         failures = 0
+        # the node id of the agent answering (a new one: it restarted, empty); None: not asked
+        agent: str | None = None
         settle_until = 0.0  # see _settled
         while True:
             query = dict(params)
@@ -192,17 +194,46 @@ class ConsulDiscovery:
                 index = 0  # after an outage, start with a plain query: the agent may be new
                 await asyncio.sleep(self._backoff(failures))
                 continue
-            # an index that goes backwards (a restarted agent, a snapshot restore) means ours
-            # is meaningless there: the next query must not block on it
-            if failures or new_index < index:
+            recovered = failures > 0
+            if recovered:
                 log.info("watching %s: Consul reachable again", watch.label)
                 failures = 0
-                settle_until = loop.time() + self.settle_s
+            # an index that goes backwards (a restarted agent, a snapshot restore) means ours
+            # is meaningless there: the next query must not block on it
             index = new_index if new_index >= index else 0
+            # instances gone from the set: were they dropped, or did the agent restart and
+            # forget them? (it may restart between two queries without one failing)
+            gone = {e.id for e in watch.endpoints} - {e.id for e in endpoints}
+            if agent is None or (gone and loop.time() >= settle_until):
+                now = await self._node_id()
+                # a node id we cannot read (an ACL token without agent:read): after an
+                # outage, assume the worst
+                restarted = now != agent if agent and now else recovered and bool(gone)
+                if restarted:
+                    log.info(
+                        "watching %s: the Consul agent restarted (node %s, was %s); keeping "
+                        "instances it lost for up to %.0fs while they register again",
+                        watch.label,
+                        now or "unknown",
+                        agent,
+                        self.settle_s,
+                    )
+                    settle_until = loop.time() + self.settle_s
+                agent = now or agent or ""
             if loop.time() < settle_until:
                 endpoints = self._settled(watch, endpoints)
             await watch.deliver(endpoints)
             await asyncio.sleep(MIN_QUERY_GAP_S)
+
+    async def _node_id(self) -> str:
+        """The answering agent's node id ("" when it cannot be had). An agent restarted
+        without its data dir (a dev agent always is) comes back with a new one, and without
+        any of the services that were registered with it."""
+        try:
+            info, _ = await self.api.get("/v1/agent/self")
+            return str(info["Config"]["NodeID"])
+        except (ConsulUnavailable, ConsulError, KeyError, TypeError, ValueError):
+            return ""
 
     @property
     def settle_s(self) -> float:
@@ -213,19 +244,11 @@ class ConsulDiscovery:
         return self.resync_interval + self.retry_max + 2 * self.check_interval
 
     def _settled(self, watch: Watch, endpoints: frozenset[Endpoint]) -> frozenset[Endpoint]:
-        """``endpoints`` plus those delivered before that the agent does not list (yet): right
-        after an outage, a missing instance is most likely one not registered again yet, and
-        dropping it would leave watchers with none (its health is for them to judge)."""
+        """``endpoints`` plus those delivered before that a restarted agent does not list
+        (yet): dropping them would leave watchers with none while every instance is alive
+        (their health is for the watchers to judge)."""
         ids = {e.id for e in endpoints}
-        missing = frozenset(e for e in watch.endpoints if e.id not in ids)
-        if missing:
-            log.info(
-                "watching %s: keeping %d endpoints the agent does not list yet (%s)",
-                watch.label,
-                len(missing),
-                ", ".join(sorted(e.id for e in missing)),
-            )
-        return endpoints | missing
+        return endpoints | frozenset(e for e in watch.endpoints if e.id not in ids)
 
     def _backoff(self, failures: int) -> float:
         delay = min(self.retry_max, self.retry_min * 2 ** (failures - 1))

@@ -85,8 +85,14 @@ class ConsulDevAgent:
         if self.running:
             return self
         with self.log_path.open("ab") as log_file:
+            # in its log's directory: a dev agent reads service definitions from ./services,
+            # which from the repository root is pdmesh's Python package (an error per file)
             self.proc = subprocess.Popen(
-                self.argv(), stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                self.argv(),
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.log_path.parent,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -23,11 +23,20 @@ class StopMatch:
     stop: str | None = None
 
 
+# the prefix set below grows with the square of a stop string's length: a 100k-character one
+# took minutes and gigabytes on the tokenizer's event loop (found by the gRPC fuzzer)
+MAX_STOP_CHARS = 1000
+
+
 class StopStringMatcher:
     def __init__(self, stops: Sequence[str], field: str = "stop") -> None:
         for i, s in enumerate(stops):
             if not s:
                 raise InvalidRequestError(f"{field}[{i}]", "stop strings must not be empty")
+            if len(s) > MAX_STOP_CHARS:
+                raise InvalidRequestError(
+                    f"{field}[{i}]", f"stop strings are at most {MAX_STOP_CHARS} characters"
+                )
         self._stops = tuple(dict.fromkeys(stops))  # dedupe, keep order
         # every proper prefix of every stop string: the tails worth holding back
         self._prefixes = {s[:i] for s in self._stops for i in range(1, len(s))}

@@ -8,6 +8,7 @@ zero, so the worker's defaults apply to whatever the client left out.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,6 +32,9 @@ FINISH_REASONS = {
     common_pb2.FINISH_REASON_LENGTH: "length",
     common_pb2.FINISH_REASON_ABORT: "abort",
 }
+
+# what a logprob that is not a finite number is reported as (vLLM's convention)
+MIN_LOGPROB = -9999.0
 
 # The router input of one prompt: one of the RouterGenerateRequest.input oneof's fields.
 PromptInput = dict[str, Any]
@@ -225,8 +229,18 @@ def piece_from_pb(index: int, pb: router_pb2.RouterGenerateResponse) -> Piece:
 
 def _logprob(pb: common_pb2.TokenLogprob) -> TokenLogprob:
     return TokenLogprob(
-        token_id=pb.token_id, logprob=pb.logprob, top=tuple((t.token_id, t.logprob) for t in pb.top)
+        token_id=pb.token_id,
+        logprob=_finite(pb.logprob),
+        top=tuple((t.token_id, _finite(t.logprob)) for t in pb.top),
     )
+
+
+def _finite(logprob: float) -> float:
+    """``logprob``, or ``MIN_LOGPROB`` for -inf / NaN: a token the sampler masked out, or the
+    model's distribution overflowing under an extreme repetition penalty. JSON has no -Infinity:
+    the body could not be written (a 500, found by the HTTP fuzzer), and streams would carry
+    tokens strict parsers reject."""
+    return logprob if math.isfinite(logprob) else MIN_LOGPROB
 
 
 def _usage(pb: common_pb2.Usage) -> Usage:

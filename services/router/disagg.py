@@ -104,7 +104,9 @@ async def start(
             if isinstance(p_result, grpc.aio.AioRpcError):
                 d_call.cancel()
                 raise _failure(prefill, p_result) from p_result
-            await d_first
+            # waited for, not awaited: a failed D must raise as _first_of names it (SideFailed,
+            # so the request is retried), not as a bare grpc error
+            await asyncio.wait({d_first})
         first = _first_of(d_first, decode)
     except BaseException:
         p_call.cancel()

@@ -45,6 +45,7 @@ from pdmesh.routing import (
 from pdmesh.telemetry import event, set_attributes, span, tracing_installed
 from pdmesh.telemetry.router_metrics import RouterMetrics
 from pdmesh.telemetry.spans import FIRST_TOKEN, ROUTE, TOKENIZE
+from pdmesh.tokenizer.stop_strings import MAX_STOP_CHARS
 from pdmesh.v1 import common_pb2, router_pb2, tokenizer_pb2, worker_pb2
 from services.router import disagg
 from services.router.ids_only import TokenIdsOnly, wants_ids_only
@@ -108,7 +109,7 @@ class Generation:
             skip = params.skip_special_tokens if params.HasField("skip_special_tokens") else None
             detok = await self.tokenizer.open_detokenizer(prompt, params.stop, skip, timeout, calls)
         worker_request = worker_pb2.GenerateRequest(
-            request_id=_worker_request_id(request_id), token_ids=prompt, sampling_params=params
+            request_id=request_id, token_ids=prompt, sampling_params=params
         )
         prefill_done = None
         deadline = asyncio.get_running_loop().time() + timeout
@@ -245,6 +246,7 @@ class Generation:
             if not decodes:
                 return None
             decode = self._choose(self.decode_policy or self.policy, decodes, view)
+            request.request_id = _attempt_id(view, request)
             try:
                 started = await disagg.start(request, prefill, decode, _left(deadline), calls)
             except disagg.SideFailed as e:
@@ -366,6 +368,7 @@ class Generation:
             if not candidates:
                 break
             worker = self._choose(self.policy, candidates, view)
+            request.request_id = _attempt_id(view, request)
             call: WorkerCall = calls.track(worker.stub.Generate(request, timeout=_left(deadline)))
             try:
                 return worker, call, await _next(call, worker, retryable=True)
@@ -412,13 +415,13 @@ async def _next(
     return reply
 
 
-def _worker_request_id(request_id: str) -> str:
-    """The id a worker knows this request by: the client's, made unique per router call. A
-    worker keys its engine state by id, and clients' ids need not be unique: two clients may
-    send the same one, and when a router dies the gateway retries a request on another router
-    under the same id while the worker may still be unwinding the first attempt (whose abort,
-    by id, would otherwise stop the second)."""
-    return f"{request_id}.{uuid.uuid4().hex[:8]}"
+def _attempt_id(view: RequestView, request: worker_pb2.GenerateRequest) -> str:
+    """The id a worker knows one attempt of a request by: the client's id, made unique per
+    attempt. Workers key their engine state by id, and a worker still unwinding an attempt that
+    failed (a lost prefill, a dead router whose request the gateway sent on to another) aborts
+    it by id: under the same id a retry would be stopped by that abort. Clients' own ids need
+    not be unique either."""
+    return f"{view.request_id or request.request_id}.{uuid.uuid4().hex[:8]}"
 
 
 def _left(deadline: float) -> float:
@@ -445,6 +448,10 @@ def _check_stop_strings(stop: list[str]) -> None:
     for i, s in enumerate(stop):
         if not s:
             raise InvalidRequestError(f"sampling_params.stop[{i}]", "must not be empty")
+        if len(s) > MAX_STOP_CHARS:
+            raise InvalidRequestError(
+                f"sampling_params.stop[{i}]", f"is longer than {MAX_STOP_CHARS} characters"
+            )
 
 
 def _passed_on(

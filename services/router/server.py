@@ -167,7 +167,10 @@ async def serve(config: RouterServiceConfig, mesh: MeshOptions | None = None) ->
     # under Consul the tokenizers are the catalog's; --tokenizer (which has a default) is for
     # static discovery
     tokenizer = TokenizerClient(
-        [] if consul else [config.tokenizer], config.rpc_timeout, tls=mesh.tls
+        [] if consul else [config.tokenizer],
+        config.rpc_timeout,
+        tls=mesh.tls,
+        drain_timeout=config.request_timeout_secs,  # a stream lasts as long as its generation
     )
     settings = config.policy_settings()
     generation = Generation(

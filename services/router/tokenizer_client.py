@@ -51,11 +51,19 @@ class _Instance:
 
 class TokenizerClient:
     def __init__(
-        self, addresses: str | Sequence[str], rpc_timeout: float, tls: TLSConfig = PLAINTEXT
+        self,
+        addresses: str | Sequence[str],
+        rpc_timeout: float,
+        tls: TLSConfig = PLAINTEXT,
+        drain_timeout: float | None = None,
     ) -> None:
         """``addresses``: the tokenizers to start with (``host:port``; more via ``add``);
-        ``tls``: how the channels to them are secured (``--tls-*``)."""
+        ``tls``: how the channels to them are secured (``--tls-*``); ``drain_timeout``: how
+        long a removed tokenizer's open detokenize streams (whole generations) may run before
+        its channel is closed under them (default ``rpc_timeout``)."""
         self._rpc_timeout = rpc_timeout
+        self._drain_timeout = rpc_timeout if drain_timeout is None else drain_timeout
+        self._closing: set[asyncio.Task[None]] = set()
         self._tls = tls
         self._instances: dict[str, _Instance] = {}
         self._turn = itertools.count()
@@ -83,7 +91,11 @@ class TokenizerClient:
         instance = self._instances.pop(address, None)
         if instance is not None:
             log.info("removed tokenizer %s", address)
-            await instance.channel.close(grace=self._rpc_timeout)
+            # in the background: the caller (a Consul watch) must not wait out the streams
+            close = instance.channel.close(grace=self._drain_timeout)
+            task = asyncio.get_running_loop().create_task(close)
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     def _pick(self) -> _Instance:
         if not self._instances:
@@ -141,6 +153,8 @@ class TokenizerClient:
         return Detokenizer(call, tokenizer.label)
 
     async def close(self) -> None:
+        for task in list(self._closing):  # removed ones: their streams end now too
+            task.cancel()
         for instance in list(self._instances.values()):
             await instance.channel.close()
         self._instances.clear()

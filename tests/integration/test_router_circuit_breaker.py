@@ -25,6 +25,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from pdmesh.rpc import keepalive
 from pdmesh.rpc.errors import error_detail
 from pdmesh.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2_grpc
 from tests.integration.procs import ServiceProc, free_port, start_service, worker_args
@@ -36,7 +37,10 @@ pytestmark = pytest.mark.model
 THRESHOLD = 2  # --cb-failure-threshold
 SUCCESSES = 2  # --cb-success-threshold
 CB_TIMEOUT_S = 5.0  # --cb-timeout-duration-secs
-REQUEST_TIMEOUT_S = 3.0  # the router's deadline: how long a request routed to frozen A takes
+# the router's deadline: how long a request routed to frozen A takes. Shorter than the ping
+# timeout with which the router's keepalive finds a frozen worker itself (UNAVAILABLE, which
+# would also mark A unhealthy and retry on B): here only the breaker may take A out
+REQUEST_TIMEOUT_S = 0.9 * keepalive.PING_TIMEOUT_S
 RECOVERY_S = 60.0  # deadline for A to take traffic again once the breaker's timeout is over
 ROUTER_FLAGS = [
     "--health-check-interval", "3600",

@@ -72,7 +72,7 @@ def test_migration_reissues_prompt_and_tokens_elsewhere_with_lower_budgets() -> 
     worker, sent = migrate(params, [3, 4, 5])
     assert worker == "b"  # never the failed one
     assert list(sent.token_ids) == [1, 2, 3, 4, 5]
-    assert sent.request_id == "r"
+    assert sent.request_id.startswith("r.")  # unique per attempt (generate._attempt_id)
     p = sent.sampling_params
     assert (p.max_new_tokens, p.min_new_tokens, p.seed) == (7, 2, 7)
 
