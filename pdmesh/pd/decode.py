@@ -165,16 +165,23 @@ class DisaggDecoder:
         loop = asyncio.get_running_loop()
         # watched from the start: a prefill that hangs while we register must fail the room too
         watch = self._monitor.watch(prefill.bootstrap_address)
+
+        def writing() -> None:
+            incoming.writing = True
+            # the instance that took the room: from now on another instance answering the
+            # heartbeat means the room's KV is gone. Not the instance cached before the
+            # transfer: a prefill restarted behind the same address answers the transfer with
+            # NOT_FOUND and the peer registers again, so the cache may be one instance old.
+            watch.instance_id = peer.instance_id
+
         try:
-            watch.instance_id = await self._race(
-                incoming, self._spawn(peer.ensure_registered()), watch, deadline
-            )
+            await self._race(incoming, self._spawn(peer.ensure_registered()), watch, deadline)
             transfer = self._spawn(
                 peer.transfer(
                     prefill.room,
                     pages,
                     incoming.request_id,
-                    on_writing=lambda: setattr(incoming, "writing", True),
+                    on_writing=writing,
                     # the grpc deadline is a backstop; the waiting timeout acts first
                     timeout=max(0.0, deadline - loop.time()) + self._waiting_timeout,
                 )
