@@ -13,6 +13,7 @@ import torch
 
 from pdmesh.engine.attention import AttentionMetadata, PrefillSegment, rows_per_page
 from pdmesh.engine.cuda_graphs import DecodeGraphs, use_kernels
+from pdmesh.engine.kv_memory import allocate_kv_cache
 from pdmesh.engine.sampler import Sampler, SampleRow
 from pdmesh.engine.scheduler import ScheduledBatch
 from pdmesh.engine.sequence import Sequence, TokenLogprob
@@ -47,16 +48,10 @@ class ModelRunner:
         # a slot is page * page_stride + offset (attention.py: page-major rows)
         self.page_stride = rows_per_page(cfg.num_layers, page_size)
         self.eos_token_ids = eos_token_ids
-        # zeroed: padded decode rows read slots nobody wrote, and 0 × garbage may be NaN
-        self.kv_cache = torch.zeros(
-            num_pages,
-            cfg.num_layers,
-            2,
-            page_size,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-            dtype=dtype,
-            device=device,
+        self.kv_cache = allocate_kv_cache(
+            (num_pages, cfg.num_layers, 2, page_size, cfg.num_kv_heads, cfg.head_dim),
+            dtype,
+            device,
         )
         cos, sin = llama.rope_cos_sin(cfg, max_model_len)
         self.rope = (cos.to(device), sin.to(device))

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from pdmesh.engine.kv_memory import allocate_kv_cache
 from pdmesh.kv_transfer.handle import ReceiverHandle, layout_of
 
 _START_TIMEOUT_S = 120.0  # a spawned child imports torch first: seconds on a loaded 2-core box
@@ -56,7 +57,8 @@ def _child(
     device: str,
 ) -> None:
     torch.set_num_threads(1)  # the copy is the work here; leave the cores to the transfer
-    kv = torch.zeros(shape, dtype=getattr(torch, dtype), device=device)
+    # allocated as the engine allocates its cache (on CUDA: shareable at link speed)
+    kv = allocate_kv_cache(shape, getattr(torch, dtype), torch.device(device))
     try:
         if hosted:
             asyncio.run(_hosted(conn, kv, host))

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pdmesh.engine.attention import AttentionMetadata, layer_rows, paged_attention
-from pdmesh.models import cuda_ops
+from pdmesh.models import cuda_ops, gemv
 from pdmesh.models.config import ModelConfig
 
 
@@ -43,6 +43,13 @@ def _qk_rows(q: torch.Tensor, t: int, heads: int, head_dim: int) -> torch.Tensor
     """[t, heads, head_dim] view over q's and k's heads in the fused qkv output (``q`` is its
     first slice: same storage and row stride)."""
     return q.as_strided((t, heads, head_dim), (q.stride(0), head_dim, 1))
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``; one half-precision row on CUDA goes to the GEMV kernel (``gemv.py``)."""
+    if gemv.applies(x, weight) and cuda_ops.enabled(x):
+        return gemv.linear(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def _fuse(a: nn.Linear, b: nn.Linear, c: nn.Linear | None, name: str) -> torch.Tensor:
@@ -134,7 +141,7 @@ class Attention(nn.Module):
         t = x.shape[0]
         if self.qkv is not None:  # fused on CUDA: one GEMM instead of three
             qd, kd = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-            q2, k2, v2 = F.linear(x, self.qkv[0], self.qkv[1]).split([qd, kd, kd], dim=-1)
+            q2, k2, v2 = _linear(x, self.qkv[0], self.qkv[1]).split([qd, kd, kd], dim=-1)
             q = q2.view(t, self.num_heads, self.head_dim)
             k = k2.view(t, self.num_kv_heads, self.head_dim)
             v = v2.view(t, self.num_kv_heads, self.head_dim)
@@ -154,7 +161,7 @@ class Attention(nn.Module):
         else:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o = paged_attention(q, k, v, kv[0], kv[1], meta, self.scale)
-        return self.o_proj(o.reshape(t, -1))
+        return _linear(o.reshape(t, -1), self.o_proj.weight, self.o_proj.bias)
 
 
 class MLP(nn.Module):
@@ -171,7 +178,11 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None and cuda_ops.enabled(x):
-            return self.down_proj(cuda_ops.silu_mul(F.linear(x, self.gate_up)))
+            if gemv.applies(x, self.gate_up):
+                h = gemv.silu_mul_linear(x, self.gate_up)
+            else:
+                h = cuda_ops.silu_mul(F.linear(x, self.gate_up))
+            return _linear(h, self.down_proj.weight)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -244,4 +255,4 @@ class LlamaForCausalLM(nn.Module):
             layer.mlp.fuse_projections()
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        return _linear(hidden, self.lm_head.weight).float()

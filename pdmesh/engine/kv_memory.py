@@ -1,0 +1,98 @@
+"""Where the KV cache's memory comes from.
+
+On CUDA the cache is allocated in one of torch's *expandable segments* — memory made with the
+CUDA virtual-memory API (``cuMemCreate``) — instead of a plain ``cudaMalloc`` block. The cache
+is the memory another process on the host writes into (the ``cuda_ipc`` KV-transfer backend),
+and how it was allocated decides how fast that can go: a peer that maps ``cudaMalloc`` memory
+through a legacy CUDA IPC handle copies into it at host-staged speed (measured 40 GB/s between
+two H200s, NVLink-connected), while the same copy into cuMem memory, shared as a POSIX file
+descriptor, runs at the link's 390 GB/s, as fast as a copy between two GPUs of one process
+(``python -m pdmesh.bench.kv_transfer --device cuda:0 --receiver-device cuda:1``).
+
+Only the cache is allocated that way: the allocator setting is switched on around this one
+allocation and restored, so activations, weights and CUDA-graph pools stay as they were.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_ENV = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+
+
+def _set_allocator(settings: str) -> None:
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+    if setter is None:  # torch < 2.9
+        setter = torch.cuda.memory._set_allocator_settings
+    setter(settings)
+
+
+def _expandable_by_env() -> bool:
+    """Whether the operator already made every allocation expandable (then leave it so)."""
+    conf = ",".join(os.environ.get(name, "") for name in _ENV)
+    return re.search(r"expandable_segments:\s*true", conf, re.IGNORECASE) is not None
+
+
+@contextmanager
+def _expandable_segments() -> Iterator[bool]:
+    """Allocations inside go to expandable (cuMem) segments; yields whether that took."""
+    if _expandable_by_env():
+        yield True
+        return
+    try:
+        _set_allocator("expandable_segments:True")
+    except (AttributeError, RuntimeError) as e:
+        log.warning(
+            "could not allocate the KV cache as shareable CUDA memory (%s): a same-host peer "
+            "writing into it (cuda_ipc) will copy at host-staged speed",
+            e,
+        )
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        _set_allocator("expandable_segments:False")
+
+
+def allocate_kv_cache(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """A zeroed cache of ``shape``; on CUDA in memory a peer process can map at link speed.
+
+    Zeroed: padded decode rows read slots nobody wrote, and 0 x garbage may be NaN.
+    """
+    if device.type != "cuda":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    with torch.cuda.device(device), _expandable_segments() as shareable:
+        # a free block the allocator still caches would be reused as it is (cudaMalloc memory)
+        torch.cuda.empty_cache()
+        kv = torch.zeros(shape, dtype=dtype, device=device)
+    if shareable and not in_expandable_segment(kv):
+        log.warning(
+            "the KV cache was placed in cudaMalloc memory: a same-host peer writing into it "
+            "(cuda_ipc) will copy at host-staged speed"
+        )
+    return kv
+
+
+def in_expandable_segment(t: torch.Tensor) -> bool:
+    """Whether ``t`` lives in an expandable (cuMem) segment, i.e. shares at link speed."""
+    if not t.is_cuda:
+        return False
+    ptr = t.untyped_storage().data_ptr()
+    for seg in torch.cuda.memory_snapshot():
+        if (
+            seg["device"] == t.device.index
+            and seg["address"] <= ptr < seg["address"] + seg["total_size"]
+        ):
+            return bool(seg.get("is_expandable", False))
+    return False
