@@ -10,8 +10,9 @@ router. The random workload measures TTFT, ITL and output throughput at each con
 loop, ``pdmesh.bench.serve``'s load generator); the shared-prefix workload runs both with
 ``cache_aware`` and measures the prefix hit rate the workers saw (their prefix-cache hit tokens
 over the prompt tokens sent). Every run and arm draws its own prompts, so no arm finds another's
-prefixes cached; with ``--repeats`` the arms alternate which goes first. Ratios are printed
-(pdmesh / smg), never asserted.
+prefixes cached; with ``--repeats`` the arms alternate which goes first. The capacity workload
+(``smg_capacity``) measures the hit rate again where KV pages are scarce, on fresh workers for
+every arm. Ratios are printed (pdmesh / smg), never asserted.
 """
 
 from __future__ import annotations
@@ -33,14 +34,17 @@ from typing import Any
 import grpc
 import numpy as np
 
-from pdmesh.bench.routers.fleet import ChildDied, Fleet, free_port
+from pdmesh.bench.routers.fleet import ChildDied, Fleet
 from pdmesh.bench.serve.backends import make_backend
 from pdmesh.bench.serve.config import ServeBenchConfig
 from pdmesh.bench.serve.datasets import BenchRequest, random_requests, shared_prefix_requests
 from pdmesh.bench.serve.metrics import Summary, summarize
 from pdmesh.bench.serve.runner import run_requests, warmup
 from pdmesh.bench.serve.tokenizer import BenchTokenizer
+from pdmesh.bench.smg_capacity import CapacityReport, render_capacity, run_capacity
 from pdmesh.bench.smg_config import SmgBenchConfig
+from pdmesh.bench.smg_procs import Worker, start_pdmesh, start_smg, start_tokenizer, wait_ready
+from pdmesh.bench.smg_procs import start_workers as start_worker_procs
 from pdmesh.config import add_dataclass_args, from_args
 from pdmesh.models.source import resolve
 from pdmesh.v1 import worker_pb2, worker_pb2_grpc
@@ -79,6 +83,7 @@ class Run:
 class Report:
     config: SmgBenchConfig
     runs: list[Run] = field(default_factory=list)
+    capacity: CapacityReport = field(default_factory=CapacityReport)
 
     def medians(self, arm: str, workload: str, level: int) -> dict[str, float]:
         runs = [
@@ -92,70 +97,30 @@ class Report:
 # -- processes ---------------------------------------------------------------------------------
 
 
-def start_workers(cfg: SmgBenchConfig, fleet: Fleet) -> tuple[str, list[str]]:
-    """The tokenizer service and the workers; their addresses."""
-    tok_port = free_port()
-    fleet.start(
-        "tokenizer",
-        ["-m", "services.tokenizer", "--port", str(tok_port), "--model", cfg.model],
-        f"grpc://127.0.0.1:{tok_port}",
+def start_workers(cfg: SmgBenchConfig, fleet: Fleet) -> list[Worker]:
+    """The ``--workers`` workers the random and shared-prefix workloads share."""
+    return start_worker_procs(
+        fleet,
+        count=cfg.workers,
+        model=cfg.model,
+        device=cfg.device,
+        num_pages=cfg.num_pages,
+        max_model_len=cfg.max_model_len,
     )
-    workers = []
-    for i in range(cfg.workers):
-        port = free_port()
-        args = [
-            "-m", "services.decode", "--port", str(port), "--model", cfg.model,
-            "--device", cfg.device, "--num-pages", str(cfg.num_pages),
-            "--max-model-len", str(cfg.max_model_len), "--log-level", "warning",
-            "--grace-period", "2",
-        ]  # fmt: skip
-        fleet.start(f"worker-{i}", args, f"grpc://127.0.0.1:{port}")
-        workers.append(f"127.0.0.1:{port}")
-    fleet.wait_healthy()
-    return f"127.0.0.1:{tok_port}", workers
 
 
 def start_arms(
     cfg: SmgBenchConfig, fleet: Fleet, tokenizer: str, workers: list[str], policy: str
 ) -> tuple[dict[str, str], list[Any]]:
     """pdmesh's router + gateway and smg, both with ``policy``: base URLs by arm, children."""
-    router_port, gateway_port, smg_port = free_port(), free_port(), free_port()
-    router = fleet.start(
-        f"router-{policy}",
-        [
-            "-m", "services.router", "--port", str(router_port), "--workers", ",".join(workers),
-            "--tokenizer", tokenizer, "--policy", policy, "--log-level", "warning",
-            "--grace-period", "2",
-        ],
-        f"grpc://127.0.0.1:{router_port}",
-    )  # fmt: skip
-    gateway = fleet.start(
-        f"gateway-{policy}",
-        [
-            "-m", "services.gateway", "--port", str(gateway_port),
-            "--router", f"127.0.0.1:{router_port}", "--log-level", "warning",
-            "--grace-period", "2",
-        ],
-        f"http://127.0.0.1:{gateway_port}/health",
-    )  # fmt: skip
-    source = resolve(cfg.model)
-    if source.path is None:
-        raise ValueError(f"--model={cfg.model!r} has no tokenizer files for smg (random weights)")
-    smg = fleet.start(
-        f"smg-{policy}",
-        [
-            "-m", "smg.launch_router", "--host", "127.0.0.1", "--port", str(smg_port),
-            "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port()),
-            "--worker-urls", *(f"grpc://{w}" for w in workers), "--policy", policy,
-            "--tokenizer-path", str(source.path), "--log-level", "warn",
-            "--shutdown-grace-period-secs", "2",
-        ],
-        f"http://127.0.0.1:{smg_port}/readiness",
-    )  # fmt: skip
-    children = [router, gateway, smg]
-    fleet.wait_healthy(children)
-    urls = {"pdmesh": f"http://127.0.0.1:{gateway_port}", "smg": f"http://127.0.0.1:{smg_port}"}
-    return urls, children
+    pdmesh_url, pdmesh_children = start_pdmesh(fleet, tokenizer, workers, policy)
+    smg_url, smg_children = start_smg(
+        fleet, cfg.model, workers, policy, extra_args=cfg.smg_arg_list()
+    )
+    wait_ready(fleet, pdmesh_url, pdmesh_children, len(workers))
+    wait_ready(fleet, smg_url, smg_children, len(workers))
+    urls = {"pdmesh": pdmesh_url, "smg": smg_url}
+    return urls, [*pdmesh_children, *smg_children]
 
 
 # -- measuring ---------------------------------------------------------------------------------
@@ -216,8 +181,29 @@ def order(repeat: int) -> tuple[str, ...]:
 def run(cfg: SmgBenchConfig, tokenizer: BenchTokenizer, report: Report) -> None:
     log_dir = Path(cfg.log_dir) if cfg.log_dir else None
     with Fleet(log_dir, cfg.startup_timeout) as fleet:
-        tok, workers = start_workers(cfg, fleet)
-        log.info("workers up: %s (logs in %s)", ", ".join(workers), fleet.log_dir)
+        tok = start_tokenizer(fleet, cfg.model)
+        fleet.wait_healthy()
+        log.info("logs in %s", fleet.log_dir)
+        if cfg.random_workload or cfg.shared_prefix:
+            workers = start_workers(cfg, fleet)
+            addresses = [w.address for w in workers]
+            log.info("workers up: %s", ", ".join(addresses))
+            run_shared_workers(cfg, fleet, tok, addresses, tokenizer, report)
+            fleet.stop_children([w.child for w in workers])  # the capacity workload has its own
+        if cfg.capacity:
+            run_capacity(cfg, fleet, tok, tokenizer, report.capacity)
+
+
+def run_shared_workers(
+    cfg: SmgBenchConfig,
+    fleet: Fleet,
+    tok: str,
+    workers: list[str],
+    tokenizer: BenchTokenizer,
+    report: Report,
+) -> None:
+    """The random and shared-prefix workloads, on the same long-lived workers."""
+    if cfg.random_workload:
         urls, arms = start_arms(cfg, fleet, tok, workers, cfg.policy)
         for repeat in range(cfg.repeats):
             for level in cfg.levels():
@@ -231,8 +217,7 @@ def run(cfg: SmgBenchConfig, tokenizer: BenchTokenizer, report: Report) -> None:
                     summary, _ = asyncio.run(timed(cfg, urls[arm], requests, level))
                     report.runs.append(Run(arm, "random", level, summary))
         fleet.stop_children(arms)
-        if not cfg.shared_prefix:
-            return
+    if cfg.shared_prefix:
         urls, arms = start_arms(cfg, fleet, tok, workers, "cache_aware")
         for repeat in range(cfg.repeats):
             for i, arm in enumerate(order(repeat)):
@@ -247,6 +232,7 @@ def run(cfg: SmgBenchConfig, tokenizer: BenchTokenizer, report: Report) -> None:
                 )
                 rate = hits / max(summary.total_input_tokens, 1)
                 report.runs.append(Run(arm, "shared-prefix", cfg.shared_concurrency, summary, rate))
+        fleet.stop_children(arms)
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -254,16 +240,20 @@ def run(cfg: SmgBenchConfig, tokenizer: BenchTokenizer, report: Report) -> None:
 
 def render(report: Report) -> str:
     cfg = report.config
+    shared = f"{cfg.workers} workers, " if cfg.random_workload or cfg.shared_prefix else ""
     lines = [
-        f"pdmesh router+gateway vs smg (gRPC mode), {cfg.workers} workers ({cfg.model}, "
-        f"{cfg.device}), medians of {cfg.repeats} run(s); ratio = pdmesh / smg",
-        "",
-        f"random workload: {cfg.input_len} prompt + {cfg.output_len} output tokens, "
-        f"policy {cfg.policy}",
-        f"{'conc':>5} {'arm':>7} {'TTFT p50 ms':>12} {'ITL p50 ms':>11} {'out tok/s':>10} "
-        f"{'failed':>7}",
+        f"pdmesh router+gateway vs smg (gRPC mode), {shared}{cfg.model} on {cfg.device}, "
+        f"medians of {cfg.repeats} run(s); ratio = pdmesh / smg",
     ]
-    for level in cfg.levels():
+    if cfg.random_workload:
+        lines += [
+            "",
+            f"random workload: {cfg.input_len} prompt + {cfg.output_len} output tokens, "
+            f"policy {cfg.policy}",
+            f"{'conc':>5} {'arm':>7} {'TTFT p50 ms':>12} {'ITL p50 ms':>11} {'out tok/s':>10} "
+            f"{'failed':>7}",
+        ]
+    for level in cfg.levels() if cfg.random_workload else []:
         figures = {arm: report.medians(arm, "random", level) for arm in ARMS}
         for arm in ARMS:
             f = figures[arm]
@@ -298,6 +288,16 @@ def render(report: Report) -> str:
             f"{'ratio':>7} {_ratio(p, s, 'prefix_hit_rate'):>9} {_ratio(p, s, 'ttft_p50_ms'):>12} "
             f"{_ratio(p, s, 'output_tok_s'):>10}"
         )
+    if cfg.capacity:
+        lines += ["", *render_capacity(cfg, report.capacity)]
+    lines += [
+        "",
+        "cache_aware: each router's defaults (cache threshold 0.3, balance thresholds 64 "
+        "requests and 1.5x in both; smg's other settings, e.g. its worker overload protection "
+        "and warm-up slice, at their defaults too)",
+    ]
+    if cfg.smg_args:
+        lines.append(f"smg was also given: {cfg.smg_args}")
     return "\n".join(lines)
 
 
@@ -312,6 +312,7 @@ def to_json(report: Report) -> dict[str, Any]:
             {"arm": r.arm, "workload": r.workload, "concurrency": r.concurrency, **r.figures()}
             for r in report.runs
         ],
+        "capacity_runs": [r.figures() for r in report.capacity.runs],
     }
 
 
@@ -324,8 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
         description=textwrap.fill(
             "SGLang's gateway smg (gRPC mode) against pdmesh's router + gateway, both in front "
             "of the same pdmesh workers: TTFT, ITL and output throughput at each concurrency "
-            "on a random workload, and the workers' prefix hit rate on a shared-prefix "
-            "workload with cache_aware routing on both. Prints medians and pdmesh/smg ratios.",
+            "on a random workload, and the workers' prefix hit rate with cache_aware routing "
+            "on both: on a shared-prefix workload whose prefixes all fit the workers' caches, "
+            "and on the capacity workload, where they do not (fresh workers per arm, the same "
+            "requests through each). Prints medians and pdmesh/smg ratios.",
             width=88,
         ),
     )
