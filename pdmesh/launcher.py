@@ -32,7 +32,7 @@ log = logging.getLogger("pdmesh.launcher")
 
 MODES = ("agg", "disagg")
 # pdmesh.kv_transfer's backend names (not imported here: it loads torch)
-KV_BACKENDS = ("mooncake", "grpc", "cuda_ipc")
+KV_BACKENDS = ("auto", "mooncake", "grpc", "cuda_ipc")
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,9 @@ class LauncherConfig:
     prefill_port: int = flag(50054, "disagg: gRPC port of the prefill worker")
     bootstrap_port: int = flag(8998, "disagg: port of the prefill worker's bootstrap server")
     kv_transfer_backend: str = flag(
-        "mooncake", f"disagg: how KV moves from prefill to decode: {', '.join(KV_BACKENDS)}"
+        "auto",
+        f"disagg: how KV moves from prefill to decode: {', '.join(KV_BACKENDS)} (auto: cuda_ipc "
+        "between GPUs of one host, else mooncake)",
     )
     startup_timeout: float = flag(600.0, "seconds to wait for every service to become healthy")
     grace_period: float = flag(10.0, "seconds each service may drain on shutdown before SIGKILL")

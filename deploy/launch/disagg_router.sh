@@ -13,7 +13,7 @@ make -s install
 source deploy/launch/mesh_lib.sh
 NUM_PREFILL=${NUM_PREFILL:-1}
 NUM_DECODE=${NUM_DECODE:-1}
-KV_BACKEND=${KV_BACKEND:-mooncake}
+KV_BACKEND=${KV_BACKEND:-auto}
 ROUTER_POLICY=${ROUTER_POLICY:-round_robin}
 trap stop_all EXIT INT TERM
 

@@ -37,6 +37,12 @@ class KVReceiver(ABC):
     def handle(self) -> ReceiverHandle:
         """What a sender needs to write here (send it to the prefill at registration)."""
 
+    @property
+    def handles(self) -> list[ReceiverHandle]:
+        """Every handle writes can come through, preferred first (``auto`` offers several;
+        the prefill takes the first its sender can use)."""
+        return [self.handle]
+
     @abstractmethod
     def close(self) -> None:
         """Stop accepting writes and release the memory registration. Idempotent."""
@@ -71,6 +77,16 @@ class KVSender(ABC):
     @abstractmethod
     async def close(self) -> None:
         """Release connections and the memory registration. Idempotent."""
+
+    def refusal(self, dest: ReceiverHandle) -> str | None:
+        """Why this sender cannot write to ``dest`` (checked at registration), None if it can.
+        The KV layouts are checked apart from this."""
+        if dest.backend != self.backend:
+            return (
+                f"it receives KV with the {dest.backend!r} transfer backend, this prefill sends "
+                f"with {self.backend!r} (--kv-transfer-backend must match, or be 'auto')"
+            )
+        return None
 
     def plan(self, dest: ReceiverHandle, src_pages: list[int], dst_pages: list[int]) -> list[Block]:
         """Check ``dest`` against our layout and coalesce the pages into byte blocks."""

@@ -31,6 +31,7 @@ import socket
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -112,27 +113,41 @@ def _local_index(gpu_uuid: str) -> int | None:
     return None
 
 
-def _open_remote(dest: ReceiverHandle) -> torch.Tensor:
-    """The receiver's cache as a flat uint8 tensor in this process."""
+def _fields(dest: ReceiverHandle) -> dict[str, Any]:
     try:
-        f = json.loads(dest.extra)
+        fields = json.loads(dest.extra)
     except ValueError as e:
         raise KVTransferError(
             f"cuda_ipc handle of {dest.address} is malformed", peer=dest.address
         ) from e
-    if f["host"] != host_id():
-        raise KVTransferError(
-            f"cuda_ipc receiver {dest.address} is on another host ({f['host']}); cuda_ipc "
-            "works between GPUs of one host: use mooncake across hosts",
-            peer=dest.address,
+    if not isinstance(fields, dict) or not {"host", "gpu_uuid", "handle"} <= fields.keys():
+        raise KVTransferError(f"cuda_ipc handle of {dest.address} is malformed", peer=dest.address)
+    return fields
+
+
+def _unreachable(fields: dict[str, Any]) -> str | None:
+    """Why this process cannot map the memory ``fields`` describe, None if it can."""
+    if fields["host"] != host_id():
+        return (
+            f"its cuda_ipc memory is on another host ({fields['host']}); cuda_ipc works between "
+            "GPUs of one host: use mooncake across hosts"
         )
+    if _local_index(fields["gpu_uuid"]) is None:
+        return (
+            f"its cuda_ipc memory is on GPU {fields['gpu_uuid']}, which this process does not see "
+            "(CUDA_VISIBLE_DEVICES?)"
+        )
+    return None
+
+
+def _open_remote(dest: ReceiverHandle) -> torch.Tensor:
+    """The receiver's cache as a flat uint8 tensor in this process."""
+    f = _fields(dest)
+    reason = _unreachable(f)
+    if reason is not None:
+        raise KVTransferError(f"cuda_ipc receiver {dest.address}: {reason}", peer=dest.address)
     index = _local_index(f["gpu_uuid"])
-    if index is None:
-        raise KVTransferError(
-            f"cuda_ipc receiver {dest.address} is on GPU {f['gpu_uuid']}, which this process "
-            "does not see (CUDA_VISIBLE_DEVICES?)",
-            peer=dest.address,
-        )
+    assert index is not None
     if not f.get("link_speed", False):
         log.warning(
             "cuda_ipc receiver %s shares its KV cache as legacy cudaMalloc memory: copies into "
@@ -203,6 +218,15 @@ class CudaIpcSender(KVSender):
         _need_cuda(kv_cache)
         check_cache(kv_cache, layout)
         return cls(kv_cache, layout)
+
+    def refusal(self, dest: ReceiverHandle) -> str | None:
+        reason = super().refusal(dest)
+        if reason is None:
+            try:
+                reason = _unreachable(_fields(dest))
+            except KVTransferError as e:
+                reason = str(e)
+        return reason
 
     async def write(
         self,

@@ -1,4 +1,4 @@
-"""Backends by name (``--kv-transfer-backend mooncake|grpc|cuda_ipc``), imported only when asked for, so a host
+"""Backends by name (``--kv-transfer-backend auto|mooncake|grpc|cuda_ipc``), imported only when asked for, so a host
 without Mooncake can still use the grpc backend."""
 
 from __future__ import annotations
@@ -8,9 +8,12 @@ from dataclasses import dataclass
 
 from pdmesh.kv_transfer.base import KVReceiver, KVSender
 
-DEFAULT_BACKEND = "mooncake"
+# cuda_ipc between GPUs of one host, mooncake otherwise (on CPU hosts: mooncake)
+DEFAULT_BACKEND = "auto"
 # name -> (module, receiver class, sender class)
 _BACKENDS: dict[str, tuple[str, str, str]] = {
+    # the fastest both sides of each pair can use, negotiated at registration
+    "auto": ("pdmesh.kv_transfer.auto", "AutoReceiver", "AutoSender"),
     "mooncake": ("pdmesh.kv_transfer.mooncake_backend", "MooncakeReceiver", "MooncakeSender"),
     "grpc": ("pdmesh.kv_transfer.grpc_backend", "GrpcReceiver", "GrpcSender"),
     # GPUs of one host: device-to-device copies through CUDA IPC

@@ -1,13 +1,17 @@
 """``DecodeRegistry``: the decode workers registered with this prefill, and the layout check.
 
-A decode registers once per prefill (``RegisterDecode``) with its KV layout and the handle its
-transfer backend receives pages through. A layout that does not match the prefill's is refused
-there, with every mismatch named, so no request ever waits on a transfer that cannot work.
+A decode registers once per prefill (``RegisterDecode``) with its KV layout and the handles its
+transfer backends receive pages through, fastest first (several with ``auto``); the prefill
+keeps the first its sender can use. A layout that does not match the prefill's, or no handle it
+can use, is refused there, with every reason named, so no request ever waits on a transfer
+that cannot work.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pdmesh.engine.outputs import KVLayout
@@ -21,32 +25,56 @@ log = logging.getLogger(__name__)
 class DecodePeer:
     decode_id: str  # unique per decode process: a restarted decode registers anew
     address: str  # its WorkerService, for messages
-    receiver: ReceiverHandle  # with the decode's KV layout
+    receiver: ReceiverHandle  # with the decode's KV layout; at the prefill: the one it uses
+    alternatives: tuple[ReceiverHandle, ...] = ()  # further handles offered (``auto``)
 
     @property
     def layout(self) -> KVLayout:
         return self.receiver.layout
 
 
+# why this prefill's sender cannot write to a handle, None if it can (``KVSender.refusal``)
+Refusal = Callable[[ReceiverHandle], "str | None"]
+
+
+def by_backend(backend: str) -> Refusal:
+    """Accept handles of ``backend`` only (a sender's ``refusal`` without the sender)."""
+
+    def refusal(handle: ReceiverHandle) -> str | None:
+        if handle.backend == backend:
+            return None
+        return (
+            f"it receives KV with the {handle.backend!r} transfer backend, this prefill sends "
+            f"with {backend!r} (--kv-transfer-backend must match, or be 'auto')"
+        )
+
+    return refusal
+
+
 class DecodeRegistry:
-    def __init__(self, layout: KVLayout, backend: str) -> None:
-        """``layout``: this prefill's own KV layout; ``backend``: its KV transfer backend."""
+    def __init__(self, layout: KVLayout, refusal: Refusal) -> None:
+        """``layout``: this prefill's own KV layout; ``refusal``: why its KV sender cannot
+        write to a handle (``KVSender.refusal``)."""
         self.layout = layout
-        self.backend = backend
+        self._refusal = refusal
         self._peers: dict[str, DecodePeer] = {}
 
     def __len__(self) -> int:
         return len(self._peers)
 
     def register(self, peer: DecodePeer) -> None:
-        """Keep ``peer`` (replacing an earlier registration under its id); raises
-        ``FailedPreconditionError`` naming every layout mismatch."""
-        if peer.receiver.backend != self.backend:
+        """Keep ``peer`` with the first handle this prefill can write to (replacing an earlier
+        registration under its id); raises ``FailedPreconditionError`` naming every layout
+        mismatch, or why no offered handle is usable."""
+        offers = (peer.receiver, *peer.alternatives)
+        reasons = {h.backend: self._refusal(h) for h in offers}
+        usable = [h for h in offers if reasons[h.backend] is None]
+        if not usable:
             raise FailedPreconditionError(
-                f"decode {peer.address} receives KV with the {peer.receiver.backend!r} transfer "
-                f"backend, this prefill sends with {self.backend!r} (--kv-transfer-backend must "
-                "match)"
+                f"decode {peer.address} cannot take KV pages from this prefill: "
+                + "; ".join(f"{r}" for r in reasons.values())
             )
+        peer = dataclasses.replace(peer, receiver=usable[0], alternatives=())
         errors = self.layout.compatibility_errors(peer.layout)
         if errors:
             raise FailedPreconditionError(
@@ -54,7 +82,12 @@ class DecodeRegistry:
                 f"differ (prefill != decode): {'; '.join(errors)}"
             )
         if peer.decode_id not in self._peers:
-            log.info("decode %s registered (id %s)", peer.address, peer.decode_id)
+            log.info(
+                "decode %s registered (id %s), KV over %s",
+                peer.address,
+                peer.decode_id,
+                peer.receiver.backend,
+            )
         self._peers[peer.decode_id] = peer
 
     def get(self, decode_id: str) -> DecodePeer:

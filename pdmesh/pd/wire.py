@@ -13,10 +13,14 @@ from pdmesh.v1 import bootstrap_pb2, common_pb2
 
 
 def registration_to_pb(
-    decode_id: str, decode_address: str, receiver: ReceiverHandle
+    decode_id: str, decode_address: str, receivers: list[ReceiverHandle]
 ) -> bootstrap_pb2.RegisterDecodeRequest:
+    """``receivers``: the decode's handles, fastest first."""
     return bootstrap_pb2.RegisterDecodeRequest(
-        decode_id=decode_id, receiver=handle_to_pb(receiver), decode_address=decode_address
+        decode_id=decode_id,
+        receiver=handle_to_pb(receivers[0]),
+        decode_address=decode_address,
+        alternatives=[handle_to_pb(h) for h in receivers[1:]],
     )
 
 
@@ -25,7 +29,12 @@ def registration_from_pb(pb: bootstrap_pb2.RegisterDecodeRequest) -> DecodePeer:
         raise InvalidRequestError("decode_id", "must not be empty")
     if not pb.HasField("receiver"):
         raise InvalidRequestError("receiver", "must be set")
-    return DecodePeer(pb.decode_id, pb.decode_address, handle_from_pb(pb.receiver))
+    return DecodePeer(
+        pb.decode_id,
+        pb.decode_address,
+        handle_from_pb(pb.receiver),
+        tuple(handle_from_pb(h) for h in pb.alternatives),
+    )
 
 
 def logprob_to_pb(lp: TokenLogprob) -> common_pb2.TokenLogprob:

@@ -48,7 +48,9 @@ class WorkerServiceConfig:
     kv_transfer_backend: str = flag(
         DEFAULT_BACKEND,
         f"--mode decode: how prefills write KV into this worker: {', '.join(backend_names())} "
-        "(must match the prefill workers'); grpc hosts its receiver on --port",
+        "(auto: offers cuda_ipc when the cache is on a GPU, then mooncake, and each prefill takes "
+        "the first it can use; otherwise it must match the prefill workers'); grpc hosts its "
+        "receiver on --port",
     )
     kv_transfer_host: str = flag(
         "",

@@ -51,15 +51,15 @@ class DecodeSide:
         """The worker's server is bound to ``port``; ``host`` is where others reach it.
         Registrations can be made from now on."""
         address = f"{host}:{port}"
-        handle = self.receiver.handle
+        handles = self.receiver.handles
         if self.hosted:  # senders reach it where they reach us
-            handle = dataclasses.replace(handle, address=address)
-        self.peers.registration = wire.registration_to_pb(self.decode_id, address, handle)
+            handles = [dataclasses.replace(h, address=address) for h in handles]
+        self.peers.registration = wire.registration_to_pb(self.decode_id, address, handles)
         self.monitor.start()
         log.info(
-            "decode side ready: KV receiver %s (%s backend), decode id %s",
-            handle.address,
-            handle.backend,
+            "decode side ready: KV receiver %s (%s), decode id %s",
+            handles[0].address,
+            ", ".join(h.backend for h in handles),
             self.decode_id,
         )
 

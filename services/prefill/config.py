@@ -44,8 +44,9 @@ class PrefillServiceConfig:
     )
     kv_transfer_backend: str = flag(
         DEFAULT_BACKEND,
-        f"how KV pages are written into decode workers: {', '.join(backend_names())} (must "
-        "match the decode workers')",
+        f"how KV pages are written into decode workers: {', '.join(backend_names())} (auto: "
+        "cuda_ipc to decodes on GPUs of this host, mooncake to the others; otherwise it must match "
+        "the decode workers')",
     )
     kv_transfer_host: str = flag(
         "",

@@ -121,7 +121,7 @@ async def serve(
     options = {"tls": mesh.tls} if backend.name == "grpc" else {}
     sender = backend.sender.open(engine.runner.kv_cache, layout, host, **options)
     rooms = RoomTable(config.bootstrap_timeout)
-    bootstrap = Bootstrap(rooms, DecodeRegistry(layout, backend.name))
+    bootstrap = Bootstrap(rooms, DecodeRegistry(layout, sender.refusal))
     budget = OptimisticBudget(layout.num_pages, layout.page_size, config.optimistic_prefill_share)
     runner = PrefillRunner(
         async_engine, rooms, bootstrap.decodes, sender, config.transfer_timeout, budget

@@ -146,10 +146,10 @@ def test_incompatible_layouts_are_refused_naming_the_fields() -> None:
 
 
 def test_registry_error_lists_valid_names() -> None:
-    assert backend_names() == ["cuda_ipc", "grpc", "mooncake"]
+    assert backend_names() == ["auto", "cuda_ipc", "grpc", "mooncake"]
     with pytest.raises(
         ValueError,
-        match="unknown KV transfer backend .nixl.; choose one of: cuda_ipc, grpc, mooncake",
+        match="unknown KV transfer backend .nixl.; choose one of: auto, cuda_ipc, grpc, mooncake",
     ):
         get_backend("nixl")
 

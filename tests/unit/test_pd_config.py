@@ -25,7 +25,7 @@ def prefill_config(*argv: str) -> PrefillServiceConfig:
 def test_defaults_are_short_and_documented() -> None:
     decode = decode_config("--mode", "decode")
     assert (decode.heartbeat_interval, decode.heartbeat_max_failures) == (5.0, 2)
-    assert decode.waiting_timeout == 60.0 and decode.kv_transfer_backend == "mooncake"
+    assert decode.waiting_timeout == 60.0 and decode.kv_transfer_backend == "auto"
     prefill = prefill_config()
     assert (prefill.bootstrap_port, prefill.bootstrap_timeout) == (8998, 30.0)
     help_text = decode_parser().format_help() + prefill_parser().format_help()
@@ -56,7 +56,7 @@ def test_env_names_set_the_pd_knobs(monkeypatch: pytest.MonkeyPatch) -> None:
         (("--mode", "prefill"), "python -m services.prefill"),
         (("--mode", "decode", "--heartbeat-interval", "0"), "must be > 0"),
         (("--mode", "decode", "--heartbeat-max-failures", "0"), "must be >= 1"),
-        (("--mode", "decode", "--kv-transfer-backend", "nixl"), "choose cuda_ipc, grpc, mooncake"),
+        (("--mode", "decode", "--kv-transfer-backend", "nixl"), "choose auto, cuda_ipc, grpc, mooncake"),
         (("--mode", "decode", "--host", "0.0.0.0"), "--kv-transfer-host"),
     ],
 )

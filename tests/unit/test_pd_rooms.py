@@ -21,7 +21,7 @@ from pdmesh.errors import (
 from pdmesh.kv_transfer import ReceiverHandle
 from pdmesh.pd.bootstrap import Bootstrap
 from pdmesh.pd.budget import OptimisticBudget
-from pdmesh.pd.registry import DecodePeer, DecodeRegistry
+from pdmesh.pd.registry import DecodePeer, DecodeRegistry, by_backend
 from pdmesh.pd.rooms import Destination, RoomState, RoomTable
 from pdmesh.pd.values import WRITING, FirstToken
 
@@ -227,7 +227,7 @@ def test_fail_all_fails_every_live_room() -> None:
 
 
 def test_registration_refuses_every_layout_mismatch_by_name() -> None:
-    registry = DecodeRegistry(layout(), "grpc")
+    registry = DecodeRegistry(layout(), by_backend("grpc"))
     with pytest.raises(FailedPreconditionError) as e:
         registry.register(peer(page_size=32, dtype="bfloat16", num_layers=2))
     message = str(e.value)
@@ -241,14 +241,14 @@ def test_registration_refuses_every_layout_mismatch_by_name() -> None:
 
 
 def test_an_unregistered_decode_is_not_found() -> None:
-    registry = DecodeRegistry(layout(), "grpc")
+    registry = DecodeRegistry(layout(), by_backend("grpc"))
     with pytest.raises(RequestNotFoundError, match="not registered"):
         registry.get("nobody")
 
 
 def test_bootstrap_checks_destination_pages_against_the_decode_pool() -> None:
     async def scenario() -> None:
-        bootstrap = Bootstrap(RoomTable(5), DecodeRegistry(layout(), "grpc"))
+        bootstrap = Bootstrap(RoomTable(5), DecodeRegistry(layout(), by_backend("grpc")))
         instance = bootstrap.register(peer(num_pages=8))
         assert instance == bootstrap.instance_id and len(instance) == 32
         with pytest.raises(InvalidRequestError, match=r"\[8\] outside"):
