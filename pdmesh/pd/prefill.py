@@ -137,12 +137,14 @@ class PrefillRunner:
         )
         room.finish_write(first)
         log.debug(
-            "room %d: %d pages (%d bytes) to %s in %.1f ms",
+            "room %d: %d pages (%d bytes) to %s in %.1f ms (%s, %d runs of pages)",
             room.id,
             len(src),
             stats.bytes,
             peer.address,
             stats.seconds * 1e3,
+            stats.backend,
+            stats.blocks,
         )
 
     def abort(self, request_id: str, why: str = "was cancelled") -> bool:

@@ -36,7 +36,7 @@ def test_pd_vs_agg_report_on_cpu(tmp_path: Path) -> None:
     table = printed[0]
     for _, label in ROWS:
         assert label in table
-    assert "1p1d/2agg" in table and "KV transfer (mooncake)" in table
+    assert "1p1d/2agg" in table and "KV transfer (auto: mooncake)" in table
 
     doc = json.loads(out.read_text())
     assert [r["topology"] for r in doc["runs"]] == ["1p1d", "2agg"]

@@ -24,7 +24,12 @@ def test_cuda_ipc_pages_arrive_exactly_in_link_speed_memory() -> None:
         # the receiver's cache is cuMem memory: peers copy into it over the link, not the host
         assert json.loads(rp.handle.extra)["link_speed"] is True
         sender = get_backend("cuda_ipc").sender.open(source, layout_of(source), "127.0.0.1")
-        writes = [(list(range(0, 8)), list(range(20, 28))), ([30, 5, 47], [63, 0, 33])]
+        writes = [
+            (list(range(0, 8)), list(range(20, 28))),  # one run: a DMA copy
+            ([30, 5, 47], [63, 0, 33]),  # a few runs: a DMA copy each
+            # many runs: page_copy's kernel
+            ([1, 3, 9, 11, 13, 15, 17, 40], [60, 2, 58, 4, 56, 6, 54, 9]),
+        ]
 
         async def run() -> list[int]:
             try:

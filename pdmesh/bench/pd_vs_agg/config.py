@@ -32,8 +32,9 @@ class PdVsAggConfig:
     )
     kv_transfer_backend: str = flag(
         "auto",
-        "1p1d: how KV moves from prefill to decode: cuda_ipc, mooncake, grpc; 'auto' = "
-        "cuda_ipc with --device cuda (same-host GPU to GPU), mooncake with --device cpu",
+        "1p1d: how KV moves from prefill to decode (the workers' --kv-transfer-backend): auto, "
+        "cuda_ipc, mooncake, grpc; 'auto' = the workers negotiate: cuda_ipc between GPUs of one "
+        "host, mooncake otherwise",
     )
     disagg_min_prompt_tokens: int = flag(
         1024,
@@ -135,9 +136,7 @@ class PdVsAggConfig:
         return [t.strip() for t in self.topologies.split(",") if t.strip()]
 
     def transfer_backend(self) -> str:
-        if self.kv_transfer_backend != "auto":
-            return self.kv_transfer_backend
-        return "cuda_ipc" if self.device == "cuda" else "mooncake"
+        return self.kv_transfer_backend
 
 
 def _dash(name: str) -> str:

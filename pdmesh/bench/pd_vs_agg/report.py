@@ -63,7 +63,15 @@ class Report:
 
     def transfer_medians(self) -> dict[str, float]:
         runs = [r.transfer for r in self.runs if r.transfer is not None]
-        return {k: _median([t[k] for t in runs]) for k in runs[0]} if runs else {}
+        if not runs:
+            return {}
+        numeric = [k for k, v in runs[0].items() if isinstance(v, int | float)]
+        return {k: _median([t[k] for t in runs]) for k in numeric}
+
+    def transfer_backends(self) -> list[str]:
+        """The backends the 1p1d runs' rooms went over (what ``auto`` negotiated)."""
+        seen = {b for r in self.runs if r.transfer for b in r.transfer["backends"].split(",")}
+        return sorted(seen - {""})
 
     def ratios(self) -> dict[str, float]:
         """1p1d / 2agg of every figure (both topologies must have run)."""
@@ -167,7 +175,8 @@ def render(report: Report) -> str:
     if t:
         lines += [
             "",
-            f"1p1d KV transfer ({cfg.transfer_backend()}): {t['rooms']:.0f} rooms, "
+            f"1p1d KV transfer ({_backend_label(cfg.transfer_backend(), report)}): "
+            f"{t['rooms']:.0f} rooms, "
             f"{_bytes(t['bytes'])} in {t['seconds'] * 1e3:.1f} ms of writes = "
             f"{t['gbps']:.2f} GB/s; long prompts' rooms (median of {t['long_rooms']:.0f}): "
             f"{_bytes(t['long_mb_p50'] * 1e6)} in {t['long_ms_p50']:.1f} ms = "
@@ -175,6 +184,11 @@ def render(report: Report) -> str:
             f"{_num(medians['1p1d']['ttft_long_p50_ms'])} ms",
         ]
     return "\n".join(lines)
+
+
+def _backend_label(configured: str, report: Report) -> str:
+    seen = report.transfer_backends()
+    return f"{configured}: {', '.join(seen)}" if seen and seen != [configured] else configured
 
 
 def _bytes(n: float) -> str:

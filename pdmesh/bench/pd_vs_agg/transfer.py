@@ -1,8 +1,9 @@
 """The KV transfers of a 1p1d run, read from the prefill worker's log.
 
 The prefill logs one debug line per room it wrote (``pdmesh.pd.prefill``):
-``room R: N pages (B bytes) to D in T ms`` — the bytes and the time of the write alone (from
-its first copy to the last one done), the same figures its ``kv_transfer`` span carries. The
+``room R: N pages (B bytes) to D in T ms (BACKEND, K runs of pages)`` — the bytes and the time
+of the write alone (from its first copy to the last one done), the same figures its
+``kv_transfer`` span carries, and the backend the pair negotiated (``auto``). The
 benchmark starts the prefill with ``--log-level debug`` and reads the lines a timed run added.
 """
 
@@ -14,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOM_LINE = re.compile(r"room (\d+): (\d+) pages \((\d+) bytes\) to (\S+) in ([0-9.]+) ms")
+ROOM_LINE = re.compile(
+    r"room (\d+): (\d+) pages \((\d+) bytes\) to (\S+) in ([0-9.]+) ms(?: \((\w+), \d+ runs)?"
+)
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,7 @@ class Write:
     pages: int
     bytes: int
     ms: float
+    backend: str = ""
 
     @property
     def gbps(self) -> float:
@@ -41,7 +45,10 @@ def writes(path: Path, offset: int = 0) -> list[Write]:
     with path.open("rb") as f:
         f.seek(offset)
         text = f.read().decode(errors="replace")
-    return [Write(int(m[1]), int(m[2]), int(m[3]), float(m[5])) for m in ROOM_LINE.finditer(text)]
+    return [
+        Write(int(m[1]), int(m[2]), int(m[3]), float(m[5]), m[6] or "")
+        for m in ROOM_LINE.finditer(text)
+    ]
 
 
 def summarize(ws: list[Write], long_min_pages: int) -> dict[str, Any]:
@@ -64,4 +71,5 @@ def summarize(ws: list[Write], long_min_pages: int) -> dict[str, Any]:
         "long_mb_p50": median([w.bytes / 1e6 for w in longs]),
         "long_ms_p50": median([w.ms for w in longs]),
         "long_gbps_p50": median([w.gbps for w in longs]),
+        "backends": ",".join(sorted({w.backend for w in ws if w.backend})),
     }
