@@ -31,15 +31,16 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm import tqdm
 
+from pdmesh.bench.host import loadavg
 from pdmesh.config import add_dataclass_args, flag, from_args
 from pdmesh.kv_transfer import KVSender, get_backend, layout_of
 from pdmesh.kv_transfer.coalesce import coalesce
 from pdmesh.kv_transfer.handle import ReceiverHandle, TransferStats
-from pdmesh.kv_transfer.raw_socket import RawSocketSender
+from pdmesh.kv_transfer.raw_socket import RawSocketSender, ThreadedRawSocketSender
 from pdmesh.kv_transfer.remote import ReceiverProcess
 
 REFERENCE = "raw"
-ALL_BACKENDS = ("mooncake", "mooncake-sync", "grpc", "raw", "cuda_ipc", "d2d")
+ALL_BACKENDS = ("mooncake", "mooncake-sync", "grpc", "raw", "raw-thread", "cuda_ipc", "d2d")
 GPU_REFERENCE = "d2d"  # with --device cuda: an in-process device-to-device copy
 GPU_TARGET_RATIO = 0.50  # issue 7: same-host GPU->GPU transfer >= 50% of the d2d copy
 TARGET_RATIO = 0.70  # issue 4: mooncake >= 70% of raw for rooms of at least 1 MiB
@@ -60,8 +61,10 @@ class KVBenchConfig:
     backends: str = flag(
         "mooncake,grpc,raw",
         "backends to time, comma-separated: mooncake, mooncake-sync, grpc, raw (a plain "
-        "loopback socket copy of the same bytes: the reference of the ratios on CPU), and on "
-        "GPUs cuda_ipc and d2d (an in-process device-to-device copy: the reference on GPU)",
+        "loopback socket copy of the same bytes, sent from the event loop: the reference of "
+        "the ratios on CPU), raw-thread (the same copy sent from a worker thread, to show what "
+        "that hop costs), and on GPUs cuda_ipc and d2d (an in-process device-to-device copy: "
+        "the reference on GPU)",
     )
     num_layers: int = flag(30, "layers of the KV layout (default: SmolLM2-135M's)")
     num_kv_heads: int = flag(3, "KV heads per layer")
@@ -109,8 +112,12 @@ class KVBenchConfig:
         gpu_only = {"cuda_ipc", "d2d"} & set(self.backend_list())
         if gpu_only and not self.device.startswith("cuda"):
             raise ValueError(f"--backends {', '.join(sorted(gpu_only))} need --device cuda")
-        if self.device.startswith("cuda") and "raw" in self.backend_list():
-            raise ValueError("--backends raw copies CPU memory only; drop it with --device cuda")
+        raw = {"raw", "raw-thread"} & set(self.backend_list())
+        if self.device.startswith("cuda") and raw:
+            raise ValueError(
+                f"--backends {', '.join(sorted(raw))} copies CPU memory only; drop it with "
+                "--device cuda"
+            )
         if self.page_order not in ("contiguous", "shuffled"):
             raise ValueError(f"--page-order={self.page_order!r}; choose contiguous or shuffled")
         unknown = set(self.backend_list()) - set(ALL_BACKENDS)
@@ -209,6 +216,8 @@ def open_sender(backend: str, kv: torch.Tensor, cfg: KVBenchConfig) -> KVSender:
     layout = layout_of(kv)
     if backend == "raw":
         return RawSocketSender.open(kv, layout, cfg.host)
+    if backend == "raw-thread":
+        return ThreadedRawSocketSender.open(kv, layout, cfg.host)
     if backend.startswith("mooncake"):
         from pdmesh.kv_transfer.mooncake_backend import MooncakeSender
 
@@ -241,7 +250,7 @@ async def run(cfg: KVBenchConfig) -> list[Row]:
                 copy = DeviceCopy(source, cfg.receivers_on())
                 receivers[b], senders[b] = copy, copy  # type: ignore[assignment]
                 continue
-            kind = "mooncake" if b.startswith("mooncake") else b
+            kind = b.split("-")[0]  # mooncake-sync and raw-thread: another sender only
             options = {"protocol": cfg.protocol} if kind == "mooncake" else {}
             receivers[b] = ReceiverProcess(
                 kind, cfg.shape(pool), cfg.dtype, cfg.host, options, device=cfg.receivers_on()
@@ -277,7 +286,7 @@ async def run(cfg: KVBenchConfig) -> list[Row]:
 def render(rows: list[Row], cfg: KVBenchConfig) -> str:
     ref = {r.tokens: r for r in rows if r.backend == cfg.reference()}
     header = (
-        f"{'tokens':>7} {'MiB':>8} {'pages':>6} {'blocks':>7} {'backend':<9} "
+        f"{'tokens':>7} {'MiB':>8} {'pages':>6} {'blocks':>7} {'backend':<13} "
         f"{'ms':>9} {'GB/s':>7} {'vs ' + cfg.reference():>7} {'ok':>3}"
     )
     lines = [header, "-" * len(header)]
@@ -285,7 +294,7 @@ def render(rows: list[Row], cfg: KVBenchConfig) -> str:
         ratio = r.gbps / ref[r.tokens].gbps if r.tokens in ref else float("nan")
         ok = {None: "-", True: "yes", False: "NO"}[r.verified]
         lines.append(
-            f"{r.tokens:>7} {r.bytes / 2**20:>8.2f} {r.pages:>6} {r.blocks:>7} {r.backend:<9} "
+            f"{r.tokens:>7} {r.bytes / 2**20:>8.2f} {r.pages:>6} {r.blocks:>7} {r.backend:<13} "
             f"{r.median_s * 1e3:>9.2f} {r.gbps:>7.2f} {ratio:>7.2f} {ok:>3}"
         )
     lines.append("")
@@ -383,8 +392,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{cfg.warmup} warmup + {cfg.repeats} timed writes each",
         flush=True,
     )
+    load_at_start = loadavg()
     rows = asyncio.run(run(cfg))
-    env = environment(cfg)
+    env = environment(cfg) | {
+        "loadavg_1min_at_start": load_at_start,
+        "loadavg_1min_at_end": loadavg(),
+    }
     print(f"\n{env}\n")
     print(render(rows, cfg))
     if cfg.json_out:

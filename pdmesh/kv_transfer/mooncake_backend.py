@@ -4,7 +4,7 @@ Each side runs its own ``TransferEngine`` in ``P2PHANDSHAKE`` mode (no metadata 
 swap segment descriptors over the engine's RPC port) and registers its whole KV cache, the
 sender's too, since Mooncake only moves bytes between registered regions. A write submits the
 coalesced blocks and waits for them on a thread under the write's deadline (``MooncakeSender``
-says why it does not use ``batch_transfer_sync_write`` by default).
+says where each step runs, and why it does not use ``batch_transfer_sync_write`` by default).
 
 Protocol ``tcp`` (the default) works anywhere, DRAM to DRAM; ``rdma`` needs NICs and falls back
 to tcp inside Mooncake when none are found. On CUDA hosts with a CUDA build of Mooncake the KV
@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 import time
 import uuid
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
@@ -31,6 +29,7 @@ from pdmesh.engine.outputs import KVLayout
 from pdmesh.kv_transfer.base import DEFAULT_TIMEOUT_S, KVReceiver, KVSender
 from pdmesh.kv_transfer.errors import KVTransferError
 from pdmesh.kv_transfer.handle import ReceiverHandle, TransferStats, check_cache
+from pdmesh.kv_transfer.mooncake_waiter import TIMED_OUT, TransferWaiter
 
 # Read by Mooncake when an engine starts; an operator's own setting wins (setdefault).
 ENV_DEFAULTS = {
@@ -41,19 +40,18 @@ ENV_DEFAULTS = {
     "MC_TCP_PROGRESS_TIMEOUT_SEC": "5",
 }
 
-_TIMED_OUT = -1000  # our own code for "the deadline passed" (Mooncake's codes are -1, -2)
 _SLACK_S = 0.5
-_POLL_MIN_S = 20e-6
-_POLL_MAX_S = 200e-6
+_POLL_S = 200e-6  # draining given-up transfers at close
 # transfer_submit_write returns -1 (as uint64) or 0 when the peer's segment cannot be opened
 _BAD_BATCH_IDS = (0, -1, 2**64 - 1)
 
 
 _MIN_PIECE = 256 << 10
 # Parts per block (env PDMESH_MOONCAKE_SPLIT overrides). 2-core loopback, page-major rooms, vs a
-# raw socket copy of the same bytes (python -m pdmesh.bench.kv_transfer --backends mooncake,raw):
-# 1 part: 0.52-0.54 at 2.8-11 MiB, 0.75 at 45 MiB; 4 parts: 0.72-0.95 at 2.8 MiB, 0.92-1.26 at
-# 11-45 MiB; 8 parts: no better than 4.
+# raw socket copy of the same bytes (python -m pdmesh.bench.kv_transfer --backends mooncake,raw),
+# interleaved runs: 4 parts 0.73-0.96 at 1.4-2.8 MiB and 0.64-0.67 at 11 MiB; 1-3 parts
+# 0.52-0.65 and 0.38-0.52; 6-8 parts 0.69-0.89 and 0.60-0.68, no better than 4 (Mooncake's
+# default of 4 lanes per peer).
 DEFAULT_SPLIT = 4
 ENV_SPLIT = "PDMESH_MOONCAKE_SPLIT"
 
@@ -143,14 +141,26 @@ class MooncakeReceiver(KVReceiver):
 class MooncakeSender(KVSender):
     """Pushes pages with Mooncake.
 
-    ``wait="poll"`` (the default) submits each block as a one-task transfer and waits for them
-    on a thread that checks their status and sleeps in between (20 us growing to 0.2 ms).
-    ``wait="sync"`` makes one ``batch_transfer_sync_write`` call instead, whose wait spins a
-    core: on a 2-core host that core is taken from Mooncake's own I/O threads and from the
-    receiver, and rooms of 11-180 MiB moved at ~50% of a raw socket copy's speed against
-    ~65-90% polled; on a 16-core host the two are alike (``python -m pdmesh.bench.kv_transfer
-    --backends mooncake,mooncake-sync,raw``). The batch API's status calls are no way out: the
-    blocking one spins too, and the non-blocking one reads a batch's first task only.
+    ``wait="poll"`` (the default) submits each block as a one-task transfer on the event loop's
+    own thread and awaits one future that ``TransferWaiter``'s thread resolves once they have
+    all ended (``mooncake_waiter`` says why one thread polls for every write). A submit only
+    queues the blocks for Mooncake's I/O thread (~15 us for 4 blocks) and never blocks once the
+    receiver's segment is open, so the bytes start moving in the write call itself. The first
+    write to a receiver is submitted from a pool thread instead: opening the segment is a
+    blocking handshake with the receiver. Before, every write submitted and waited on a pool
+    thread, a hop there and back: writes of 1.4-2.8 MiB rooms took 5-15% longer (alike from
+    11 MiB; ``python -m pdmesh.bench.kv_transfer --backends mooncake,raw``, the old and new
+    sender interleaved in one process). Waiting on the loop's own thread, with no hop at all,
+    was as fast as the waiter within the runs' noise: what remains is Mooncake's own
+    (docs/benchmarks.md, "KV transfer on CPU loopback").
+
+    ``wait="sync"`` makes one ``batch_transfer_sync_write`` call on the pool instead, whose
+    wait spins a core: on a 2-core host that core is taken from Mooncake's own I/O threads and
+    from the receiver, and rooms of 11-180 MiB moved at ~50% of a thread-based raw socket
+    copy's speed against ~65-90% polled; on a 16-core host the two are alike (``python -m
+    pdmesh.bench.kv_transfer --backends mooncake,mooncake-sync,raw``). The batch API's status
+    calls are no way out: the blocking one spins too, and the non-blocking one reads a batch's
+    first task only.
     """
 
     backend = "mooncake"
@@ -170,11 +180,13 @@ class MooncakeSender(KVSender):
             raise ValueError(f"wait={wait!r}; choose 'poll' or 'sync'")
         self.wait = wait
         self._engine: Any = engine
-        # our own pool: a write stuck on a hung peer must not starve the loop's default executor
+        self._closing = False
+        # first writes to a receiver and sync writes; our own pool: a write stuck on a hung
+        # peer must not starve the loop's default executor
         self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="mooncake-write")
-        # transfers given up at their deadline: Mooncake may still read our memory for them
-        self._abandoned: list[int] = []
-        self._lock = threading.Lock()
+        self._waiter = TransferWaiter(engine.transfer_check_status)
+        # receivers whose segment Mooncake has opened: submits to them no longer block
+        self._opened: set[str] = set()
 
     @classmethod
     def open(
@@ -202,7 +214,7 @@ class MooncakeSender(KVSender):
         dst_pages: list[int],
         timeout: float = DEFAULT_TIMEOUT_S,
     ) -> TransferStats:
-        if self._engine is None:
+        if self._closing:
             raise KVTransferError("mooncake sender is closed", peer=dest.address)
         blocks = split_blocks(self.plan(dest, src_pages, dst_pages), self.split)
         nbytes = sum(length for _, _, length in blocks)
@@ -211,8 +223,11 @@ class MooncakeSender(KVSender):
             src = [self.layout.base_ptr + s for s, _, _ in blocks]
             dst = [dest.base_ptr + d for _, d, _ in blocks]
             lengths = [length for _, _, length in blocks]
-            rc = await self._run(dest.address, src, dst, lengths, timeout)
-            if rc == _TIMED_OUT:
+            if self.wait == "sync":
+                rc = await self._write_sync(dest.address, src, dst, lengths, timeout)
+            else:
+                rc = await self._write_polled(dest.address, src, dst, lengths, timeout)
+            if rc == TIMED_OUT:
                 raise KVTransferError(
                     f"mooncake write of {nbytes} bytes to {dest.address} did not finish within "
                     f"{timeout:g} s",
@@ -228,63 +243,79 @@ class MooncakeSender(KVSender):
             nbytes, len(src_pages), len(blocks), time.perf_counter() - start, self.backend
         )
 
-    async def _run(
+    async def _write_polled(
         self, session: str, src: list[int], dst: list[int], lengths: list[int], timeout: float
     ) -> int:
         loop = asyncio.get_running_loop()
-        if self.wait == "sync":
-            call = partial(self._engine.batch_transfer_sync_write, session, src, dst, lengths)
+        deadline = time.monotonic() + timeout
+        if session in self._opened:
+            batch_ids, rc = self._submit(session, src, dst, lengths)
+            ended = self._waiter.add(loop, batch_ids, rc, deadline)
         else:
-            deadline = time.monotonic() + timeout
-            call = partial(self._submit_and_poll, session, src, dst, lengths, deadline)
-        fut = loop.run_in_executor(self._pool, call)
+            opening = loop.run_in_executor(
+                self._pool, self._submit_opening, loop, session, src, dst, lengths, deadline
+            )
+            try:
+                # shield: a timeout must not cancel the future of a thread that still runs; what
+                # it submits late is still waited for (and given up at its deadline)
+                ended = await asyncio.wait_for(asyncio.shield(opening), timeout)
+            except asyncio.TimeoutError:
+                return TIMED_OUT
+        # no timeout here: the waiter resolves the future by the deadline itself
+        return await ended
+
+    def _submit_opening(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        session: str,
+        src: list[int],
+        dst: list[int],
+        lengths: list[int],
+        deadline: float,
+    ) -> asyncio.Future[int]:
+        """The first write to ``session``, on the pool: its submit opens the receiver's
+        segment, a handshake that blocks."""
+        if time.monotonic() > deadline:  # queued behind other handshakes past its deadline
+            return self._waiter.add(loop, [], TIMED_OUT, deadline)
+        batch_ids, rc = self._submit(session, src, dst, lengths)
+        if rc == 0:
+            self._opened.add(session)
+        return self._waiter.add(loop, batch_ids, rc, deadline)
+
+    def _submit(
+        self, session: str, src: list[int], dst: list[int], lengths: list[int]
+    ) -> tuple[list[int], int]:
+        """Queue one transfer per block; returns their batch ids and 0, or -1 when the
+        receiver's segment cannot be opened (nothing more is submitted then, but the blocks
+        already queued still read our memory and must be waited for)."""
+        batch_ids: list[int] = []
+        for s, d, n in zip(src, dst, lengths):
+            batch_id = self._engine.transfer_submit_write(session, s, d, n)
+            if batch_id in _BAD_BATCH_IDS:
+                return batch_ids, -1
+            batch_ids.append(batch_id)
+        return batch_ids, 0
+
+    async def _write_sync(
+        self, session: str, src: list[int], dst: list[int], lengths: list[int], timeout: float
+    ) -> int:
+        call = partial(self._engine.batch_transfer_sync_write, session, src, dst, lengths)
+        fut = asyncio.get_running_loop().run_in_executor(self._pool, call)
         try:
-            # shield: a timeout must not cancel the future of a thread that still runs. The
-            # polled wait ends at its deadline by itself; the slack only lets it say so.
+            # shield: a timeout must not cancel the future of a thread that still runs
             return int(await asyncio.wait_for(asyncio.shield(fut), timeout + _SLACK_S))
         except asyncio.TimeoutError:
-            return _TIMED_OUT  # sync: the thread runs on until MC_TCP_PROGRESS_TIMEOUT_SEC
-
-    def _submit_and_poll(
-        self, session: str, src: list[int], dst: list[int], lengths: list[int], deadline: float
-    ) -> int:
-        engine = self._engine
-        if engine is None or time.monotonic() > deadline:  # closed, or queued past its deadline
-            return _TIMED_OUT
-        pending: deque[int] = deque()
-        rc = 0
-        for s, d, n in zip(src, dst, lengths):
-            batch_id = engine.transfer_submit_write(session, s, d, n)
-            if batch_id in _BAD_BATCH_IDS:  # segment unreachable: nothing more will go
-                rc = -1
-                break
-            pending.append(batch_id)
-        # in order: blocks finish roughly in submission order, so each wait covers most of them
-        pause = _POLL_MIN_S
-        while pending:
-            status = engine.transfer_check_status(pending[0])
-            if status == 0:  # still running
-                if time.monotonic() > deadline:
-                    with self._lock:
-                        self._abandoned.extend(pending)
-                    return _TIMED_OUT
-                time.sleep(pause)
-                pause = min(pause * 2, _POLL_MAX_S)
-                continue
-            if status == -2:  # Mooncake's own timeout; its batch is not freed by the check
-                with self._lock:
-                    self._abandoned.append(pending[0])
-            pending.popleft()  # done or failed: Mooncake freed the batch
-            if status != 1 and rc == 0:
-                rc = status
-        return rc
+            return TIMED_OUT  # the thread runs on until MC_TCP_PROGRESS_TIMEOUT_SEC
 
     async def close(self) -> None:
-        if self._engine is None:
+        if self._closing:
             return
+        self._closing = True
         loop = asyncio.get_running_loop()
-        # unregistering memory a transfer still reads from would be a use-after-free
+        # unregistering memory a transfer still reads from would be a use-after-free: wait
+        # for the pool's writes (they may hand transfers to the waiter), then for the waiter's
         await loop.run_in_executor(None, self._pool.shutdown, True)
+        await loop.run_in_executor(None, self._waiter.stop)
         await loop.run_in_executor(None, self._drain_abandoned)
         self._engine.unregister_memory(self.kv_cache.data_ptr())
         self._engine = None
@@ -293,10 +324,8 @@ class MooncakeSender(KVSender):
         # a peer that stops reading makes Mooncake fail the transfer after
         # MC_TCP_PROGRESS_TIMEOUT_SEC; this waits that long at most (plus slack)
         limit = time.monotonic() + float(os.environ.get("MC_TCP_PROGRESS_TIMEOUT_SEC", "30")) + 2
-        with self._lock:
-            pending, self._abandoned = self._abandoned, []
-        for batch_id in pending:
+        for batch_id in self._waiter.abandoned:
             while self._engine.transfer_check_status(batch_id) == 0:
                 if time.monotonic() > limit:
                     return
-                time.sleep(_POLL_MAX_S)
+                time.sleep(_POLL_S)

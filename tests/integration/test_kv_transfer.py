@@ -199,3 +199,93 @@ def test_layout_mismatch_is_named_and_nothing_is_sent(backend: str, source: torc
         with pytest.raises(KVTransferError, match="page_size: 4 != 8; dtype: float32 != bfloat16"):
             asyncio.run(run())
         assert not rp.read(list(range(32))).any()
+
+
+def test_mooncake_writes_after_the_first_all_land_while_many_are_in_flight(
+    source: torch.Tensor,
+) -> None:
+    # the first write opens the receiver's segment from a pool thread; the later ones submit on
+    # the event loop and share one waiter thread, here 8 at a time for 3 rounds
+    rng = random.Random(2)
+    with ReceiverProcess("mooncake", SHAPE) as rp:
+        sender = open_sender("mooncake", source)
+        rounds = []
+        for _ in range(3):
+            dst_all = rng.sample(range(SHAPE[0]), 48)
+            rounds.append(
+                [(list(range(6 * i, 6 * i + 6)), dst_all[6 * i : 6 * i + 6]) for i in range(8)]
+            )
+
+        async def run() -> list[torch.Tensor]:
+            seen = []
+            try:
+                await sender.write(rp.handle, [0], [0], timeout=10)
+                for rooms in rounds:
+                    writes = (sender.write(rp.handle, s, d, timeout=10) for s, d in rooms)
+                    await asyncio.wait_for(asyncio.gather(*writes), 30)
+                    # read while the loop is idle: the receiver's pages of this round only
+                    seen.append(rp.read(list(range(SHAPE[0]))))
+            finally:
+                await sender.close()
+            return seen
+
+        for rooms, got in zip(rounds, asyncio.run(run())):
+            for src, dst in rooms:
+                assert torch.equal(got[dst], source[src])
+
+
+def test_a_cancelled_mooncake_write_leaves_the_sender_usable(source: torch.Tensor) -> None:
+    # a room cancelled mid-transfer: its blocks are still waited for (Mooncake reads our
+    # memory), the next write lands, and close() returns
+    big = torch.randn(256, 2, 2, 16, 8, 64, generator=torch.Generator().manual_seed(3))  # 32 MiB
+    with ReceiverProcess("mooncake", big.shape) as rp:
+        sender = open_sender("mooncake", big)
+
+        async def run() -> None:
+            try:
+                await sender.write(rp.handle, [0], [0], timeout=10)
+                room = asyncio.ensure_future(
+                    sender.write(rp.handle, list(range(1, 200)), list(range(1, 200)), timeout=10)
+                )
+                await asyncio.sleep(0)  # submitted: its write call ran up to the await
+                room.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await room
+                await sender.write(rp.handle, [200, 201], [250, 251], timeout=10)
+            finally:
+                await asyncio.wait_for(sender.close(), 30)
+
+        asyncio.run(run())
+        assert torch.equal(rp.read([250, 251]), big[[200, 201]])
+
+
+@pytest.mark.parametrize("threaded", [False, True], ids=["raw", "raw-thread"])
+def test_raw_baseline_copies_exactly_and_names_a_dead_receiver(
+    threaded: bool, source: torch.Tensor
+) -> None:
+    # the benchmark's reference must move the same bytes as the backends it is compared with
+    from pdmesh.kv_transfer.raw_socket import RawSocketSender, ThreadedRawSocketSender
+
+    cls = ThreadedRawSocketSender if threaded else RawSocketSender
+    rp = ReceiverProcess("raw", SHAPE)
+    sender = cls.open(source, layout_of(source), "127.0.0.1")
+    writes = [(list(range(0, 8)), list(range(20, 28))), ([30, 5, 47], [63, 0, 33])]
+
+    async def run() -> None:
+        try:
+            for src, dst in writes:
+                await sender.write(rp.handle, src, dst, timeout=10)
+            got = rp.read(list(range(SHAPE[0])))
+            for src, dst in writes:
+                assert torch.equal(got[dst], source[src])
+            rp.kill()
+            with pytest.raises(KVTransferError) as e:
+                await sender.write(rp.handle, [1], [1], timeout=5)
+            assert e.value.peer == rp.handle.address
+        finally:
+            await sender.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        rp.kill()
