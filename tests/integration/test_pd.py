@@ -416,11 +416,18 @@ def test_no_healthy_prefill_means_the_decode_prefills(
     router = start_service("services.router", args, "router-noprefill", log_dir=tmp_path)
     with router, grpc.insecure_channel(router.address) as channel:
         stub = router_pb2_grpc.RouterServiceStub(channel)
-        workers = stub.ListWorkers(router_pb2.ListWorkersRequest(), timeout=10).workers
-        assert {(w.address, w.role, w.healthy) for w in workers} == {
+
+        def workers() -> set[tuple[str, int, bool]]:
+            listed = stub.ListWorkers(router_pb2.ListWorkersRequest(), timeout=10).workers
+            return {(w.address, w.role, w.healthy) for w in listed}
+
+        # the router serves before its first round of health checks has answered
+        expected = {
             (dead, router_pb2.WORKER_ROLE_PREFILL, False),
             (mesh.d_mc.proc.address, router_pb2.WORKER_ROLE_DECODE, True),
         }
+        wait_for(lambda: workers() == expected, 10, "the router finds the decode healthy")
+        assert workers() == expected  # and the dead prefill stays unhealthy
         before = mesh.d_mc.load().total_rooms
         prompt = tokenize(mesh, SENTENCES[5] + " " + SENTENCES[6])
         request = router_pb2.RouterGenerateRequest(
