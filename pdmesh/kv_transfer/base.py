@@ -21,6 +21,16 @@ from pdmesh.kv_transfer.handle import ReceiverHandle, TransferStats
 DEFAULT_TIMEOUT_S = 30.0
 
 
+def backend_mismatch(offered: str, sending: str) -> str | None:
+    """Why a prefill sending with ``sending`` cannot use a decode's ``offered`` backend."""
+    if offered == sending:
+        return None
+    return (
+        f"it receives KV with the {offered!r} transfer backend, this prefill sends with "
+        f"{sending!r} (--kv-transfer-backend must match, or be 'auto')"
+    )
+
+
 class KVReceiver(ABC):
     """The decode side: makes a KV cache writable by remote senders until ``close()``."""
 
@@ -81,12 +91,7 @@ class KVSender(ABC):
     def refusal(self, dest: ReceiverHandle) -> str | None:
         """Why this sender cannot write to ``dest`` (checked at registration), None if it can.
         The KV layouts are checked apart from this."""
-        if dest.backend != self.backend:
-            return (
-                f"it receives KV with the {dest.backend!r} transfer backend, this prefill sends "
-                f"with {self.backend!r} (--kv-transfer-backend must match, or be 'auto')"
-            )
-        return None
+        return backend_mismatch(dest.backend, self.backend)
 
     def plan(self, dest: ReceiverHandle, src_pages: list[int], dst_pages: list[int]) -> list[Block]:
         """Check ``dest`` against our layout and coalesce the pages into byte blocks."""

@@ -45,7 +45,9 @@ def _qk_rows(q: torch.Tensor, t: int, heads: int, head_dim: int) -> torch.Tensor
     return q.as_strided((t, heads, head_dim), (q.stride(0), head_dim, 1))
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def _linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """``F.linear``; one half-precision row on CUDA goes to the GEMV kernel (``gemv.py``)."""
     if gemv.applies(x, weight) and cuda_ops.enabled(x):
         return gemv.linear(x, weight, bias)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pdmesh.engine.outputs import KVLayout
 from pdmesh.errors import FailedPreconditionError, RequestNotFoundError
 from pdmesh.kv_transfer import ReceiverHandle
+from pdmesh.kv_transfer.base import backend_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +42,7 @@ def by_backend(backend: str) -> Refusal:
     """Accept handles of ``backend`` only (a sender's ``refusal`` without the sender)."""
 
     def refusal(handle: ReceiverHandle) -> str | None:
-        if handle.backend == backend:
-            return None
-        return (
-            f"it receives KV with the {handle.backend!r} transfer backend, this prefill sends "
-            f"with {backend!r} (--kv-transfer-backend must match, or be 'auto')"
-        )
+        return backend_mismatch(handle.backend, backend)
 
     return refusal
 
@@ -72,7 +68,7 @@ class DecodeRegistry:
         if not usable:
             raise FailedPreconditionError(
                 f"decode {peer.address} cannot take KV pages from this prefill: "
-                + "; ".join(f"{r}" for r in reasons.values())
+                + "; ".join(r for r in reasons.values() if r)
             )
         peer = dataclasses.replace(peer, receiver=usable[0], alternatives=())
         errors = self.layout.compatibility_errors(peer.layout)

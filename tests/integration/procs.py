@@ -148,6 +148,18 @@ class ServiceProc:
         return f"ServiceProc({self.name} {self.module} at {self.address}, pid {self.pid})"
 
 
+def wait_all_serving(procs: list[ServiceProc]) -> None:
+    """Wait for services started side by side (model loads overlap); if one fails, kill them
+    all before raising."""
+    try:
+        for p in procs:
+            p.wait_until_serving()
+    except BaseException:
+        for p in procs:
+            p.kill()
+        raise
+
+
 def start_service(
     module: str,
     args: list[str],

@@ -32,7 +32,13 @@ from pdmesh.v1 import (
     worker_pb2,
     worker_pb2_grpc,
 )
-from tests.integration.procs import ServiceProc, free_port, start_service, worker_args
+from tests.integration.procs import (
+    ServiceProc,
+    free_port,
+    start_service,
+    wait_all_serving,
+    worker_args,
+)
 
 pytestmark = pytest.mark.model
 
@@ -99,13 +105,7 @@ def decode_args(backend: str, *extra: str) -> list[str]:
 def start_all(specs: list[tuple[str, list[str], str]], log_dir: Any) -> list[ServiceProc]:
     """Start services at once (model loads overlap), then wait for each."""
     procs = [ServiceProc(module, args, name, free_port(), log_dir) for module, args, name in specs]
-    try:
-        for p in procs:
-            p.wait_until_serving()
-    except BaseException:
-        for p in procs:
-            p.kill()
-        raise
+    wait_all_serving(procs)
     return procs
 
 

@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pdmesh.rpc.tls import PLAINTEXT, TLSConfig
 from pdmesh.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 from tests.certs import Pki, make_pki
-from tests.integration.procs import ServiceProc, free_port, worker_args
+from tests.integration.procs import ServiceProc, free_port, wait_all_serving, worker_args
 from tests.integration.test_gateway import GREETING, MODEL, start_gateway
 from tests.integration.test_pd import Worker, wait_idle
 
@@ -36,17 +36,6 @@ class TlsMesh:
     decode: Worker
     router: ServiceProc
     gateway: str  # base URL
-
-
-def start_all(procs: list[ServiceProc]) -> None:
-    """Wait for services started at once (model loads overlap)."""
-    try:
-        for p in procs:
-            p.wait_until_serving()
-    except BaseException:
-        for p in procs:
-            p.kill()
-        raise
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +54,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsMesh]:
         proc("services.prefill", worker_args("--bootstrap-port", "0", *kv), "prefill"),
         proc("services.decode", worker_args("--mode", "decode", *kv), "decode"),
     ]
-    start_all(workers)
+    wait_all_serving(workers)
     tokenizer, prefill, decode = workers
     routing = [
         "--prefill-workers", prefill.address, "--decode-workers", decode.address,
@@ -73,7 +62,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsMesh]:
         "--health-check-interval", "1",
     ]  # fmt: skip
     router = proc("services.router", routing, "router")
-    start_all([router])
+    wait_all_serving([router])
     gateway = start_gateway(router.address, *flags, log_dir=log_dir)
     channels = [tls.sync_channel(w.address) for w in (prefill, decode)]
     stubs = [worker_pb2_grpc.WorkerServiceStub(c) for c in channels]

@@ -135,9 +135,6 @@ class PdVsAggConfig:
     def topology_list(self) -> list[str]:
         return [t.strip() for t in self.topologies.split(",") if t.strip()]
 
-    def transfer_backend(self) -> str:
-        return self.kv_transfer_backend
-
 
 def _dash(name: str) -> str:
     return name.replace("_", "-")

@@ -147,7 +147,7 @@ def render(report: Report) -> str:
         f"{cfg.stream_output_len} output tokens, closed loop) + {cfg.long_requests} long "
         f"prompts ({cfg.long_input_min}-{cfg.long_input_max} + {cfg.long_output_len} tokens) "
         f"at {cfg.long_rate:g}/s (Poisson); step budget {cfg.max_num_batched_tokens} tokens",
-        f"1p1d: KV by {cfg.transfer_backend()}, --disagg-min-prompt-tokens "
+        f"1p1d: KV by {cfg.kv_transfer_backend}, --disagg-min-prompt-tokens "
         f"{cfg.disagg_min_prompt_tokens}; 2agg: round_robin",
         "",
     ]
@@ -175,7 +175,7 @@ def render(report: Report) -> str:
     if t:
         lines += [
             "",
-            f"1p1d KV transfer ({_backend_label(cfg.transfer_backend(), report)}): "
+            f"1p1d KV transfer ({_backend_label(cfg.kv_transfer_backend, report)}): "
             f"{t['rooms']:.0f} rooms, "
             f"{_bytes(t['bytes'])} in {t['seconds'] * 1e3:.1f} ms of writes = "
             f"{t['gbps']:.2f} GB/s; long prompts' rooms (median of {t['long_rooms']:.0f}): "

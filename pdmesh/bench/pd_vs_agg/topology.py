@@ -128,7 +128,7 @@ def _start_agg(cfg: PdVsAggConfig, fleet: Fleet) -> Topology:
 
 
 def _start_pd(cfg: PdVsAggConfig, fleet: Fleet) -> Topology:
-    kv = ["--kv-transfer-backend", cfg.transfer_backend()]
+    kv = ["--kv-transfer-backend", cfg.kv_transfer_backend]
     prefill, p_address = _worker(
         cfg, fleet, "1p1d-prefill", "services.prefill",
         [*engine_args(cfg, cfg.prefill_max_num_batched_tokens), *kv,
