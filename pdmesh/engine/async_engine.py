@@ -3,7 +3,9 @@
 NOTE: one thread owns the ``LLMEngine``. Everything that touches it — adding, aborting, the PD
 hooks, load figures — is a command queued to that thread and run between steps, so the engine
 needs no locks and the event loop never blocks on the model. Step outputs go back to the loop in
-one ``call_soon_threadsafe`` per step and are fanned out to per-request queues.
+one ``call_soon_threadsafe`` per step and are fanned out to per-request queues, or handed, one
+list per step, to the ``OutputSink`` a request was started into (``start_into``: what a stream
+that carries many requests uses, so a step costs it one call, not one wake-up per request).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from pdmesh.engine.llm_engine import LLMEngine
 from pdmesh.engine.outputs import EngineLoad, RequestOutput
@@ -29,6 +31,17 @@ T = TypeVar("T")
 _IDLE_WAIT_S = 0.05  # how long the idle engine thread sleeps on its command queue
 
 
+class OutputSink(Protocol):
+    """Where the outputs of requests started with ``start_into`` go, on the event loop."""
+
+    def deliver(self, outputs: list[RequestOutput]) -> None:
+        """This sink's outputs of one engine step, in order (a request's last has
+        ``finished``)."""
+
+    def fail(self, request_id: str, error: BaseException) -> None:
+        """``request_id`` could not start (a typed error) or the engine died under it."""
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
@@ -36,6 +49,7 @@ class AsyncEngine:
             queue.Queue()
         )
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._sinks: dict[str, OutputSink] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -107,6 +121,46 @@ class AsyncEngine:
                 # the caller went away (cancelled, disconnected) or the request failed to start
                 self.abort_soon(request_id)
 
+    def start_into(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        sink: OutputSink,
+    ) -> None:
+        """Start a request whose outputs go to ``sink`` (its errors, even the engine's
+        validation, to ``sink.fail``); returns at once. ``detach`` stops it early."""
+        if request_id in self._streams or request_id in self._sinks:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
+        self._sinks[request_id] = sink
+        start = functools.partial(
+            self.engine.add_request, request_id, prompt_token_ids, params, False
+        )
+        # the first output is emitted from the engine thread, so it reaches the sink before
+        # any step's (both travel by call_soon_threadsafe, in the engine thread's order)
+        future = self._submit(lambda: self._emit_first(start()))
+        future.add_done_callback(lambda f: self._started(request_id, f))
+
+    def detach(self, request_id: str) -> None:
+        """Stop a request started with ``start_into``: no more outputs, its pages freed."""
+        if self._sinks.pop(request_id, None) is not None:
+            self.abort_soon(request_id)
+
+    def _emit_first(self, first: RequestOutput | None) -> None:
+        if first is not None:
+            self._emit([first])
+
+    def _started(self, request_id: str, future: concurrent.futures.Future[None]) -> None:
+        # on the engine thread (or the caller's, when the engine is dead)
+        error = future.exception()
+        if error is not None and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._fail_sink, request_id, error)
+
+    def _fail_sink(self, request_id: str, error: BaseException) -> None:
+        sink = self._sinks.pop(request_id, None)
+        if sink is not None:
+            sink.fail(request_id, error)
+
     def abort_soon(self, request_id: str) -> None:
         """Abort ``request_id`` without waiting (from callbacks and cancelled tasks); a no-op
         for an unknown or finished request."""
@@ -174,10 +228,24 @@ class AsyncEngine:
         self._loop.call_soon_threadsafe(self._dispatch, outputs)
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        batches: dict[int, tuple[OutputSink, list[RequestOutput]]] = {}
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is not None:
                 stream.put_nowait(out)
+                continue
+            sink = self._sinks.get(out.request_id)
+            if sink is None:
+                continue  # detached, or its stream gone
+            if out.finished:
+                del self._sinks[out.request_id]
+            batch = batches.get(id(sink))
+            if batch is None:
+                batches[id(sink)] = (sink, [out])
+            else:
+                batch[1].append(out)
+        for sink, batch_outputs in batches.values():
+            sink.deliver(batch_outputs)
 
     def _fail_all(self, error: BaseException) -> None:
         while True:
@@ -193,3 +261,6 @@ class AsyncEngine:
     def _fail_streams(self, error: BaseException) -> None:
         for stream in self._streams.values():
             stream.put_nowait(error)
+        sinks, self._sinks = self._sinks, {}
+        for request_id, sink in sinks.items():
+            sink.fail(request_id, error)

@@ -22,10 +22,13 @@ from pdmesh.telemetry.propagation import (
     server_interceptors,
 )
 from pdmesh.telemetry.tracing import (
+    current_span,
     event,
     set_attributes,
     setup_tracing,
     span,
+    start_detached_span,
+    trace_carrier,
     tracing_enabled,
     tracing_installed,
 )
@@ -37,6 +40,7 @@ __all__ = [
     "TokenTimer",
     "TracingMiddleware",
     "client_interceptors",
+    "current_span",
     "event",
     "extract_headers",
     "inject_metadata",
@@ -44,7 +48,9 @@ __all__ = [
     "set_attributes",
     "setup_tracing",
     "span",
+    "start_detached_span",
     "start_metrics_server",
+    "trace_carrier",
     "tracing_enabled",
     "tracing_installed",
 ]

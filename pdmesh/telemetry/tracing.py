@@ -25,10 +25,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager
 
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import (
@@ -180,6 +180,40 @@ def span(
 
 
 _NO_SPAN = contextlib.nullcontext(trace.INVALID_SPAN)
+
+
+def trace_carrier() -> dict[str, str]:
+    """The current trace context as W3C headers (``traceparent``…), for a request that travels
+    in a message of a stream shared by many requests (whose metadata names no single one);
+    empty while tracing is off."""
+    if not tracing_installed():
+        return {}
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier
+
+
+def start_detached_span(
+    name: str, carrier: Mapping[str, str], **attrs: AttributeValue
+) -> trace.Span | None:
+    """A span continuing the trace of ``carrier`` (see ``trace_carrier``), not made current:
+    its owner ends it (``span.end()``) when the request ends. None while tracing is off."""
+    if not tracing_installed():
+        return None
+    context = propagate.extract(dict(carrier)) if carrier else None
+    merged = {ATTRIBUTE_PREFIX + k: v for k, v in attrs.items() if v is not None}
+    return _tracer.start_span(name, context=context, attributes=merged or None)
+
+
+@contextlib.contextmanager
+def current_span(span_: trace.Span | None) -> Iterator[None]:
+    """Make ``span_`` (from ``start_detached_span``) current inside the block, so the calls
+    made there continue its trace; a no-op for None."""
+    if span_ is None:
+        yield
+        return
+    with trace.use_span(span_, end_on_exit=False):
+        yield
 
 
 def event(name: str, **attrs: AttributeValue) -> None:

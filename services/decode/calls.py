@@ -39,6 +39,9 @@ class LiveCalls:
     def __len__(self) -> int:
         return len(self._calls)
 
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._calls
+
     def claim(
         self, request_id: str, context: grpc.aio.ServicerContext, on_cancel: Callable[[], object]
     ) -> Call:

@@ -63,6 +63,12 @@ class WorkerServiceConfig:
         "its stream breaks mid-way through a worker fault (a lost connection, a crash; never a "
         "client error) (advertised in GetModelInfo); 0 = disabled",
     )
+    stream_interval: int = flag(
+        1,
+        "WorkerService.Stream (the router's connection): send a request's tokens once N of them "
+        "are unsent (its last ones at once), as SGLang's --stream-interval; 1 = every step. "
+        "Larger values cost fewer messages per token and coarser streaming",
+    )
     log_level: str = flag("info", f"log verbosity: {', '.join(LOG_LEVELS)}")
     grace_period: float = flag(
         30.0,
@@ -98,5 +104,7 @@ class WorkerServiceConfig:
             raise ValueError(f"--migration-limit={self.migration_limit} must be >= 0")
         if self.grace_period < 0:
             raise ValueError(f"--grace-period={self.grace_period} must be >= 0")
+        if self.stream_interval < 1:
+            raise ValueError(f"--stream-interval={self.stream_interval} must be >= 1")
         if not self.host:
             raise ValueError("--host must not be empty")

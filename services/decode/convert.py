@@ -83,6 +83,15 @@ def output_to_pb(out: RequestOutput) -> worker_pb2.GenerateResponse:
     return pb
 
 
+def not_a_decode_worker() -> InvalidRequestError:
+    """What a request with ``disagg`` gets from a worker in --mode aggregated."""
+    return InvalidRequestError(
+        "disagg",
+        "this worker runs --mode aggregated; disaggregated requests need a worker in "
+        "--mode decode",
+    )
+
+
 def remote_prefill_from_pb(pb: worker_pb2.DisaggParams) -> RemotePrefill:
     if not pb.bootstrap_address:
         raise InvalidRequestError(

@@ -13,6 +13,7 @@ prefill named there; one without is prefilled here (the router's conditional dis
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -40,6 +41,7 @@ from services.decode import convert
 from services.decode.calls import LiveCalls
 from services.decode.config import WorkerServiceConfig
 from services.decode.disagg import DecodeSide, open_decode_side
+from services.decode.stream import StreamSession
 from services.mesh import MeshOptions, Observed
 from services.sglang_grpc import servicer as sglang_grpc
 
@@ -55,25 +57,61 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         engine: AsyncEngine,
         model_info: worker_pb2.GetModelInfoResponse,
         decode_side: DecodeSide | None = None,
+        stream_interval: int = 1,
     ) -> None:
-        """``decode_side``: set in --mode decode, for requests with ``disagg``."""
+        """``decode_side``: set in --mode decode, for requests with ``disagg``;
+        ``stream_interval``: ``--stream-interval`` of the Stream calls."""
         self._engine = engine
         self._model_info = model_info
         self._decode_side = decode_side
+        self._stream_interval = stream_interval
         self._calls = LiveCalls()
+        self._stream_ids: set[str] = set()  # requests open on Stream calls
+        self._sessions: set[StreamSession] = set()
+
+    async def Stream(
+        self,
+        request_iterator: AsyncIterator[worker_pb2.WorkerStreamRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[worker_pb2.WorkerStreamResponse]:
+        session = StreamSession(
+            self._engine,
+            self._decode_side,
+            self._claim_stream_id,
+            self._stream_ids.discard,
+            self._stream_interval,
+        )
+        self._sessions.add(session)
+        reader = asyncio.ensure_future(session.read(request_iterator))
+        try:
+            async for batch in session.batches():
+                yield batch
+        finally:
+            reader.cancel()
+            session.close()
+            self._sessions.discard(session)
+
+    def _claim_stream_id(self, request_id: str) -> None:
+        if request_id in self._stream_ids or request_id in self._calls:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
+        self._stream_ids.add(request_id)
+
+    def drain(self) -> None:
+        """The worker is stopping: its Stream calls take no new requests and end once their
+        open ones finished (the grace period bounds that)."""
+        for session in self._sessions:
+            session.drain()
 
     async def Generate(
         self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
         params = convert.sampling_params_from_pb(request.sampling_params)
         request_id, prompt = request.request_id, list(request.token_ids)
+        if request_id in self._stream_ids:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
         if request.HasField("disagg"):
             if self._decode_side is None:
-                raise InvalidRequestError(
-                    "disagg",
-                    "this worker runs --mode aggregated; disaggregated requests need a worker in "
-                    "--mode decode",
-                )
+                raise convert.not_a_decode_worker()
             decoder = self._decode_side.decoder
             call = self._calls.claim(request_id, context, lambda: self._stop(request_id))
             prefill = convert.remote_prefill_from_pb(request.disagg)
@@ -153,7 +191,7 @@ async def serve(
     model_info = convert.model_info_to_pb(
         engine, role=config.mode, migration_limit=config.migration_limit
     )
-    servicer = WorkerServicer(async_engine, model_info, decode_side)
+    servicer = WorkerServicer(async_engine, model_info, decode_side, config.stream_interval)
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, rpc.server)
     sglang_grpc.add_to_server(rpc.server, servicer, async_engine, model_info)
     tag = TAG_DECODE if config.mode == "decode" else TAG_AGG
@@ -184,6 +222,7 @@ async def serve(
                 )
                 await handle.deregister()
         finally:
+            servicer.drain()
             await rpc.stop(config.grace_period)
             await discovery.close()
         log.info("stopped")

@@ -51,6 +51,7 @@ from services.router import disagg
 from services.router.ids_only import TokenIdsOnly, wants_ids_only
 from services.router.tokenizer_client import Detokenizer, TokenizerClient
 from services.router.upstream import OutgoingCalls, UpstreamError
+from services.router.worker_stream import StreamCall
 from services.router.workers import GENERATING_ROLES, WorkerHandle, WorkerSet
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ log = logging.getLogger(__name__)
 ENGINE_MAX_NEW_TOKENS = 128
 
 WorkerCall: TypeAlias = (
-    "grpc.aio.UnaryStreamCall[worker_pb2.GenerateRequest, worker_pb2.GenerateResponse]"
+    "StreamCall | grpc.aio.UnaryStreamCall[worker_pb2.GenerateRequest, worker_pb2.GenerateResponse]"
 )
 
 
@@ -326,11 +327,11 @@ class Generation:
         num_before = len(sent)  # completion tokens earlier workers produced
         while True:
             final = reply.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
-            delta = await detok.push(reply.token_ids, final)
+            delta = detok.push(reply.token_ids, final)
             if delta.stopped:
                 call.cancel()
                 yield _stopped(delta, reply, worker, len(sent), num_prompt_tokens)
-                await detok.close()
+                detok.close()
                 return
             yield _passed_on(delta, reply, worker, num_prompt_tokens, num_before)
             if final:
@@ -340,7 +341,7 @@ class Generation:
                 # through grpc's completion queue before the client's stream can end (about
                 # 0.3 ms and 13% of the router's CPU per request, python -m pdmesh.bench
                 # router-overhead)
-                await detok.close()
+                detok.close()
                 if tracing_installed():
                     with contextlib.suppress(grpc.aio.AioRpcError):
                         await call.read()
@@ -369,7 +370,7 @@ class Generation:
                 break
             worker = self._choose(self.policy, candidates, view)
             request.request_id = _attempt_id(view, request)
-            call: WorkerCall = calls.track(worker.stub.Generate(request, timeout=_left(deadline)))
+            call: WorkerCall = calls.track(worker.generate(request, _left(deadline)))
             try:
                 return worker, call, await _next(call, worker, retryable=True)
             except grpc.aio.AioRpcError as e:

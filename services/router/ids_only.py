@@ -27,11 +27,11 @@ class TokenIdsOnly:
             )
         self._num_tokens = 0
 
-    async def push(
+    def push(
         self, token_ids: Sequence[int], final: bool
     ) -> tokenizer_pb2.DetokenizeStreamResponse:
         self._num_tokens += len(token_ids)
         return tokenizer_pb2.DetokenizeStreamResponse(num_tokens=self._num_tokens)
 
-    async def close(self) -> None:
+    def close(self) -> None:
         return None

@@ -14,9 +14,10 @@ and frees the request's pages at once. The request's admission slot is given bac
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import grpc.aio
 
@@ -33,7 +34,7 @@ from pdmesh.discovery import (
 )
 from pdmesh.errors import InvalidRequestError
 from pdmesh.routing import CircuitBreakers, make_policy
-from pdmesh.routing.admission import Admission, QueueFullError, QueueTimeoutError
+from pdmesh.routing.admission import Admission, QueueFullError, QueueTimeoutError, Ticket
 from pdmesh.rpc.errors import status_for
 from pdmesh.rpc.server import RpcServer
 from pdmesh.telemetry import Metrics
@@ -41,6 +42,7 @@ from pdmesh.telemetry.router_metrics import RouterMetrics, WorkerGauges
 from pdmesh.v1 import router_pb2, router_pb2_grpc
 from services.mesh import MeshOptions, Observed
 from services.router import convert
+from services.router.client_stream import ClientStream
 from services.router.config import RouterServiceConfig
 from services.router.generate import Generation
 from services.router.tokenizer_client import TokenizerClient
@@ -73,7 +75,6 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     async def Generate(
         self, request: router_pb2.RouterGenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[router_pb2.RouterGenerateResponse]:
-        timer = self._metrics.token_timer()  # from arrival: the queue is part of the TTFT
         calls = OutgoingCalls()
         ticket = self._admission.ticket()
         # whether the handler ended the call itself (done, failed, refused); grpc.aio's
@@ -88,9 +89,47 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
 
         context.add_done_callback(done)
         try:
+            async for reply in self.replies(request, context.time_remaining, calls, ticket):
+                yield reply
+            answered = True
+        except UpstreamError as e:
+            answered = True
+            calls.cancel_all()
+            await e.abort(context)
+        except Exception:
+            answered = True
+            raise
+        finally:
+            ticket.release()
+
+    async def Stream(
+        self,
+        request_iterator: AsyncIterator[router_pb2.RouterStreamRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[router_pb2.RouterStreamResponse]:
+        session = ClientStream(self)
+        reader = asyncio.ensure_future(session.read(request_iterator))
+        try:
+            async for batch in session.batches():
+                yield batch
+        finally:
+            reader.cancel()
+            session.close()
+
+    async def replies(
+        self,
+        request: router_pb2.RouterGenerateRequest,
+        time_remaining: Callable[[], float | None],
+        calls: OutgoingCalls,
+        ticket: Ticket,
+    ) -> AsyncIterator[router_pb2.RouterGenerateResponse]:
+        """One generation as both ``Generate`` and ``Stream`` run it: admission, the request
+        timeout, metrics; errors are counted and raised. ``time_remaining``: seconds left of
+        the client's own deadline (None: it set none), asked once admitted."""
+        timer = self._metrics.token_timer()  # from arrival: the queue is part of the TTFT
+        try:
             await ticket.acquire()
         except (QueueFullError, QueueTimeoutError) as e:
-            answered = True
             self._stats.rejected.labels(e.error_code).inc()
             self._stats.errors.labels(status_for(e).code.name).inc()
             raise
@@ -98,25 +137,25 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             if ticket.waited:
                 self._stats.queue_wait.observe(ticket.waited)
         # the request timeout counts from admission; the client's own deadline from its send
-        remaining = context.time_remaining()
+        remaining = time_remaining()
         timeout = self._request_timeout if remaining is None else remaining
         timeout = min(self._request_timeout, timeout)
         try:
             async for reply in self._generation.generate(request, timeout, calls):
                 timer.tokens(len(reply.token_ids))
                 yield reply
-            answered = True
         except UpstreamError as e:
-            answered = True
             self._stats.errors.labels(e.code.name).inc()
-            calls.cancel_all()
-            await e.abort(context)
+            raise
         except Exception as e:
-            answered = True
             self._stats.errors.labels(status_for(e).code.name).inc()
             raise
-        finally:
-            ticket.release()
+
+    def new_ticket(self) -> Ticket:
+        return self._admission.ticket()
+
+    def count_cancellation(self) -> None:
+        self._stats.cancellations.inc()
 
     async def ListWorkers(
         self, request: router_pb2.ListWorkersRequest, context: grpc.aio.ServicerContext

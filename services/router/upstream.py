@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import NoReturn, TypeVar
+from typing import NoReturn, Protocol, TypeVar
 
 import grpc
 import grpc.aio
@@ -33,7 +33,15 @@ _CALLER_CODES = frozenset(
         grpc.StatusCode.OUT_OF_RANGE,
     }
 )
-CallT = TypeVar("CallT", bound=grpc.aio.Call)
+
+
+class Cancellable(Protocol):
+    """A call the router made: a grpc call, or a request on a shared worker stream."""
+
+    def cancel(self) -> bool: ...
+
+
+CallT = TypeVar("CallT", bound=Cancellable)
 
 
 class UpstreamError(Exception):
@@ -76,7 +84,7 @@ def calling(service: str) -> Iterator[None]:
 
 class OutgoingCalls:
     def __init__(self) -> None:
-        self._calls: list[grpc.aio.Call] = []
+        self._calls: list[Cancellable] = []
         self._on_next: Callable[[], None] | None = None
 
     def track(self, call: CallT) -> CallT:
@@ -92,7 +100,7 @@ class OutgoingCalls:
         work up to the moment the worker call is issued)."""
         self._on_next = callback
 
-    def forget(self, call: grpc.aio.Call) -> None:
+    def forget(self, call: Cancellable) -> None:
         """Stop tracking ``call`` (its last message arrived): ``cancel_all`` then leaves it to
         end by itself, rather than cancelling a call whose worker may still be closing it."""
         with contextlib.suppress(ValueError):

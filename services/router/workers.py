@@ -30,6 +30,7 @@ from pdmesh.rpc import keepalive
 from pdmesh.rpc.tls import PLAINTEXT, TLSConfig
 from pdmesh.telemetry import client_interceptors
 from pdmesh.v1 import worker_pb2, worker_pb2_grpc
+from services.router.worker_stream import StreamCall, WorkerStream
 from services.sglang_grpc import client as sglang_client
 
 log = logging.getLogger(__name__)
@@ -57,12 +58,24 @@ class WorkerHandle:
     stub: worker_pb2_grpc.WorkerServiceStub | sglang_client.SglangWorkerStub = field(
         init=False, repr=False
     )
+    # pdmesh workers: the one Stream call every request generating there shares
+    stream: WorkerStream | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         if self.kind == sglang_client.KIND:
             self.stub = sglang_client.SglangWorkerStub(self.channel, self)
         else:
             self.stub = worker_pb2_grpc.WorkerServiceStub(self.channel)
+            self.stream = WorkerStream(self.stub, self.label)
+
+    def generate(
+        self, request: worker_pb2.GenerateRequest, timeout: float
+    ) -> StreamCall | grpc.aio.UnaryStreamCall:
+        """Start ``request`` here: on the shared Stream (pdmesh workers: one message per engine
+        step for all requests) or as its own Generate call (SGLang's protocol has no other)."""
+        if self.stream is not None:
+            return self.stream.open(request, timeout)
+        return self.stub.Generate(request, timeout=timeout)
 
     @property
     def health_service(self) -> str:
@@ -136,6 +149,7 @@ class WorkerSet:
         del self._workers[worker.id]
         for callback in self.on_remove:
             callback(worker)
+        # closing the channel ends its Stream too, after the requests on it had their time
         self._spawn(worker.channel.close(grace=self._drain_timeout))
         log.info("removed %s", worker.label)
         return True
@@ -228,6 +242,8 @@ class WorkerSet:
         for task in list(self._background):
             task.cancel()
         for worker in self._workers.values():
+            if worker.stream is not None:
+                await worker.stream.close()
             await worker.channel.close()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*self._background, return_exceptions=True)

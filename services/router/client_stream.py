@@ -1,0 +1,175 @@
+"""``ClientStream``: one ``RouterService.Stream`` call — a gateway's many generations over one
+long-lived stream.
+
+Each ``generate`` message starts a task that runs the generation exactly as ``Generate`` does
+(``RouterServicer.replies``: admission, deadline, retries, migration, metrics). Its replies
+are merged per request into ``_pending`` (text concatenated, ids and logprobs appended), and the
+handler's loop sends everything pending in one message whenever the previous write is done: a
+gateway that reads slowly gets fewer, larger entries, and no request waits for another.
+
+A request ends with its last reply, a status entry (what its own call's status would have
+been), a ``cancel`` from the gateway, or the stream ending (the gateway went away): the task is
+then cancelled, which cancels its worker calls, and its admission slot is given back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import grpc
+
+from pdmesh.errors import InvalidRequestError
+from pdmesh.rpc.errors import status_for
+from pdmesh.telemetry import current_span, start_detached_span
+from pdmesh.v1 import common_pb2, router_pb2
+from services.router.upstream import OutgoingCalls, UpstreamError
+
+if TYPE_CHECKING:
+    from services.router.server import RouterServicer
+
+log = logging.getLogger(__name__)
+
+# the span a traced request of a Stream gets, named as its own Generate call's server span
+SPAN_NAME = "pdmesh.v1.RouterService/Generate"
+
+
+class ClientStream:
+    def __init__(self, servicer: RouterServicer) -> None:
+        self._servicer = servicer
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._pending: dict[int, router_pb2.RouterGenerateResponse] = {}
+        self._ready = asyncio.Event()
+        self._reading = True
+
+    async def read(self, requests: AsyncIterator[router_pb2.RouterStreamRequest]) -> None:
+        """Take the gateway's messages until it half-closes the stream."""
+        try:
+            async for message in requests:
+                kind = message.WhichOneof("kind")
+                if kind == "generate":
+                    self._start(message)
+                elif kind == "cancel":
+                    self._cancel(message.tag)
+        finally:
+            self._reading = False
+            self._ready.set()
+
+    def _start(self, message: router_pb2.RouterStreamRequest) -> None:
+        tag = message.tag
+        if tag in self._tasks:
+            error = InvalidRequestError("tag", f"{tag} is already in use on this stream")
+            self._put(tag, _status_entry(tag, error))
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + message.timeout_secs if message.timeout_secs > 0 else None
+        task = loop.create_task(self._run(tag, message, deadline))
+        self._tasks[tag] = task
+        task.add_done_callback(lambda _: self._tasks.pop(tag, None))
+
+    def _cancel(self, tag: int) -> None:
+        task = self._tasks.pop(tag, None)
+        if task is not None:
+            task.cancel()
+            self._servicer.count_cancellation()
+        self._pending.pop(tag, None)
+
+    async def _run(
+        self, tag: int, message: router_pb2.RouterStreamRequest, deadline: float | None
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        calls = OutgoingCalls()
+        ticket = self._servicer.new_ticket()
+        span = start_detached_span(SPAN_NAME, message.trace_context)
+
+        def remaining() -> float | None:
+            return None if deadline is None else deadline - loop.time()
+
+        try:
+            with current_span(span):
+                replies = self._servicer.replies(message.generate, remaining, calls, ticket)
+                async for reply in replies:
+                    reply.tag = tag
+                    self._put(tag, reply)
+        except asyncio.CancelledError:
+            raise
+        except UpstreamError as e:
+            self._put(tag, _entry(tag, e.code, e.details, e.detail))
+        except Exception as e:
+            self._put(tag, _status_entry(tag, e))
+        finally:
+            calls.cancel_all()
+            ticket.release()
+            if span is not None:
+                span.end()
+
+    def _put(self, tag: int, reply: router_pb2.RouterGenerateResponse) -> None:
+        before = self._pending.get(tag)
+        if before is None:
+            self._pending[tag] = reply
+        else:
+            _merge(before, reply)
+        self._ready.set()
+
+    async def batches(self) -> AsyncIterator[router_pb2.RouterStreamResponse]:
+        """What to send, as it becomes ready; ends once the gateway half-closed the stream and
+        its requests are done."""
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            if self._pending:
+                outputs, self._pending = list(self._pending.values()), {}
+                yield router_pb2.RouterStreamResponse(outputs=outputs)
+            if not self._reading and not self._tasks:
+                return
+
+    def close(self) -> None:
+        """The stream ended: cancel every request still running on it."""
+        tasks, self._tasks = self._tasks, {}
+        for task in tasks.values():
+            task.cancel()
+        if tasks:
+            log.info("a client stream ended with %d requests open; cancelled them", len(tasks))
+            for _ in tasks:
+                self._servicer.count_cancellation()
+
+
+def _merge(
+    into: router_pb2.RouterGenerateResponse, later: router_pb2.RouterGenerateResponse
+) -> None:
+    """``later`` appended to ``into``: one entry per request per message."""
+    if later.HasField("status"):
+        into.CopyFrom(later)  # a failure ends the request: what came before is moot
+        return
+    into.text += later.text
+    into.token_ids.extend(later.token_ids)
+    into.logprobs.extend(later.logprobs)
+    into.worker_id = later.worker_id
+    if later.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+        into.finish_reason = later.finish_reason
+    if later.HasField("usage"):
+        into.usage.CopyFrom(later.usage)
+    if later.HasField("matched_stop"):
+        into.matched_stop = later.matched_stop
+    if later.HasField("error"):
+        into.error = later.error
+
+
+def _entry(
+    tag: int, code: grpc.StatusCode, message: str, detail: common_pb2.ErrorDetail | None = None
+) -> router_pb2.RouterGenerateResponse:
+    reply = router_pb2.RouterGenerateResponse(tag=tag)
+    reply.status.code = code.value[0]
+    reply.status.message = message
+    if detail is not None:
+        reply.status.detail.CopyFrom(detail)
+    return reply
+
+
+def _status_entry(tag: int, error: BaseException) -> router_pb2.RouterGenerateResponse:
+    status = status_for(error)
+    if status.code == grpc.StatusCode.INTERNAL:
+        log.error("stream request %d failed", tag, exc_info=error)
+    return _entry(tag, status.code, status.details, status.detail)

@@ -1,0 +1,218 @@
+"""``WorkerStream``: the router's one ``WorkerService.Stream`` call to a worker, shared by every
+request the router runs there, and ``StreamCall``, one request's view of it.
+
+A ``StreamCall`` reads like the ``Generate`` call it replaces (``read()`` gives the request's
+next ``GenerateResponse``, then ``grpc.aio.EOF``; a failure raises ``grpc.aio.AioRpcError``;
+``cancel()`` stops it), so retries, breakers, migration and PD pairing treat both alike. Per
+engine step the worker sends one message for all of this router's requests there; the reader
+task hands each entry to its request, which costs one future resolution per request, not a
+gRPC message.
+
+The stream opens on first use and again after it ended: when it breaks (the worker died, its
+connection dropped — keepalive pings find a hung one in seconds) every request open on it fails
+with the stream's status, exactly as each one's own call would have, so they migrate or retry as
+before. A worker that drains ends the stream once its requests are done and refuses new ones
+with UNAVAILABLE (they go elsewhere).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from typing import TypeAlias
+
+import grpc
+import grpc.aio
+
+from pdmesh.rpc.errors import ERROR_DETAIL_KEY
+from pdmesh.telemetry import trace_carrier
+from pdmesh.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+BidiCall: TypeAlias = (
+    "grpc.aio.StreamStreamCall[worker_pb2.WorkerStreamRequest, worker_pb2.WorkerStreamResponse]"
+)
+
+
+class StreamCall:
+    """One request on a ``WorkerStream``: the parts of a Generate call the router uses."""
+
+    def __init__(self, stream: WorkerStream, request_id: str) -> None:
+        self._stream = stream
+        self.request_id = request_id
+        self._outputs: collections.deque[worker_pb2.GenerateResponse] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: grpc.aio.AioRpcError | None = None
+        self._ended = False  # its last output (or error) arrived
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def read(self) -> worker_pb2.GenerateResponse | grpc.aio.EOFType:
+        while not self._outputs:
+            if self._error is not None:
+                raise self._error
+            if self._ended:
+                return grpc.aio.EOF
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._outputs.popleft()
+
+    def cancel(self) -> bool:
+        """Stop the request on the worker (a no-op once it ended); True if it was running."""
+        if self._ended:
+            return False
+        self._finish(_rpc_error(grpc.StatusCode.CANCELLED, "cancelled by the router"))
+        self._stream.cancel(self.request_id)
+        return True
+
+    # -- from the stream's reader -----------------------------------------------------------
+
+    def push(self, output: worker_pb2.GenerateResponse) -> None:
+        if self._ended:
+            return
+        if output.HasField("status"):
+            self._finish(_status_error(output.status))
+            return
+        self._outputs.append(output)
+        if output.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+            self._finish(None)
+        self._wake()
+
+    def fail(self, error: grpc.aio.AioRpcError) -> None:
+        if not self._ended:
+            self._finish(error)
+
+    def expire(self) -> None:
+        if not self._ended:
+            self._finish(_rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+            self._stream.cancel(self.request_id)
+
+    def _finish(self, error: grpc.aio.AioRpcError | None) -> None:
+        self._ended = True
+        self._error = error
+        if self._timer is not None:
+            self._timer.cancel()
+        self._stream.forget(self.request_id)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
+class WorkerStream:
+    def __init__(self, stub: worker_pb2_grpc.WorkerServiceStub, label: str) -> None:
+        self._stub = stub
+        self._label = label
+        self._calls: dict[str, StreamCall] = {}
+        self._call: BidiCall | None = None
+        self._outbox: asyncio.Queue[worker_pb2.WorkerStreamRequest] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def open(self, request: worker_pb2.GenerateRequest, timeout: float) -> StreamCall:
+        """Start ``request`` on the worker; ``timeout``: seconds it may take (the worker and
+        this side both end it with DEADLINE_EXCEEDED past that)."""
+        if self._call is None:
+            self._connect()
+        call = StreamCall(self, request.request_id)
+        self._calls[request.request_id] = call
+        timeout = max(timeout, 0.001)
+        call._timer = asyncio.get_running_loop().call_later(timeout, call.expire)
+        message = worker_pb2.WorkerStreamRequest(
+            generate=request, timeout_secs=timeout, trace_context=trace_carrier()
+        )
+        self._outbox.put_nowait(message)
+        return call
+
+    def cancel(self, request_id: str) -> None:
+        if self._call is not None:
+            self._outbox.put_nowait(worker_pb2.WorkerStreamRequest(cancel=request_id))
+
+    def forget(self, request_id: str) -> None:
+        self._calls.pop(request_id, None)
+
+    def _connect(self) -> None:
+        call: BidiCall = self._stub.Stream()
+        self._call = call
+        self._outbox = asyncio.Queue()
+        self._tasks = [
+            asyncio.ensure_future(self._write(call, self._outbox)),
+            asyncio.ensure_future(self._read(call)),
+        ]
+
+    async def _write(
+        self, call: BidiCall, outbox: asyncio.Queue[worker_pb2.WorkerStreamRequest]
+    ) -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            while True:
+                await call.write(await outbox.get())
+
+    async def _read(self, call: BidiCall) -> None:
+        error: grpc.aio.AioRpcError
+        try:
+            async for message in call:
+                for output in message.outputs:
+                    target = self._calls.get(output.request_id)
+                    if target is not None:
+                        target.push(output)
+            error = _rpc_error(
+                grpc.StatusCode.UNAVAILABLE, f"{self._label} ended its stream (shutting down)"
+            )
+        except grpc.aio.AioRpcError as e:
+            error = e
+        except asyncio.CancelledError:
+            error = _rpc_error(grpc.StatusCode.UNAVAILABLE, f"stream to {self._label} closed")
+            raise
+        finally:
+            self._disconnected(call, error)
+
+    def _disconnected(self, call: BidiCall, error: grpc.aio.AioRpcError) -> None:
+        if self._call is not call:
+            return
+        self._call = None
+        for task in self._tasks:
+            task.cancel()
+        call.cancel()
+        calls, self._calls = self._calls, {}
+        if calls:
+            log.warning(
+                "stream to %s ended (%s); failing its %d open requests",
+                self._label,
+                error.code().name,
+                len(calls),
+            )
+        for open_call in calls.values():
+            open_call.fail(error)
+
+    async def close(self) -> None:
+        call = self._call
+        if call is not None:
+            call.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _rpc_error(
+    code: grpc.StatusCode, details: str, detail: common_pb2.ErrorDetail | None = None
+) -> grpc.aio.AioRpcError:
+    trailing = grpc.aio.Metadata()
+    if detail is not None:
+        trailing.add(ERROR_DETAIL_KEY, detail.SerializeToString())
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, details=details)
+
+
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def _status_error(status: common_pb2.RequestStatus) -> grpc.aio.AioRpcError:
+    """A request's in-band status as the error its own call would have raised."""
+    code = _CODES.get(status.code, grpc.StatusCode.UNKNOWN)
+    detail = status.detail if status.HasField("detail") else None
+    return _rpc_error(code, status.message, detail)
