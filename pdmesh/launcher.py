@@ -46,7 +46,20 @@ class LauncherConfig:
     model: str = flag("smollm2-135m-instruct", "model spec served by the workers and tokenizer")
     host: str = flag("127.0.0.1", "address every service binds to (loopback by default)")
     gateway_port: int = flag(8000, "HTTP port of the OpenAI-compatible gateway")
-    router_port: int = flag(50051, "gRPC port of the router")
+    router_port: int = flag(
+        50051, "gRPC port of the router (with --routers N, the others take the next free ports)"
+    )
+    routers: int = flag(
+        1,
+        "router processes; the gateway spreads requests over them round-robin, each keeps its "
+        "own cache-aware tree (as SMG / llm-d replicas do). More than one when a single router "
+        "process is CPU-bound (its CPU near 100%% of a core under load)",
+    )
+    gateway_workers: int = flag(
+        1,
+        "gateway processes serving --gateway-port together (the gateway's --workers); more "
+        "than one when the gateway process is CPU-bound",
+    )
     tokenizer_port: int = flag(50052, "gRPC port of the tokenizer service")
     worker_port: int = flag(50053, "gRPC port of the aggregated worker (disagg: the decode worker)")
     prefill_port: int = flag(50054, "disagg: gRPC port of the prefill worker")
@@ -60,6 +73,9 @@ class LauncherConfig:
     grace_period: float = flag(10.0, "seconds each service may drain on shutdown before SIGKILL")
 
     def __post_init__(self) -> None:
+        for name in ("routers", "gateway_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 1")
         if self.mode not in MODES:
             raise ValueError(f"--mode={self.mode!r}; choose {', '.join(MODES)}")
         if self.kv_transfer_backend not in KV_BACKENDS:
@@ -149,9 +165,7 @@ def plan(
     """Stages started one after another; the services of a stage start together."""
     h = cfg.host
     common = ["--host", h, "--grace-period", str(cfg.grace_period), *tls.flags()]
-    tok, wrk, rtr, pre = (
-        f"{h}:{p}" for p in (cfg.tokenizer_port, cfg.worker_port, cfg.router_port, cfg.prefill_port)
-    )
+    tok, wrk, pre = (f"{h}:{p}" for p in (cfg.tokenizer_port, cfg.worker_port, cfg.prefill_port))
     model = ["--model", cfg.model]
     tokenizer: Service = (
         "tokenizer", "services.tokenizer",
@@ -174,15 +188,34 @@ def plan(
               *worker_extra], f"grpc://{wrk}"),
         ]  # fmt: skip
         routing = ["--prefill-workers", pre, "--decode-workers", wrk]
+    ports = router_ports(cfg)
+    routers: list[Service] = [
+        (f"router-{i}" if len(ports) > 1 else "router", "services.router",
+         [*common, "--port", str(port), *routing, "--tokenizer", tok], f"grpc://{h}:{port}")
+        for i, port in enumerate(ports)
+    ]  # fmt: skip
+    routers_csv = ",".join(f"{h}:{port}" for port in ports)
+    gateway = ["--host", h, "--port", str(cfg.gateway_port), "--router", routers_csv, *tls.flags()]
+    if cfg.gateway_workers > 1:
+        gateway += ["--workers", str(cfg.gateway_workers)]
     return [
         [tokenizer, *workers],
-        [("router", "services.router",
-          [*common, "--port", str(cfg.router_port), *routing, "--tokenizer", tok],
-          f"grpc://{rtr}")],
-        [("gateway", "services.gateway",
-          ["--host", h, "--port", str(cfg.gateway_port), "--router", rtr, *tls.flags()],
-          f"http://{h}:{cfg.gateway_port}/health")],
+        routers,
+        [("gateway", "services.gateway", gateway, f"http://{h}:{cfg.gateway_port}/health")],
     ]  # fmt: skip
+
+
+def router_ports(cfg: LauncherConfig) -> list[int]:
+    """--router-port, then the next ports no other service of the launcher uses."""
+    taken = {cfg.tokenizer_port, cfg.worker_port, cfg.prefill_port, cfg.bootstrap_port}
+    taken.add(cfg.gateway_port)
+    ports = [cfg.router_port]
+    candidate = cfg.router_port
+    while len(ports) < cfg.routers:
+        candidate += 1
+        if candidate not in taken:
+            ports.append(candidate)
+    return ports
 
 
 def spawn(name: str, module: str, args: list[str], health: str) -> Child:

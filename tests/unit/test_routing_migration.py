@@ -44,6 +44,7 @@ def migrate(params: common_pb2.SamplingParams, sent: list[int]) -> tuple[str, An
             w = workers.add(f"127.0.0.1:{1 + i}", id=name)
             w.healthy = True
             stubs[name] = w.stub = cast(Any, FakeStub())
+            w.stream = None  # calls go to the fake per-request Generate
         gen = Generation(workers, RoundRobin(), cast(Any, None))
         deadline = asyncio.get_running_loop().time() + 5
         request = worker_pb2.GenerateRequest(

@@ -86,15 +86,13 @@ class FakeDetokenizer:
     def __init__(self) -> None:
         self.num_tokens = 0
 
-    async def push(
-        self, token_ids: Sequence[int], final: bool
-    ) -> tokenizer_pb2.DetokenizeStreamResponse:
+    def push(self, token_ids: Sequence[int], final: bool) -> tokenizer_pb2.DetokenizeStreamResponse:
         self.num_tokens += len(token_ids)
         return tokenizer_pb2.DetokenizeStreamResponse(
             text="".join(f"<{t}>" for t in token_ids), num_tokens=self.num_tokens
         )
 
-    async def close(self) -> None:
+    def close(self) -> None:
         return None
 
 
@@ -130,6 +128,7 @@ def stream_breaking_with(code: grpc.StatusCode) -> Result:
             w = workers.add(f"127.0.0.1:{i + 1}", id=name)
             w.healthy, w.migration_limit = True, 1
             w.stub = cast(Any, stub)
+            w.stream = None  # calls go to the fake per-request Generate
         gen = Generation(workers, RoundRobin(), cast(Any, FakeTokenizer()))
         request = router_pb2.RouterGenerateRequest(
             token_ids=router_pb2.TokenIds(ids=[1, 2]),

@@ -65,6 +65,7 @@ def run(
             w = workers.add(f"127.0.0.1:{1 + i}", id=name)
             w.healthy = True
             stubs[name] = w.stub = cast(Any, FakeStub(outcome))
+            w.stream = None  # calls go to the fake per-request Generate
         gen = Generation(
             workers,
             RoundRobin(),
