@@ -26,6 +26,10 @@ CLIENT_OPTIONS: tuple[tuple[str, int], ...] = (
     # a stream from the server sends no data from the client after its request; without this
     # grpc stops pinging after two pings
     ("grpc.http2.max_pings_without_data", 0),
+    # a peer that comes back (a restarted tokenizer or worker on its address) is dialed again
+    # within seconds: grpc's reconnect backoff otherwise grows to two minutes
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 3000),
 )
 
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
