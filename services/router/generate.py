@@ -6,9 +6,10 @@ at least ``disagg_min_prompt_tokens`` tokens and at least one token is wanted: `
 sends the request to both halves. Otherwise the request goes whole to an aggregated or decode
 worker, which prefills it itself (conditional disaggregation: no prefill, no failure).
 
-NOTE: every worker message is pushed to the tokenizer's DetokenizeStream and answered by
-exactly one router message carrying the worker's token ids, their logprobs and the text the
-detokenizer released for them. When the detokenizer reports a stop string, the tokens after the
+NOTE: every worker message (all of the request's tokens of one engine step, from the router's
+shared ``WorkerService.Stream`` to that worker) goes through the request's in-process
+detokenizer and is answered by exactly one router message carrying the worker's token ids, their
+logprobs and the text the detokenizer released for them. When the detokenizer reports a stop string, the tokens after the
 one that completed it are dropped, the worker call is cancelled (the worker aborts the request
 and frees its pages) and the last message says FINISH_REASON_STOP. Usage then counts the
 completion tokens up to the stop; the worker's prefix-cache figure is not known at that point
@@ -46,7 +47,8 @@ from pdmesh.telemetry import event, set_attributes, span, tracing_installed
 from pdmesh.telemetry.router_metrics import RouterMetrics
 from pdmesh.telemetry.spans import FIRST_TOKEN, ROUTE, TOKENIZE
 from pdmesh.tokenizer.stop_strings import MAX_STOP_CHARS
-from pdmesh.v1 import common_pb2, router_pb2, tokenizer_pb2, worker_pb2
+from pdmesh.tokenizer import StreamDelta
+from pdmesh.v1 import common_pb2, router_pb2, worker_pb2
 from services.router import disagg
 from services.router.ids_only import TokenIdsOnly, wants_ids_only
 from services.router.tokenizer_client import Detokenizer, TokenizerClient
@@ -456,7 +458,7 @@ def _check_stop_strings(stop: list[str]) -> None:
 
 
 def _passed_on(
-    delta: tokenizer_pb2.DetokenizeStreamResponse,
+    delta: StreamDelta,
     reply: worker_pb2.GenerateResponse,
     worker: WorkerHandle,
     num_prompt_tokens: int,
@@ -484,7 +486,7 @@ def _passed_on(
 
 
 def _stopped(
-    delta: tokenizer_pb2.DetokenizeStreamResponse,
+    delta: StreamDelta,
     reply: worker_pb2.GenerateResponse,
     worker: WorkerHandle,
     num_sent: int,

@@ -1,9 +1,13 @@
-"""The router's client of the tokenizer service: prompts → token ids, and the incremental
-detokenizer that turns a worker's token stream into text deltas with stop strings applied.
+"""The router's client of the tokenizer service: prompts → token ids, and the detokenizer that
+turns a worker's token stream into text deltas with stop strings applied — in this process.
 
 It holds a live set of tokenizer instances (``--tokenizer``, or those Consul reports) and
-spreads calls over them round-robin; every instance serves the same model's tokenizer, so the
-tokenize call and the detokenize stream of one request may go to different ones.
+spreads tokenize calls over them round-robin; every instance serves the same model's
+tokenizer. Generated tokens never go to them: the router fetches the tokenizer itself once
+(``GetTokenizerFiles``; eagerly when the first instance is added, else by the first request
+that needs it), keeps it for its life, and detokenizes each stream with the Rust
+``tokenizers`` library (``pdmesh.tokenizer.fast_detokenizer``). So a tokenizer that dies fails
+only new requests that need tokenizing (UNAVAILABLE, naming it), never a stream in flight.
 """
 
 from __future__ import annotations
@@ -12,29 +16,33 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TypeAlias
 
 import grpc
 import grpc.aio
+import tokenizers
 
 from pdmesh.errors import InvalidRequestError
 from pdmesh.rpc import keepalive
 from pdmesh.rpc.tls import PLAINTEXT, TLSConfig
 from pdmesh.telemetry import client_interceptors
+from pdmesh.tokenizer import StreamDelta
+from pdmesh.tokenizer.fast_detokenizer import FastDetokenizer
 from pdmesh.v1 import router_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 from services.router.upstream import OutgoingCalls, UpstreamError, calling
 
 log = logging.getLogger(__name__)
 
-# the tokenizer keeps only the prompt's last few ids as context for the first generated tokens
-# (5 today); a few more cost nothing and leave it room to change
-PROMPT_CONTEXT_TOKENS = 8
-
-DetokenizeCall: TypeAlias = (
-    "grpc.aio.StreamStreamCall[tokenizer_pb2.DetokenizeStreamRequest, "
-    "tokenizer_pb2.DetokenizeStreamResponse]"
+# GetTokenizerFiles carries tokenizer.json: 3.5 MB for SmolLM2, several times that for models
+# with larger vocabularies, past grpc's default 4 MiB receive limit
+MAX_RECEIVE_BYTES = 64 * 1024 * 1024
+CHANNEL_OPTIONS = (
+    *keepalive.CLIENT_OPTIONS,  # pings find a hung tokenizer within seconds
+    ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
+    # each channel its own connection: a fresh one (``_reconnect``) must not inherit the
+    # reconnect backoff of the one it replaces through grpc's process-wide subchannel pool
+    ("grpc.use_local_subchannel_pool", 1),
 )
 
 
@@ -49,6 +57,39 @@ class _Instance:
         return f"tokenizer {self.address}"
 
 
+@dataclass(frozen=True)
+class LocalTokenizer:
+    """The tokenizer a tokenizer service gave out (GetTokenizerFiles), loaded in the router."""
+
+    model_name: str
+    backend: tokenizers.Tokenizer
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    special_token_ids: tuple[int, ...]
+    default_skip_special_tokens: bool
+
+    @classmethod
+    def from_pb(cls, files: tokenizer_pb2.GetTokenizerFilesResponse) -> LocalTokenizer:
+        """Raises ``Exception`` (what ``tokenizers`` raises) when tokenizer_json does not load."""
+        return cls(
+            model_name=files.model_name,
+            backend=tokenizers.Tokenizer.from_str(files.tokenizer_json),
+            vocab_size=files.vocab_size,
+            eos_token_ids=tuple(files.eos_token_ids),
+            special_token_ids=tuple(files.special_token_ids),
+            default_skip_special_tokens=files.default_skip_special_tokens,
+        )
+
+    def detokenizer(
+        self, prompt_ids: Sequence[int], stop: Sequence[str], skip_special_tokens: bool | None
+    ) -> Detokenizer:
+        skip = (
+            self.default_skip_special_tokens if skip_special_tokens is None else skip_special_tokens
+        )
+        detok = FastDetokenizer(self.backend, skip, tuple(stop), prompt_ids)
+        return Detokenizer(detok, self.vocab_size)
+
+
 class TokenizerClient:
     def __init__(
         self,
@@ -59,14 +100,16 @@ class TokenizerClient:
     ) -> None:
         """``addresses``: the tokenizers to start with (``host:port``; more via ``add``);
         ``tls``: how the channels to them are secured (``--tls-*``); ``drain_timeout``: how
-        long a removed tokenizer's open detokenize streams (whole generations) may run before
-        its channel is closed under them (default ``rpc_timeout``)."""
+        long a removed tokenizer's calls in flight may run before its channel is closed under
+        them (default ``rpc_timeout``)."""
         self._rpc_timeout = rpc_timeout
         self._drain_timeout = rpc_timeout if drain_timeout is None else drain_timeout
         self._closing: set[asyncio.Task[None]] = set()
         self._tls = tls
         self._instances: dict[str, _Instance] = {}
         self._turn = itertools.count()
+        self._local: LocalTokenizer | None = None  # once fetched, for the router's life
+        self._fetch: asyncio.Task[LocalTokenizer] | None = None  # a fetch in flight
         for address in [addresses] if isinstance(addresses, str) else addresses:
             if address:
                 self.add(address)
@@ -75,27 +118,62 @@ class TokenizerClient:
     def addresses(self) -> list[str]:
         return list(self._instances)
 
+    @property
+    def local_tokenizer(self) -> LocalTokenizer | None:
+        """The tokenizer the router detokenizes with, once fetched."""
+        return self._local
+
     def add(self, address: str) -> None:
         if address in self._instances:
             return
-        # pings find a hung tokenizer within seconds (pdmesh.rpc.keepalive)
-        channel = self._tls.channel(
-            address, keepalive.CLIENT_OPTIONS, interceptors=client_interceptors()
-        )
-        stub = tokenizer_pb2_grpc.TokenizerServiceStub(channel)
-        self._instances[address] = _Instance(address, channel, stub)
+        instance = self._instances[address] = self._connect(address)
         log.info("added tokenizer %s", address)
+        if self._local is None and self._fetch is None:
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:  # built outside the event loop: the first request fetches
+                return
+            # in the background, so the first request does not pay for it; waits for a
+            # tokenizer that is still starting (``wait_for_ready``) up to rpc_timeout
+            self._start_fetch(instance, self._rpc_timeout, wait_for_ready=True)
 
     async def remove(self, address: str) -> None:
-        """Stop using ``address``; its open detokenize streams run on until they end."""
+        """Stop using ``address``; its calls in flight run on until they end."""
         instance = self._instances.pop(address, None)
         if instance is not None:
             log.info("removed tokenizer %s", address)
-            # in the background: the caller (a Consul watch) must not wait out the streams
-            close = instance.channel.close(grace=self._drain_timeout)
-            task = asyncio.get_running_loop().create_task(close)
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            self._close_later(instance.channel)
+
+    def _connect(self, address: str) -> _Instance:
+        channel = self._tls.channel(address, CHANNEL_OPTIONS, interceptors=client_interceptors())
+        return _Instance(address, channel, tokenizer_pb2_grpc.TokenizerServiceStub(channel))
+
+    def _close_later(self, channel: grpc.aio.Channel) -> None:
+        # in the background: the caller (a Consul watch, a request) must not wait out the calls
+        task = asyncio.get_running_loop().create_task(channel.close(grace=self._drain_timeout))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    @contextlib.contextmanager
+    def _calling(self, instance: _Instance) -> Iterator[None]:
+        """``calling(instance.label)``, and a fresh channel to it after an UNAVAILABLE."""
+        try:
+            with calling(instance.label):
+                yield
+        except UpstreamError as e:
+            if e.code == grpc.StatusCode.UNAVAILABLE:
+                self._reconnect(instance)
+            raise
+
+    def _reconnect(self, instance: _Instance) -> None:
+        """NOTE: after a failed connect, grpc fails every call on the channel until its
+        reconnect backoff (1 s, growing to 2 min) has passed, so a tokenizer restarted on its
+        address would stay unused that long. A new channel dials on its first call: the next
+        request finds a tokenizer that is back at once, or fails at once while it is not."""
+        if self._instances.get(instance.address) is not instance:
+            return  # removed, or a concurrent failure replaced it already
+        self._instances[instance.address] = self._connect(instance.address)
+        self._close_later(instance.channel)
 
     def _pick(self) -> _Instance:
         if not self._instances:
@@ -118,7 +196,7 @@ class TokenizerClient:
         if kind not in ("text", "chat"):
             raise InvalidRequestError("input", "set one of text, token_ids or chat")
         tokenizer = self._pick()
-        with calling(tokenizer.label):
+        with self._calling(tokenizer):
             if kind == "text":
                 tokenized = await tokenizer.stub.Tokenize(
                     tokenizer_pb2.TokenizeRequest(text=request.text), timeout=timeout
@@ -141,19 +219,83 @@ class TokenizerClient:
         timeout: float,
         calls: OutgoingCalls,
     ) -> Detokenizer:
-        options = tokenizer_pb2.DetokenizeStreamOptions(
-            stop=stop, prompt_token_ids=prompt_ids[-PROMPT_CONTEXT_TOKENS:]
+        """A detokenizer for one generation, in this process. Only the first request(s) may
+        wait, for the tokenizer's files (within ``timeout``); ``calls`` is not used: the fetch
+        is shared by every request, so none of them may cancel it."""
+        local = self._local or await self.local_tokenizer_within(timeout)
+        return local.detokenizer(prompt_ids, stop, skip_special_tokens)
+
+    async def local_tokenizer_within(self, timeout: float) -> LocalTokenizer:
+        """The tokenizer, fetched from an instance unless it is already here or on its way;
+        a failed fetch is an ``UpstreamError`` naming the tokenizer it asked."""
+        if self._local is not None:
+            return self._local
+        fetch = self._fetch
+        if fetch is None:
+            fetch = self._start_fetch(self._pick(), min(timeout, self._rpc_timeout))
+        try:
+            # shielded: a request that gives up must not cancel the others' fetch
+            return await asyncio.wait_for(asyncio.shield(fetch), timeout)
+        except asyncio.TimeoutError:  # TimeoutError itself from 3.11 on
+            raise UpstreamError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"the tokenizer's files did not arrive within {timeout:.1f}s",
+            ) from None
+
+    def _start_fetch(
+        self, instance: _Instance, timeout: float, wait_for_ready: bool = False
+    ) -> asyncio.Task[LocalTokenizer]:
+        fetch = asyncio.get_running_loop().create_task(
+            self._fetch_from(instance, timeout, wait_for_ready), name="fetch tokenizer files"
         )
-        if skip_special_tokens is not None:
-            options.skip_special_tokens = skip_special_tokens
-        tokenizer = self._pick()
-        call: DetokenizeCall = calls.track(tokenizer.stub.DetokenizeStream(timeout=timeout))
-        with calling(tokenizer.label):
-            await call.write(tokenizer_pb2.DetokenizeStreamRequest(options=options))
-        return Detokenizer(call, tokenizer.label)
+        self._fetch = fetch
+        fetch.add_done_callback(self._fetched)
+        return fetch
+
+    async def _fetch_from(
+        self, instance: _Instance, timeout: float, wait_for_ready: bool
+    ) -> LocalTokenizer:
+        with self._calling(instance):
+            files = await instance.stub.GetTokenizerFiles(
+                tokenizer_pb2.GetTokenizerFilesRequest(),
+                timeout=timeout,
+                wait_for_ready=wait_for_ready,
+            )
+        try:
+            # ~0.1 s of Rust for a few MB of JSON: off the event loop that streams tokens
+            local = await asyncio.to_thread(LocalTokenizer.from_pb, files)
+        except Exception as e:  # tokenizers raises a bare Exception
+            raise UpstreamError(
+                grpc.StatusCode.INTERNAL,
+                f"{instance.label} gave out a tokenizer.json that does not load: {e}",
+            ) from e
+        self._local = local
+        log.info(
+            "router loaded the tokenizer of %s from %s: vocab %d, eos %s, %d special tokens; "
+            "it detokenizes in-process",
+            local.model_name,
+            instance.label,
+            local.vocab_size,
+            list(local.eos_token_ids),
+            len(local.special_token_ids),
+        )
+        return local
+
+    def _fetched(self, fetch: asyncio.Task[LocalTokenizer]) -> None:
+        if self._fetch is fetch:
+            self._fetch = None  # done: the result is in _local, or the next request retries
+        if fetch.cancelled():
+            return
+        error = fetch.exception()  # retrieved here, so a fetch nobody awaited logs no noise
+        if error is not None:
+            log.warning(
+                "fetching the tokenizer's files failed (the next request retries): %s", error
+            )
 
     async def close(self) -> None:
-        for task in list(self._closing):  # removed ones: their streams end now too
+        if self._fetch is not None:
+            self._fetch.cancel()
+        for task in list(self._closing):  # removed ones: their calls end now too
             task.cancel()
         for instance in list(self._instances.values()):
             await instance.channel.close()
@@ -161,39 +303,30 @@ class TokenizerClient:
 
 
 class Detokenizer:
-    """One DetokenizeStream call: each ``push`` sends tokens and returns the one response the
-    protocol promises for them."""
+    """One generation's detokenizer, in the router's process: ``push`` takes a worker
+    message's token ids and returns at once what they add (no call leaves the router)."""
 
-    def __init__(self, call: DetokenizeCall, label: str) -> None:
-        self._call = call
-        self._label = label
+    __slots__ = ("_detok", "_vocab_size")
 
-    async def push(
-        self, token_ids: Sequence[int], final: bool
-    ) -> tokenizer_pb2.DetokenizeStreamResponse:
-        tokens = tokenizer_pb2.DetokenizeStreamTokens(token_ids=token_ids, final=final)
-        with calling(self._label):
-            try:
-                await self._call.write(tokenizer_pb2.DetokenizeStreamRequest(tokens=tokens))
-            except asyncio.InvalidStateError:
-                # the call ended between two pushes (the tokenizer died or went away): grpc
-                # refuses the write without saying why; the call's status does
-                raise await self._ended() from None
-            reply = await self._call.read()
-        if reply is grpc.aio.EOF:
+    def __init__(self, detok: FastDetokenizer, vocab_size: int) -> None:
+        self._detok = detok
+        self._vocab_size = vocab_size
+
+    def push(self, token_ids: Sequence[int], final: bool) -> StreamDelta:
+        """The new text (never a partial character nor any part of a stop string), whether a
+        stop string matched (``stopped``, ``stop_string``: ids after it are ignored) and the
+        tokens consumed so far (``num_tokens``), as DetokenizeStream answered."""
+        # the Rust decoder would drop unknown ids silently; the tokenizer service refused them
+        if token_ids and (min(token_ids) < 0 or max(token_ids) >= self._vocab_size):
+            bad = [t for t in token_ids if not 0 <= t < self._vocab_size]
             raise UpstreamError(
-                grpc.StatusCode.INTERNAL, f"{self._label} ended the detokenize stream early"
+                grpc.StatusCode.INTERNAL,
+                f"the worker generated ids {bad[:5]} outside the tokenizer's vocabulary "
+                f"[0, {self._vocab_size}): do the model and the tokenizer match?",
             )
-        return reply
+        return self._detok.add(token_ids, final)
 
-    async def _ended(self) -> grpc.aio.AioRpcError:
-        code, details = await self._call.code(), await self._call.details()
-        return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
-
-    async def close(self) -> None:
-        """End the call cleanly once the tokenizer has ended its side (after a final or
-        stopping response): half-close and read its end, so the call's client span ends now
-        rather than whenever the call is garbage-collected."""
-        with contextlib.suppress(grpc.aio.AioRpcError):
-            await self._call.done_writing()
-            await self._call.read()
+    def close(self) -> None:
+        """Nothing to release (kept so a stream's end reads the same for every kind of
+        detokenizer)."""
+        return None

@@ -175,8 +175,8 @@ class WorkerStream:
             self._disconnected(call, error)
 
     def _disconnected(self, call: BidiCall, error: grpc.aio.AioRpcError) -> None:
-        if self._call is not call:
-            return
+        if self._call is None or self._call is not call:
+            return  # an older stream's end: its requests were failed already
         self._call = None
         for task in self._tasks:
             task.cancel()

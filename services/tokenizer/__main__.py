@@ -22,8 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m services.tokenizer",
         description=(
             "pdmesh tokenizer service (gRPC pdmesh.v1.TokenizerService): tokenize, apply the "
-            "model's chat template, detokenize, and stream-detokenize generated tokens "
-            "(UTF-8 safe, with stop strings). Also serves grpc.health.v1 and reflection; "
+            "model's chat template, detokenize, stream-detokenize generated tokens "
+            "(UTF-8 safe, with stop strings), and hand out tokenizer.json to clients that "
+            "detokenize themselves (the router). Also serves grpc.health.v1 and reflection; "
             "SIGTERM or Ctrl-C drains in-flight calls, then exits."
         ),
     )
@@ -43,11 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     config, mesh = parsed
     configure_logging(config.log_level)
     try:
-        tokenizer = load_tokenizer(config.model)
+        loaded = load_tokenizer(config.model)
     except (ValueError, OSError, RuntimeError) as e:  # bad spec, missing files, failed fetch
         print(f"error: cannot load the tokenizer of {config.model!r}: {e}", file=sys.stderr)
         return 2
-    return run_service(serve(config, tokenizer, mesh))
+    return run_service(serve(config, loaded, mesh))
 
 
 if __name__ == "__main__":

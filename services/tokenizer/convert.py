@@ -58,6 +58,20 @@ def info_to_pb(info: TokenizerInfo) -> tokenizer_pb2.GetTokenizerInfoResponse:
     )
 
 
+def files_to_pb(
+    info: TokenizerInfo, tokenizer_json: str, default_skip_special_tokens: bool
+) -> tokenizer_pb2.GetTokenizerFilesResponse:
+    added = json.loads(tokenizer_json).get("added_tokens") or []
+    return tokenizer_pb2.GetTokenizerFilesResponse(
+        model_name=info.model_name,
+        tokenizer_json=tokenizer_json,
+        vocab_size=info.vocab_size,
+        eos_token_ids=info.eos_token_ids,
+        special_token_ids=sorted(t["id"] for t in added if t.get("special")),
+        default_skip_special_tokens=default_skip_special_tokens,
+    )
+
+
 def delta_to_pb(delta: StreamDelta) -> tokenizer_pb2.DetokenizeStreamResponse:
     return tokenizer_pb2.DetokenizeStreamResponse(
         text=delta.text,

@@ -4,12 +4,16 @@ Handlers are thin: proto in → ``pdmesh.tokenizer`` call → proto out. They ra
 ``InvalidRequestError`` for bad input; ``pdmesh.rpc``'s interceptor turns it into
 INVALID_ARGUMENT. Tokenizer calls run on the event loop: they take microseconds to a few
 milliseconds (the Rust tokenizer), far less than a thread hop would save.
+
+``GetTokenizerFiles`` hands out the ``tokenizer.json`` text the service loaded, so the router
+detokenizes generated tokens in its own process (``pdmesh.tokenizer.fast_detokenizer``).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import grpc.aio
 
@@ -25,11 +29,29 @@ from services.tokenizer.config import TokenizerServiceConfig
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = tokenizer_pb2.DESCRIPTOR.services_by_name["TokenizerService"].full_name
+# an unset skip_special_tokens; GetTokenizerFiles tells clients, so theirs match
+DEFAULT_SKIP_SPECIAL_TOKENS = True
+
+
+@dataclass(frozen=True)
+class LoadedTokenizer:
+    """A model's tokenizer, and the ``tokenizer.json`` text it was loaded from."""
+
+    tokenizer: Tokenizer
+    tokenizer_json: str
 
 
 class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, tokenizer_json: str | None = None) -> None:
+        """``tokenizer_json``: what GetTokenizerFiles gives out (None: it fails with
+        FAILED_PRECONDITION)."""
         self._tok = tokenizer
+        # built once (it parses a few MB of JSON), not on the event loop of a call
+        self._files = (
+            None
+            if tokenizer_json is None
+            else convert.files_to_pb(tokenizer.info(), tokenizer_json, DEFAULT_SKIP_SPECIAL_TOKENS)
+        )
 
     async def Tokenize(
         self, request: tokenizer_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
@@ -49,7 +71,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         self, request: tokenizer_pb2.DetokenizeRequest, context: grpc.aio.ServicerContext
     ) -> tokenizer_pb2.DetokenizeResponse:
         self._tok.check_token_ids(request.token_ids, "token_ids")
-        skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
+        skip = _skip_special_tokens(request)
         return tokenizer_pb2.DetokenizeResponse(text=self._tok.decode(request.token_ids, skip))
 
     async def DetokenizeStream(
@@ -81,9 +103,20 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
     ) -> tokenizer_pb2.GetTokenizerInfoResponse:
         return convert.info_to_pb(self._tok.info())
 
+    async def GetTokenizerFiles(
+        self, request: tokenizer_pb2.GetTokenizerFilesRequest, context: grpc.aio.ServicerContext
+    ) -> tokenizer_pb2.GetTokenizerFilesResponse:
+        if self._files is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this tokenizer service was started without its tokenizer.json",
+            )
+            raise AssertionError("unreachable: context.abort raises")
+        return self._files
+
     def _open_stream(self, options: tokenizer_pb2.DetokenizeStreamOptions) -> StreamDetokenizer:
         self._tok.check_token_ids(options.prompt_token_ids, "options.prompt_token_ids")
-        skip = options.skip_special_tokens if options.HasField("skip_special_tokens") else True
+        skip = _skip_special_tokens(options)
         return StreamDetokenizer(
             self._tok,
             skip_special_tokens=skip,
@@ -92,7 +125,15 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         )
 
 
-def load_tokenizer(model: str) -> Tokenizer:
+def _skip_special_tokens(
+    message: tokenizer_pb2.DetokenizeRequest | tokenizer_pb2.DetokenizeStreamOptions,
+) -> bool:
+    if message.HasField("skip_special_tokens"):
+        return message.skip_special_tokens
+    return DEFAULT_SKIP_SPECIAL_TOKENS
+
+
+def load_tokenizer(model: str) -> LoadedTokenizer:
     """The tokenizer of a model spec, resolved as the workers resolve it."""
     from pdmesh.models import source as model_source
 
@@ -102,19 +143,22 @@ def load_tokenizer(model: str) -> Tokenizer:
             f"model {model!r} has random weights and no tokenizer files; "
             "give the tokenizer service a Hugging Face directory"
         )
-    return Tokenizer.from_dir(source.path, name=source.name)
+    tokenizer = Tokenizer.from_dir(source.path, name=source.name)
+    # read as it was loaded: GetTokenizerFiles gives the same text to the router
+    return LoadedTokenizer(tokenizer, (source.path / "tokenizer.json").read_text("utf-8"))
 
 
 async def serve(
-    config: TokenizerServiceConfig, tokenizer: Tokenizer, mesh: MeshOptions | None = None
+    config: TokenizerServiceConfig, loaded: LoadedTokenizer, mesh: MeshOptions | None = None
 ) -> None:
-    """Serve ``tokenizer`` until SIGTERM/SIGINT, registered (``--discovery consul``) while
+    """Serve ``loaded`` until SIGTERM/SIGINT, registered (``--discovery consul``) while
     serving."""
+    tokenizer = loaded.tokenizer
     mesh = mesh or MeshOptions()
     observed = Observed.start("pdmesh-tokenizer", config.host, mesh.telemetry)
     rpc = RpcServer([SERVICE_NAME], interceptors=observed.interceptors(), tls=mesh.tls)
     tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server(
-        TokenizerServicer(tokenizer), rpc.server
+        TokenizerServicer(tokenizer, loaded.tokenizer_json), rpc.server
     )
     meta = {META_MODEL: tokenizer.info().model_name, **observed.meta()}
     registration = registration_for(
