@@ -7,7 +7,8 @@ Examples:
 
 Subcommands (each with its own --help): ``serve`` (load-test a running mesh),
 ``router-overhead`` and ``routing-quality`` (pdmesh's router beside sglang-router), ``vs-smg``
-(SGLang's gateway smg beside pdmesh's, in front of the same workers).
+(SGLang's gateway smg beside pdmesh's, in front of the same workers), ``mesh`` (the token path
+from worker to client, arm by arm, with each process's CPU per streamed token).
 """
 
 from __future__ import annotations
@@ -58,8 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
             "weights, in the same process: prefill tok/s, decode tok/s and ms per decode step,\n"
             "medians over --repeats, printed with ratios (never asserted).\n\n"
             "Subcommands, each with its own --help: 'serve' (load-test a running mesh), "
-            "'router-overhead' (what pdmesh's router and sglang-router add to a request) and "
-            "'routing-quality' (prefix hits, TTFT and balance of every routing policy)."
+            "'router-overhead' (what pdmesh's router and sglang-router add to a request), "
+            "'routing-quality' (prefix hits, TTFT and balance of every routing policy), 'vs-smg' "
+            "(SGLang's gateway beside pdmesh's) and 'mesh' (the token path, arm by arm, with "
+            "CPU per streamed token)."
         ),
         epilog="definitions:\n" + "\n".join("  " + d for d in DEFINITIONS),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -209,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
         from pdmesh.bench.pd_vs_agg.main import main as pd_vs_agg_main
 
         return pd_vs_agg_main(argv[1:])
+    if argv[:1] == ["mesh"]:  # the token path, arm by arm, at a known worker speed
+        from pdmesh.bench.mesh.main import main as mesh_main
+
+        return mesh_main(argv[1:])
     if argv[:1] == ["vs-smg"]:  # SGLang's gateway vs pdmesh's, same workers: pdmesh/bench/smg
         from pdmesh.bench.smg import main as smg_main
 
