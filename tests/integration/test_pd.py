@@ -629,12 +629,21 @@ def test_a_layout_mismatch_is_refused_at_registration_naming_it(
         ]  # fmt: skip
         router = start_service("services.router", args, "router-odd", log_dir=tmp_path)
         with router, grpc.insecure_channel(router.address) as channel:
+            stub = router_pb2_grpc.RouterServiceStub(channel)
+
+            def all_healthy() -> bool:
+                listed = stub.ListWorkers(router_pb2.ListWorkersRequest(), timeout=10).workers
+                return len(listed) == 2 and all(w.healthy for w in listed)
+
+            # the router serves before its first health round: until it finds the prefill
+            # healthy it would run the request whole on the decode (conditional disaggregation)
+            wait_for(all_healthy, 10, "the router finds both workers healthy")
             request = router_pb2.RouterGenerateRequest(
                 token_ids=router_pb2.TokenIds(ids=long_prompt(300, seed=5)),
                 sampling_params=common_pb2.SamplingParams(temperature=0),
             )
             with pytest.raises(grpc.RpcError) as e:
-                list(router_pb2_grpc.RouterServiceStub(channel).Generate(request, timeout=30))
+                list(stub.Generate(request, timeout=30))
             assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert "page_size: 16 != 32" in (e.value.details() or "")
             assert wait_idle(mesh.p_mc, within=1.0) <= 1.0
