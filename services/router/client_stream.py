@@ -5,7 +5,8 @@ Each ``generate`` message starts a task that runs the generation exactly as ``Ge
 (``RouterServicer.replies``: admission, deadline, retries, migration, metrics). Its replies
 are merged per request into ``_pending`` (text concatenated, ids and logprobs appended), and the
 handler's loop sends everything pending in one message whenever the previous write is done: a
-gateway that reads slowly gets fewer, larger entries, and no request waits for another.
+gateway that reads slowly gets fewer, larger entries, and no request waits for another
+(``coalesce.Coalescer``).
 
 A request ends with its last reply, a status entry (what its own call's status would have
 been), a ``cancel`` from the gateway, or the stream ending (the gateway went away): the task is
@@ -25,6 +26,7 @@ from pdmesh.errors import InvalidRequestError
 from pdmesh.rpc.errors import status_for
 from pdmesh.telemetry import current_span, start_detached_span
 from pdmesh.v1 import common_pb2, router_pb2
+from services.router.coalesce import Coalescer
 from services.router.upstream import OutgoingCalls, UpstreamError
 
 if TYPE_CHECKING:
@@ -40,8 +42,7 @@ class ClientStream:
     def __init__(self, servicer: RouterServicer) -> None:
         self._servicer = servicer
         self._tasks: dict[int, asyncio.Task[None]] = {}
-        self._pending: dict[int, router_pb2.RouterGenerateResponse] = {}
-        self._ready = asyncio.Event()
+        self._pending = Coalescer()
         self._reading = True
 
     async def read(self, requests: AsyncIterator[router_pb2.RouterStreamRequest]) -> None:
@@ -55,7 +56,7 @@ class ClientStream:
                     self._cancel(message.tag)
         finally:
             self._reading = False
-            self._ready.set()
+            self._pending.wake()
 
     def _start(self, message: router_pb2.RouterStreamRequest) -> None:
         tag = message.tag
@@ -74,7 +75,7 @@ class ClientStream:
         if task is not None:
             task.cancel()
             self._servicer.count_cancellation()
-        self._pending.pop(tag, None)
+        self._pending.drop(tag)
 
     async def _run(
         self, tag: int, message: router_pb2.RouterStreamRequest, deadline: float | None
@@ -106,21 +107,15 @@ class ClientStream:
                 span.end()
 
     def _put(self, tag: int, reply: router_pb2.RouterGenerateResponse) -> None:
-        before = self._pending.get(tag)
-        if before is None:
-            self._pending[tag] = reply
-        else:
-            _merge(before, reply)
-        self._ready.set()
+        self._pending.put(tag, reply)
 
     async def batches(self) -> AsyncIterator[router_pb2.RouterStreamResponse]:
         """What to send, as it becomes ready; ends once the gateway half-closed the stream and
         its requests are done."""
         while True:
-            await self._ready.wait()
-            self._ready.clear()
-            if self._pending:
-                outputs, self._pending = list(self._pending.values()), {}
+            await self._pending.wait()
+            outputs = self._pending.take()
+            if outputs:
                 yield router_pb2.RouterStreamResponse(outputs=outputs)
             if not self._reading and not self._tasks:
                 return
@@ -134,27 +129,6 @@ class ClientStream:
             log.info("a client stream ended with %d requests open; cancelled them", len(tasks))
             for _ in tasks:
                 self._servicer.count_cancellation()
-
-
-def _merge(
-    into: router_pb2.RouterGenerateResponse, later: router_pb2.RouterGenerateResponse
-) -> None:
-    """``later`` appended to ``into``: one entry per request per message."""
-    if later.HasField("status"):
-        into.CopyFrom(later)  # a failure ends the request: what came before is moot
-        return
-    into.text += later.text
-    into.token_ids.extend(later.token_ids)
-    into.logprobs.extend(later.logprobs)
-    into.worker_id = later.worker_id
-    if later.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
-        into.finish_reason = later.finish_reason
-    if later.HasField("usage"):
-        into.usage.CopyFrom(later.usage)
-    if later.HasField("matched_stop"):
-        into.matched_stop = later.matched_stop
-    if later.HasField("error"):
-        into.error = later.error
 
 
 def _entry(

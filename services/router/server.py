@@ -43,6 +43,7 @@ from pdmesh.v1 import router_pb2, router_pb2_grpc
 from services.mesh import MeshOptions, Observed
 from services.router import convert
 from services.router.client_stream import ClientStream
+from services.router.coalesce import Coalescer
 from services.router.config import RouterServiceConfig
 from services.router.generate import Generation
 from services.router.tokenizer_client import TokenizerClient
@@ -77,11 +78,29 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     ) -> AsyncIterator[router_pb2.RouterGenerateResponse]:
         calls = OutgoingCalls()
         ticket = self._admission.ticket()
+        # the generation runs as its own task and the handler sends what it left pending, all
+        # of it merged: a client slower than the steps gets fewer, larger messages
+        pending = Coalescer()
+        failure: list[BaseException] = []
+        finished = asyncio.Event()
+
+        async def produce() -> None:
+            try:
+                async for reply in self.replies(request, context.time_remaining, calls, ticket):
+                    pending.put(0, reply)
+            except Exception as e:
+                failure.append(e)
+            finally:
+                finished.set()
+                pending.wake()
+
+        producer = asyncio.ensure_future(produce())
         # whether the handler ended the call itself (done, failed, refused); grpc.aio's
         # context.cancelled() does not say (it stays False for a client's cancel)
         answered = False
 
         def done(_: object) -> None:
+            producer.cancel()
             calls.cancel_all()
             ticket.release()
             if not answered:  # the client cancelled, or let its deadline pass, first
@@ -89,17 +108,18 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
 
         context.add_done_callback(done)
         try:
-            async for reply in self.replies(request, context.time_remaining, calls, ticket):
-                yield reply
+            while not (finished.is_set() and not pending):
+                await pending.wait()
+                for reply in pending.take():
+                    yield reply
             answered = True
+            if failure:
+                raise failure[0]
         except UpstreamError as e:
-            answered = True
             calls.cancel_all()
             await e.abort(context)
-        except Exception:
-            answered = True
-            raise
         finally:
+            producer.cancel()
             ticket.release()
 
     async def Stream(
