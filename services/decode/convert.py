@@ -87,8 +87,7 @@ def not_a_decode_worker() -> InvalidRequestError:
     """What a request with ``disagg`` gets from a worker in --mode aggregated."""
     return InvalidRequestError(
         "disagg",
-        "this worker runs --mode aggregated; disaggregated requests need a worker in "
-        "--mode decode",
+        "this worker runs --mode aggregated; disaggregated requests need a worker in --mode decode",
     )
 
 

@@ -29,9 +29,9 @@ from typing import cast
 import grpc
 
 from pdmesh.engine import AsyncEngine, InvalidRequestError, RequestOutput
+from pdmesh.engine.sampling_params import SamplingParams
 from pdmesh.errors import DeadlineExceededError, EngineDeadError
 from pdmesh.rpc.errors import status_for
-from pdmesh.engine.sampling_params import SamplingParams
 from pdmesh.telemetry import start_detached_span
 from pdmesh.telemetry.spans import DECODE
 from pdmesh.v1 import common_pb2, worker_pb2

@@ -50,7 +50,9 @@ class Coalescer:
         return replies
 
 
-def merge(into: router_pb2.RouterGenerateResponse, later: router_pb2.RouterGenerateResponse) -> None:
+def merge(
+    into: router_pb2.RouterGenerateResponse, later: router_pb2.RouterGenerateResponse
+) -> None:
     """``later`` appended to ``into``."""
     if later.HasField("status"):
         into.CopyFrom(later)  # a failure ends the request: what came before is moot

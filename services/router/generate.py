@@ -46,8 +46,8 @@ from pdmesh.routing import (
 from pdmesh.telemetry import event, set_attributes, span, tracing_installed
 from pdmesh.telemetry.router_metrics import RouterMetrics
 from pdmesh.telemetry.spans import FIRST_TOKEN, ROUTE, TOKENIZE
-from pdmesh.tokenizer.stop_strings import MAX_STOP_CHARS
 from pdmesh.tokenizer import StreamDelta
+from pdmesh.tokenizer.stop_strings import MAX_STOP_CHARS
 from pdmesh.v1 import common_pb2, router_pb2, worker_pb2
 from services.router import disagg
 from services.router.ids_only import TokenIdsOnly, wants_ids_only

@@ -13,6 +13,8 @@ import grpc
 import grpc.aio
 import pytest
 
+from pdmesh.engine import EngineConfig, LLMEngine, SamplingParams
+from pdmesh.tokenizer import Tokenizer
 from pdmesh.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2_grpc
 from tests.integration.procs import ServiceProc
 from tests.integration.test_worker_service import wait_until_idle
@@ -176,3 +178,55 @@ def test_the_stream_ending_cancels_its_requests(
 
     asyncio.run(go())
     wait_until_idle(worker, within=1.0)
+
+
+def test_a_mixed_batch_equals_the_engine_token_for_token_and_as_text(
+    router_proc: ServiceProc,
+) -> None:
+    """Greedy requests over one stream against the engine run in-process: the same token ids,
+    and the text is the tokenizer's decode of them (up to a stop string that spans tokens)."""
+    engine = LLMEngine(
+        EngineConfig(device="cpu", dtype="float32", num_pages=256, max_model_len=2048)
+    )
+    tokenizer = Tokenizer.from_dir(engine.source.path)
+    prompts = [
+        tokenizer.encode(t)
+        for t in ("The capital of France is", "Write a haiku about the sea.", "1, 2, 3,")
+    ]
+    kinds: list[dict[str, Any]] = [
+        {"max_new_tokens": 20},
+        {"max_new_tokens": 10, "logprobs": True, "top_logprobs": 3},
+        {"max_new_tokens": 16, "detokenize": False},
+    ]
+    expected: dict[int, list[int]] = {}
+    requests: dict[int, router_pb2.RouterGenerateRequest] = {}
+    for tag, (prompt, kind) in enumerate(zip(prompts, kinds)):
+        params = {k: v for k, v in kind.items() if k != "detokenize"}
+        engine.add_request(f"local-{tag}", prompt, SamplingParams(temperature=0, **params))
+        requests[tag] = router_pb2.RouterGenerateRequest(
+            token_ids=router_pb2.TokenIds(ids=prompt),
+            sampling_params=common_pb2.SamplingParams(temperature=0, **kind),
+        )
+    while engine.has_work:
+        for out in engine.step():
+            expected.setdefault(int(out.request_id.split("-")[1]), []).extend(out.new_token_ids)
+    # a stop string across two tokens of the first answer
+    first_text = [tokenizer.decode(expected[0][:i]) for i in range(len(expected[0]) + 1)]
+    cut = next(i for i in range(3, len(first_text)) if len(first_text[i]) > len(first_text[2]) + 1)
+    stop = first_text[cut][len(first_text[2]) - 1 : len(first_text[2]) + 1]
+    requests[3] = router_pb2.RouterGenerateRequest(
+        token_ids=router_pb2.TokenIds(ids=prompts[0]),
+        sampling_params=common_pb2.SamplingParams(temperature=0, max_new_tokens=20, stop=[stop]),
+    )
+    entries, _ = asyncio.run(run_stream(router_proc.address, requests, set(requests)))
+    for tag in (0, 1, 2):
+        text, ids = joined(entries[tag])
+        assert ids == expected[tag], tag
+        assert text == ("" if tag == 2 else tokenizer.decode(expected[tag])), tag
+    logprobs = [lp for e in entries[1] for lp in e.logprobs]
+    assert [lp.token_id for lp in logprobs] == expected[1]
+    assert all(len(lp.top) == 3 for lp in logprobs)
+    stopped_text, _ = joined(entries[3])
+    full = tokenizer.decode(expected[0])
+    assert entries[3][-1].matched_stop == stop
+    assert stopped_text == full[: full.index(stop)]

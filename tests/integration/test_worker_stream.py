@@ -22,7 +22,9 @@ pytestmark = pytest.mark.model
 Entries = dict[str, list[worker_pb2.GenerateResponse]]
 
 
-def gen(request_id: str, prompt: list[int] = PROMPT, **params: Any) -> worker_pb2.WorkerStreamRequest:
+def gen(
+    request_id: str, prompt: list[int] = PROMPT, **params: Any
+) -> worker_pb2.WorkerStreamRequest:
     return worker_pb2.WorkerStreamRequest(
         generate=worker_pb2.GenerateRequest(
             request_id=request_id,
@@ -195,7 +197,10 @@ def test_timeout_secs_ends_a_request_with_deadline_exceeded(
 
 def test_stream_interval_sends_every_n_tokens(tmp_path: Any) -> None:
     with start_service(
-        "services.decode", worker_args("--stream-interval", "4"), "worker-interval", log_dir=tmp_path
+        "services.decode",
+        worker_args("--stream-interval", "4"),
+        "worker-interval",
+        log_dir=tmp_path,
     ) as worker:
         entries, _ = asyncio.run(
             run_stream(
