@@ -13,6 +13,7 @@ router failures (``AioRpcError``, in-band ``GenerationError``) are mapped in ``e
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 from collections.abc import AsyncIterator
 from typing import Any
@@ -35,7 +36,7 @@ from pdmesh.discovery import (
     registration_for,
 )
 from pdmesh.rpc.tls import PLAINTEXT, TLSConfig
-from pdmesh.telemetry import Metrics, TracingMiddleware, setup_tracing
+from pdmesh.telemetry import Metrics, TracingMiddleware, setup_tracing, start_metrics_server
 from services.gateway import errors
 from services.gateway.admin import admin
 from services.gateway.client_streams import ClientStreams
@@ -67,9 +68,11 @@ def create_app(
     config: GatewayConfig,
     discovery_config: DiscoveryConfig | None = None,
     tls: TLSConfig = PLAINTEXT,
+    worker: int | None = None,
 ) -> ASGIApp:
     """``tls``: how the gateway's gRPC channels (router, tokenizer) are secured; the HTTP side
-    is plain HTTP (terminate TLS in front of it)."""
+    is plain HTTP (terminate TLS in front of it). ``worker``: this process's index among
+    ``--workers`` (which share the HTTP port), None for a gateway of one process."""
     discovery_config = discovery_config or DiscoveryConfig()
     consul = discovery_config.discovery == "consul"
     setup_tracing("pdmesh-gateway")
@@ -92,20 +95,33 @@ def create_app(
                 ),
             )
         # /metrics is on the API's own port; Consul checks GET /health
+        metrics_port, metrics_server = config.port, None
+        if worker is not None and consul:
+            # processes sharing the port: Prometheus must reach each one, not whichever takes
+            # the connection, so each serves /metrics on a port of its own too
+            metrics_server = start_metrics_server(metrics, config.host, 0)
+            assert metrics_server is not None
+            metrics_port = metrics_server.port
         registration = registration_for(
             discovery_config,
             GATEWAY,
             config.host,
             config.port,
-            meta={META_METRICS_PORT: config.port},
+            meta={META_METRICS_PORT: metrics_port},
             check="http",
         )
+        if worker is not None:  # one registration per process
+            registration = dataclasses.replace(
+                registration, id=f"{registration.service_id}-{worker}"
+            )
         try:
             async with registered(discovery, registration):
                 yield
         finally:
             await discovery.close()
             await gateway.close()
+            if metrics_server is not None:
+                metrics_server.close()
 
     app = FastAPI(
         title="pdmesh gateway",

@@ -56,6 +56,23 @@ class GatewayConfig:
     request_timeout: float = flag(
         600.0, "deadline in seconds of each router call (a whole generation); past it: HTTP 504"
     )
+    router_stream: bool = flag(
+        True,
+        "carry all of this process's requests to a router on one long-lived RouterService."
+        "Stream call (the router sends each engine step's output of every request in one "
+        "message); --no-router-stream: one Generate call per request and choice. A router "
+        "that does not implement Stream (an older pdmesh) gets Generate calls either way, "
+        "after one warning in the log",
+    )
+    workers: int = flag(
+        1,
+        "gateway processes sharing the HTTP port, for when one process's CPU is not enough: "
+        "each its own uvicorn server and router streams, the kernel spreading connections over "
+        "them. With more than one, each process registers in Consul on its own (service id "
+        "<id>-<k> for worker k, meta metrics_port its own /metrics port, a free one); /metrics "
+        "on the HTTP port then answers for whichever process takes the connection. If one "
+        "process exits, the others are stopped and the gateway exits non-zero",
+    )
     tokenizer: str = flag(
         "",
         "host:port of a tokenizer service, used only to spell out the tokens of "
@@ -93,6 +110,8 @@ class GatewayConfig:
             raise ValueError(f"--request-timeout={self.request_timeout} must be > 0")
         if self.log_level.lower() not in LOG_LEVELS:
             raise ValueError(f"--log-level={self.log_level!r}; choose {', '.join(LOG_LEVELS)}")
+        if self.workers < 1:
+            raise ValueError(f"--workers={self.workers} must be >= 1")
         if self.grace_period < 0:
             raise ValueError(f"--grace-period={self.grace_period} must be >= 0")
         if not self.host:

@@ -213,17 +213,39 @@ def _chat_message(m: Any) -> common_pb2.ChatMessage:
 
 
 def piece_from_pb(index: int, pb: router_pb2.RouterGenerateResponse) -> Piece:
-    if pb.finish_reason == common_pb2.FINISH_REASON_ERROR:
+    # once per SSE chunk: each field read once, nothing built for what is not there
+    reason = pb.finish_reason
+    if reason == common_pb2.FINISH_REASON_ERROR:
         raise GenerationError(pb.error if pb.HasField("error") else "generation failed")
-    finished = pb.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+    finished = reason != common_pb2.FINISH_REASON_UNSPECIFIED
+    logprobs = pb.logprobs
+    return Piece(
+        index,
+        pb.text,
+        tuple(pb.token_ids),
+        tuple([_logprob(lp) for lp in logprobs]) if logprobs else (),
+        FINISH_REASONS.get(reason) if finished else None,
+        pb.matched_stop if finished and pb.HasField("matched_stop") else None,
+        _usage(pb.usage) if finished else None,
+    )
+
+
+def piece_from_pbs(index: int, pbs: Sequence[router_pb2.RouterGenerateResponse]) -> Piece:
+    """Several router messages of one choice as one piece: text and tokens joined, the last
+    message's finish reason, stop string and usage (only a last message has them). None of
+    them may be an in-band failure (``Output.add`` takes those out)."""
+    if len(pbs) == 1:
+        return piece_from_pb(index, pbs[0])
+    last = pbs[-1]
+    finished = last.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
     return Piece(
         index=index,
-        text=pb.text,
-        token_ids=tuple(pb.token_ids),
-        logprobs=tuple(_logprob(lp) for lp in pb.logprobs),
-        finish_reason=FINISH_REASONS.get(pb.finish_reason) if finished else None,
-        matched_stop=pb.matched_stop if pb.HasField("matched_stop") else None,
-        usage=_usage(pb.usage) if finished else None,
+        text="".join([pb.text for pb in pbs]),
+        token_ids=tuple([t for pb in pbs for t in pb.token_ids]),
+        logprobs=tuple([_logprob(lp) for pb in pbs for lp in pb.logprobs]),
+        finish_reason=FINISH_REASONS.get(last.finish_reason) if finished else None,
+        matched_stop=last.matched_stop if last.HasField("matched_stop") else None,
+        usage=_usage(last.usage) if finished else None,
     )
 
 

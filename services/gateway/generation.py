@@ -1,16 +1,18 @@
-"""What the gateway makes of the router's ``Generate`` streams, free of protobuf and HTTP.
+"""What the gateway makes of the router's output, free of protobuf and HTTP.
 
-A request with ``n`` choices (or a batch of prompts) is several router calls; ``merge`` runs
-them concurrently and yields their ``Piece``s as they arrive, each tagged with its choice index,
+A request with ``n`` choices (or a batch of prompts) is several router requests; their
+``Piece``s arrive in one ``PieceStream`` (``inbox.Inbox``), each tagged with its choice index,
 and ``collect`` folds pieces into one ``ChoiceResult`` per choice for non-streamed answers.
+``merge`` does for async generators of pieces what the inbox does for router requests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,19 @@ class ChoiceResult:
             self.usage = piece.usage
 
 
+class PieceStream(Protocol):
+    """The pieces of one HTTP request's choices as they arrive: an ``inbox.Inbox`` (what the
+    router client gives), or any async generator of pieces (``merge``'s)."""
+
+    def __aiter__(self) -> AsyncIterator[Piece]: ...
+
+    def __anext__(self) -> Awaitable[Piece]: ...
+
+    def aclose(self) -> Awaitable[None]:
+        """Stop whatever still produces pieces."""
+        ...
+
+
 class GenerationError(Exception):
     """The router reported a failed generation in-band (FINISH_REASON_ERROR)."""
 
@@ -111,7 +126,7 @@ async def _pump(
         queue.put_nowait(_DONE)
 
 
-async def collect(pieces: AsyncGenerator[Piece, None], num_choices: int) -> list[ChoiceResult]:
+async def collect(pieces: PieceStream, num_choices: int) -> list[ChoiceResult]:
     """Every choice in full (for non-streamed answers)."""
     results = [ChoiceResult(index=i) for i in range(num_choices)]
     async with contextlib.aclosing(pieces) as stream:

@@ -1,32 +1,38 @@
-"""The gateway's side of the router's gRPC API: streamed ``Generate`` calls with a deadline,
-spread round-robin over one or more routers, plus health and model-name look-ups and the
-worker-admin calls (sent to every router). The set of
-routers is live: ``add``/``remove`` follow the Consul catalog under ``--discovery consul``.
+"""The gateway's side of the router's gRPC API: generation requests with a deadline, spread
+round-robin over one or more routers, plus health and model-name look-ups and the worker-admin
+calls (sent to every router). The set of routers is live: ``add``/``remove`` follow the Consul
+catalog under ``--discovery consul``.
 
-Closing a ``generate`` stream early (the HTTP client went away, or another choice failed)
-cancels the gRPC call; the router passes the cancel on to the worker, which frees the pages.
+``start`` runs the choices of one HTTP request and returns their ``Inbox``. Each router is a
+``RouterLink``: by default one shared ``Stream`` call per router carries all of this process's
+requests to it (``--no-router-stream``: one ``Generate`` call per request, as older gateways
+did; a router without ``Stream`` gets those automatically). A router that is UNAVAILABLE before
+a request got anything is skipped for the next one. Closing the inbox early (the HTTP client
+went away, another choice failed) cancels the requests at the router, which passes the cancel on
+to the worker, which frees the pages.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import itertools
 import logging
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import Mapping, Sequence
 
 import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdmesh.rpc.tls import PLAINTEXT, TLSConfig
-from pdmesh.telemetry import client_interceptors
+from pdmesh.telemetry import trace_carrier
 from pdmesh.v1 import router_pb2, router_pb2_grpc
+from services.gateway import router_errors
+from services.gateway.inbox import Inbox, Output
+from services.gateway.router_link import RouterLink
 
 log = logging.getLogger(__name__)
 
-CHANNEL_OPTIONS = (
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-)
 LOOKUP_TIMEOUT_S = 2.0  # health checks and ListWorkers: an answer or a quick "no"
 # AddWorker answers after the router's first health check of the new worker (--rpc-timeout,
 # 10 s by default, per check call)
@@ -35,69 +41,102 @@ ADMIN_TIMEOUT_S = 30.0
 
 class RouterClient:
     def __init__(
-        self, addresses: Sequence[str], timeout: float, tls: TLSConfig = PLAINTEXT
+        self,
+        addresses: Sequence[str],
+        timeout: float,
+        tls: TLSConfig = PLAINTEXT,
+        stream: bool = True,
     ) -> None:
         """``addresses``: the routers to start with; more (or all, when empty) via ``add``.
-        ``tls``: how the channels to them are secured (``--tls-*``)."""
+        ``timeout``: each request's deadline. ``tls``: how the channels to them are secured
+        (``--tls-*``). ``stream``: share one Stream call per router (``--router-stream``)."""
         self.timeout = timeout
         self.tls = tls
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self.stream = stream
+        self._links: dict[str, RouterLink] = {}
+        self._retiring: dict[asyncio.Task[None], RouterLink] = {}  # removed, draining
         self._turn = itertools.count()
         for address in addresses:
             self.add(address)
 
     @property
     def addresses(self) -> tuple[str, ...]:
-        return tuple(self._channels)
+        return tuple(self._links)
 
     def add(self, address: str) -> None:
-        if address not in self._channels:
-            self._channels[address] = self.tls.channel(
-                address, options=CHANNEL_OPTIONS, interceptors=client_interceptors()
-            )
+        if address not in self._links:
+            self._links[address] = RouterLink(address, self.tls, self.stream)
             log.info("added router %s", address)
 
     async def remove(self, address: str) -> None:
-        """Stop sending to ``address``; its open streams run on for the request timeout."""
-        channel = self._channels.pop(address, None)
-        if channel is not None:
+        """Stop sending new requests to ``address``; the open ones get the request timeout to
+        end, then its stream and channel close (in the background: the catalog watch that
+        calls this goes on)."""
+        link = self._links.pop(address, None)
+        if link is not None:
             log.info("removed router %s", address)
-            await channel.close(grace=self.timeout)
+            task = asyncio.get_running_loop().create_task(link.close(grace=self.timeout))
+            self._retiring[task] = link
+            task.add_done_callback(self._retiring.pop)
 
-    async def generate(
-        self, request: router_pb2.RouterGenerateRequest
-    ) -> AsyncGenerator[router_pb2.RouterGenerateResponse, None]:
-        """The router's messages for ``request``. A router that is UNAVAILABLE before it sent
-        anything is skipped for the next one; any other failure raises ``AioRpcError``."""
-        routers = list(self._channels.items())  # a snapshot: the set may change meanwhile
-        if not routers:
-            raise _no_router()
-        first = next(self._turn)
-        for attempt in range(len(routers)):
-            address, channel = routers[(first + attempt) % len(routers)]
-            call = router_pb2_grpc.RouterServiceStub(channel).Generate(
-                request, timeout=self.timeout
-            )
-            received = False
-            try:
-                async for message in call:
-                    received = True
-                    yield message
+    def start(self, requests: Sequence[router_pb2.RouterGenerateRequest]) -> Inbox:
+        """Start every request (choice i = requests[i]); their outputs come to the inbox."""
+        inbox = Inbox(list(requests))
+        links = list(self._links.values())  # a snapshot: the set may change meanwhile
+        if not links:
+            for output in inbox.outputs:
+                output.fail(router_errors.no_router())
+            return inbox
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        trace = trace_carrier()  # the HTTP request's span, for the router's spans
+        context = contextvars.copy_context()
+        for output in inbox.outputs:
+            output.deadline = deadline
+            output.timer = loop.call_at(deadline, self._expire, output)
+            self._run(output, links, next(self._turn), 0, trace, context)
+        return inbox
+
+    def _run(
+        self,
+        output: Output,
+        links: list[RouterLink],
+        first: int,
+        attempt: int,
+        trace: Mapping[str, str],
+        context: contextvars.Context,
+    ) -> None:
+        """Start ``output`` on its ``attempt``-th router (counting round-robin from
+        ``first``); one that is UNAVAILABLE before it sent anything passes it on."""
+        link = links[(first + attempt) % len(links)]
+        last = attempt + 1 >= len(links)
+
+        def on_error(error: grpc.aio.AioRpcError) -> None:
+            moves = error.code() == grpc.StatusCode.UNAVAILABLE and not output.received
+            if not moves or last or output.final:
+                output.fail(error)
                 return
-            except grpc.aio.AioRpcError as e:
-                last_try = attempt == len(routers) - 1
-                if received or last_try or e.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise
-                log.warning("router %s unavailable: %s", address, e.details())
-            finally:
-                # a no-op once the call ended; otherwise the consumer left early and the
-                # router (and its worker) must stop working for nobody
-                call.cancel()
+            log.warning("router %s unavailable: %s", link.address, error.details())
+            output.moved(error)
+            self._run(output, links, first, attempt + 1, trace, context)
+
+        output.on_error = on_error
+        if link.closed:  # removed since the snapshot
+            on_error(router_errors.unavailable(link.address, "removed"))
+            return
+        link.start(output, trace, context)
+
+    def _expire(self, output: Output) -> None:
+        output.timer = None
+        if not output.final:
+            if output.cancel is not None:
+                output.cancel()
+            output.fail(router_errors.deadline(self.timeout))
 
     async def healthy(self) -> bool:
         """Whether any router answers its health check with SERVING."""
-        for channel in list(self._channels.values()):
-            stub = health_pb2_grpc.HealthStub(channel)
+        for link in list(self._links.values()):
+            stub = health_pb2_grpc.HealthStub(link.channel)
             try:
                 reply = await stub.Check(
                     health_pb2.HealthCheckRequest(service=""), timeout=LOOKUP_TIMEOUT_S
@@ -111,8 +150,8 @@ class RouterClient:
     async def model_names(self) -> list[str]:
         """The distinct model names the routers' workers report (empty if none is known)."""
         names: list[str] = []
-        for channel in list(self._channels.values()):
-            stub = router_pb2_grpc.RouterServiceStub(channel)
+        for link in list(self._links.values()):
+            stub = link.stub
             try:
                 reply = await stub.ListWorkers(
                     router_pb2.ListWorkersRequest(), timeout=LOOKUP_TIMEOUT_S
@@ -149,20 +188,16 @@ class RouterClient:
         return list(seen.values())
 
     def _admin(self) -> list[router_pb2_grpc.RouterServiceStub]:
-        if not self._channels:
-            raise _no_router()
-        return [router_pb2_grpc.RouterServiceStub(c) for c in list(self._channels.values())]
+        if not self._links:
+            raise router_errors.no_router()
+        return [link.stub for link in list(self._links.values())]
 
     async def close(self) -> None:
-        for channel in list(self._channels.values()):
-            await channel.close()
-        self._channels.clear()
-
-
-def _no_router() -> grpc.aio.AioRpcError:
-    return grpc.aio.AioRpcError(
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.aio.Metadata(),
-        grpc.aio.Metadata(),
-        details="no router is known (none registered in Consul yet?)",
-    )
+        """Close every channel now (uvicorn let open requests finish before)."""
+        links = [*self._links.values(), *self._retiring.values()]
+        self._links = {}
+        for task in list(self._retiring):
+            task.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
+        for link in links:
+            await link.close()

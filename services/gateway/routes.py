@@ -34,7 +34,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     if body.stream:
         shape = StreamShape(len(requests), body.n, body.include_usage, body.logprobs)
         first = await _first_piece(request, pieces)
-        return sse.response(streams.chat_events(meta, first, shape, gateway.texts))
+        events = streams.chat_events(meta, first, shape, gateway.texts, encoded=True)
+        return sse.response(events, first)
     results = await _all_pieces(request, pieces, len(requests))
     texts = await _token_texts(gateway, results, body.logprobs)
     usage = total_usage(results, body.n)
@@ -52,7 +53,8 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     if body.stream:
         shape = StreamShape(len(requests), body.n, body.include_usage, logprobs)
         first = await _first_piece(request, pieces)
-        return sse.response(streams.completion_events(meta, first, shape, gateway.texts))
+        events = streams.completion_events(meta, first, shape, gateway.texts, encoded=True)
+        return sse.response(events, first)
     results = await _all_pieces(request, pieces, len(requests))
     texts = await _token_texts(gateway, results, logprobs)
     usage = total_usage(results, body.n)
@@ -70,7 +72,7 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
     if body.stream:
         first = await _first_piece(request, pieces)
         events = streams.native_events(first, request_ids, start, logprobs, gateway.texts)
-        return sse.response(events)
+        return sse.response(events, first)
     results = await _all_pieces(request, pieces, len(requests))
     latency = time.monotonic() - start
     texts = await _token_texts(gateway, results, logprobs) if logprobs else None

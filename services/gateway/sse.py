@@ -14,9 +14,11 @@ from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from services.gateway.errors import APIError, as_api_error
-from services.gateway.generation import Piece
+from services.gateway.generation import Piece, PieceStream
+from services.gateway.inbox import Inbox
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +34,15 @@ def event(data: Mapping[str, Any]) -> bytes:
     return b"data: " + payload.encode("utf-8") + b"\n\n"
 
 
-async def encode(events: AsyncGenerator[dict[str, Any], None]) -> AsyncGenerator[bytes, None]:
+# a chunk as a dict, or already encoded as its event (``chunk_templates``)
+Events = AsyncGenerator[Mapping[str, Any] | bytes, None]
+
+
+async def encode(events: Events) -> AsyncGenerator[bytes, None]:
     async with contextlib.aclosing(events) as stream:
         try:
             async for data in stream:
-                yield event(data)
+                yield data if isinstance(data, bytes) else event(data)
         except Exception as e:
             error = as_api_error(e)
             if error is None:
@@ -47,19 +53,42 @@ async def encode(events: AsyncGenerator[dict[str, Any], None]) -> AsyncGenerator
     yield DONE
 
 
-def response(events: AsyncGenerator[dict[str, Any], None]) -> StreamingResponse:
+def response(events: Events, pieces: PieceStream) -> StreamingResponse:
     """Starlette runs the body while listening for the client's disconnect and cancels it when
-    that comes: the cancel reaches the router calls through ``events``."""
-    return StreamingResponse(encode(events), media_type="text/event-stream", headers=HEADERS)
+    that comes; the response then closes ``events`` and the ``pieces`` they are made of, which
+    cancels the router requests at once (not when the garbage collector gets to the suspended
+    generators, nor only after the next token, and also when the body had not started)."""
+    return _ClosingResponse(encode(events), pieces, media_type="text/event-stream", headers=HEADERS)
 
 
-async def peek(
-    pieces: AsyncGenerator[Piece, None],
-) -> AsyncGenerator[Piece, None]:
+class _ClosingResponse(StreamingResponse):
+    def __init__(
+        self,
+        body: AsyncGenerator[bytes, None],
+        pieces: PieceStream,
+        media_type: str,
+        headers: Mapping[str, str],
+    ) -> None:
+        super().__init__(body, media_type=media_type, headers=headers)
+        self._body = body
+        self._pieces = pieces
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._body.aclose()
+            await self._pieces.aclose()
+
+
+async def peek(pieces: PieceStream) -> PieceStream:
     """Wait for the first piece before the response starts, so that a request the router
     rejects (bad input, no worker) still gets its proper HTTP status rather than a 200 with an
     error event; return a stream that yields that piece again, then the rest."""
     try:
+        if isinstance(pieces, Inbox):  # it can wait without taking: no wrapper needed
+            await pieces.peek()
+            return pieces
         first = await pieces.__anext__()
     except StopAsyncIteration:
         return _chain(None, pieces)
@@ -69,9 +98,7 @@ async def peek(
     return _chain(first, pieces)
 
 
-async def _chain(
-    first: Piece | None, rest: AsyncGenerator[Piece, None]
-) -> AsyncGenerator[Piece, None]:
+async def _chain(first: Piece | None, rest: PieceStream) -> AsyncGenerator[Piece, None]:
     async with contextlib.aclosing(rest) as stream:
         if first is not None:
             yield first

@@ -3,18 +3,16 @@ name — and the one way they turn router requests into pieces."""
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import Sequence
 
 from starlette.requests import Request
 
 from pdmesh.rpc.tls import PLAINTEXT, TLSConfig
 from pdmesh.v1 import router_pb2
-from services.gateway import convert
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import APIError
-from services.gateway.generation import Piece, merge
+from services.gateway.inbox import Inbox
 from services.gateway.router_client import RouterClient
 from services.gateway.token_text import TokenTexts
 
@@ -30,7 +28,10 @@ class Gateway:
         channels to the router and tokenizer are secured."""
         self.config = config
         self.router = RouterClient(
-            config.routers if routers is None else routers, config.request_timeout, tls
+            config.routers if routers is None else routers,
+            config.request_timeout,
+            tls,
+            stream=config.router_stream,
         )
         self.texts = TokenTexts(config.tokenizer, tls)
         self.started = int(time.time())
@@ -55,18 +56,9 @@ class Gateway:
                 code="model_not_found",
             )
 
-    def pieces(
-        self, requests: Sequence[router_pb2.RouterGenerateRequest]
-    ) -> AsyncGenerator[Piece, None]:
-        """The pieces of all ``requests`` (choice i = requests[i]), as they arrive."""
-        return merge([self._choice(i, r) for i, r in enumerate(requests)])
-
-    async def _choice(
-        self, index: int, request: router_pb2.RouterGenerateRequest
-    ) -> AsyncGenerator[Piece, None]:
-        async with contextlib.aclosing(self.router.generate(request)) as messages:
-            async for message in messages:
-                yield convert.piece_from_pb(index, message)
+    def pieces(self, requests: Sequence[router_pb2.RouterGenerateRequest]) -> Inbox:
+        """Start all ``requests`` (choice i = requests[i]); their pieces as they arrive."""
+        return self.router.start(requests)
 
     async def close(self) -> None:
         await self.router.close()

@@ -1,25 +1,31 @@
 """Streamed answers: router pieces → the JSON events of each endpoint, in order.
 
-Each function consumes the merged pieces of all choices and yields event bodies for ``sse``;
-they keep every choice's running ``ChoiceResult``, which gives usage at the end and SGLang's
-cumulative text.
+Each function consumes the pieces of all choices and yields event bodies for ``sse``. Chat and
+completions keep only what the end needs per choice (usage; the text length for logprob
+offsets), so a chunk's work does not grow with the answer; SGLang's events carry the whole
+text so far, so ``native_events`` keeps every choice's ``ChoiceResult``.
+
+With ``encoded``, the content chunks (the hot ones: all but the first and the last few) come as
+SSE bytes from ``ChunkTemplates``; without it every chunk is a dict, as ``openai_format`` builds
+it, which is what the templates are checked against.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from services.gateway import native_format, openai_format
-from services.gateway.generation import ChoiceResult, Piece, TokenLogprob, total_usage
+from services.gateway.chunk_templates import ChunkTemplates
+from services.gateway.generation import ChoiceResult, PieceStream, TokenLogprob, Usage, total_usage
 from services.gateway.openai_format import ResponseMeta
+from services.gateway.sse import Events
 from services.gateway.token_text import TokenTexts
 
-Events = AsyncGenerator[dict[str, Any], None]
-Pieces = AsyncGenerator[Piece, None]
+Pieces = PieceStream
 
 
 @dataclass(frozen=True)
@@ -31,24 +37,38 @@ class StreamShape:
 
 
 async def chat_events(
-    meta: ResponseMeta, pieces: Pieces, opts: StreamShape, texts: TokenTexts
+    meta: ResponseMeta,
+    pieces: Pieces,
+    opts: StreamShape,
+    texts: TokenTexts,
+    *,
+    encoded: bool = False,
 ) -> Events:
-    results = [ChoiceResult(i) for i in range(opts.num_choices)]
+    usages = [Usage()] * opts.num_choices
     with_usage = opts.include_usage
+
+    def content_chunk(index: int, text: str) -> dict[str, Any]:
+        delta = {"content": text}
+        return openai_format.chat_chunk(meta, index, delta, include_usage=with_usage)
+
+    content = _content_events(content_chunk, encoded)
     async with contextlib.aclosing(pieces) as stream:
         for i in range(opts.num_choices):  # OpenAI opens each choice with the role
             delta = {"role": "assistant", "content": ""}
             yield openai_format.chat_chunk(meta, i, delta, include_usage=with_usage)
         async for piece in stream:
-            results[piece.index].add(piece)
-            if piece.text or piece.logprobs:
-                logprobs = None
-                if opts.logprobs:
-                    known = await texts.lookup(token_ids(piece.logprobs))
-                    logprobs = openai_format.chat_logprobs(piece.logprobs, known)
-                delta = {"content": piece.text}
+            if piece.usage is not None:
+                usages[piece.index] = piece.usage
+            if (piece.text or piece.logprobs) and not opts.logprobs:
+                yield content(piece.index, piece.text)
+            elif piece.text or piece.logprobs:
+                known = await texts.lookup(token_ids(piece.logprobs))
                 yield openai_format.chat_chunk(
-                    meta, piece.index, delta, logprobs=logprobs, include_usage=with_usage
+                    meta,
+                    piece.index,
+                    {"content": piece.text},
+                    logprobs=openai_format.chat_logprobs(piece.logprobs, known),
+                    include_usage=with_usage,
                 )
             if piece.finish_reason is not None:
                 yield openai_format.chat_chunk(
@@ -59,35 +79,65 @@ async def chat_events(
                     include_usage=with_usage,
                 )
     if with_usage:
-        usage = total_usage(results, opts.choices_per_prompt)
+        usage = _total(usages, opts.choices_per_prompt)
         yield openai_format.usage_chunk(meta, "chat.completion.chunk", usage)
 
 
 async def completion_events(
-    meta: ResponseMeta, pieces: Pieces, opts: StreamShape, texts: TokenTexts
+    meta: ResponseMeta,
+    pieces: Pieces,
+    opts: StreamShape,
+    texts: TokenTexts,
+    *,
+    encoded: bool = False,
 ) -> Events:
-    results = [ChoiceResult(i) for i in range(opts.num_choices)]
+    usages = [Usage()] * opts.num_choices
+    lengths = [0] * opts.num_choices  # of each choice's text so far, for logprob offsets
     with_usage = opts.include_usage
+
+    def content_chunk(index: int, text: str) -> dict[str, Any]:
+        return openai_format.completion_chunk(meta, index, text, include_usage=with_usage)
+
+    content = _content_events(content_chunk, encoded)
     async with contextlib.aclosing(pieces) as stream:
         async for piece in stream:
-            offset = len(results[piece.index].text)
-            results[piece.index].add(piece)
-            if piece.text or piece.logprobs or piece.finish_reason is not None:
-                logprobs = None
-                if opts.logprobs:
-                    known = await texts.lookup(token_ids(piece.logprobs))
-                    logprobs = openai_format.completion_logprobs(piece.logprobs, known, offset)
-                yield openai_format.completion_chunk(
-                    meta,
-                    piece.index,
-                    piece.text,
-                    finish_reason=piece.finish_reason,
-                    logprobs=logprobs,
-                    include_usage=with_usage,
-                )
+            offset = lengths[piece.index]
+            lengths[piece.index] += len(piece.text)
+            if piece.usage is not None:
+                usages[piece.index] = piece.usage
+            if not (piece.text or piece.logprobs or piece.finish_reason is not None):
+                continue
+            if piece.finish_reason is None and not opts.logprobs:
+                yield content(piece.index, piece.text)
+                continue
+            logprobs = None
+            if opts.logprobs:
+                known = await texts.lookup(token_ids(piece.logprobs))
+                logprobs = openai_format.completion_logprobs(piece.logprobs, known, offset)
+            yield openai_format.completion_chunk(
+                meta,
+                piece.index,
+                piece.text,
+                finish_reason=piece.finish_reason,
+                logprobs=logprobs,
+                include_usage=with_usage,
+            )
     if with_usage:
-        usage = total_usage(results, opts.choices_per_prompt)
+        usage = _total(usages, opts.choices_per_prompt)
         yield openai_format.usage_chunk(meta, "text_completion", usage)
+
+
+ContentEvent = Callable[[int, str], dict[str, Any] | bytes]
+
+
+def _content_events(chunk: Callable[[int, str], dict[str, Any]], encoded: bool) -> ContentEvent:
+    """``chunk`` itself, or its events from templates (``encoded``)."""
+    return ChunkTemplates(chunk).event if encoded else chunk
+
+
+def _total(usages: Sequence[Usage], choices_per_prompt: int) -> Usage:
+    results = [ChoiceResult(i, usage=u) for i, u in enumerate(usages)]
+    return total_usage(results, choices_per_prompt)
 
 
 async def native_events(
