@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grpc
 import grpc.aio
@@ -60,6 +60,10 @@ class RpcServer:
         self.server = grpc.aio.server(
             interceptors=[ErrorInterceptor(), *interceptors], options=options
         )
+        # called as the drain starts: long-lived streams (WorkerService.Stream,
+        # RouterService.Stream) stop taking new requests and end once their open ones finished,
+        # or the grace period would always run out waiting for them
+        self.on_drain: list[Callable[[], object]] = []
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -88,6 +92,8 @@ class RpcServer:
         """Report NOT_SERVING (so balancers stop sending), then let calls finish for ``grace``
         seconds before cancelling what is left."""
         await self.health.enter_graceful_shutdown()
+        for hook in self.on_drain:
+            hook()
         await self.server.stop(grace)
 
 

@@ -74,6 +74,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         request_iterator: AsyncIterator[worker_pb2.WorkerStreamRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[worker_pb2.WorkerStreamResponse]:
+        await context.send_initial_metadata(())  # the caller knows at once that Stream exists
         session = StreamSession(
             self._engine,
             self._decode_side,
@@ -193,6 +194,7 @@ async def serve(
     )
     servicer = WorkerServicer(async_engine, model_info, decode_side, config.stream_interval)
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, rpc.server)
+    rpc.on_drain.append(servicer.drain)
     sglang_grpc.add_to_server(rpc.server, servicer, async_engine, model_info)
     tag = TAG_DECODE if config.mode == "decode" else TAG_AGG
     meta = {
@@ -222,7 +224,6 @@ async def serve(
                 )
                 await handle.deregister()
         finally:
-            servicer.drain()
             await rpc.stop(config.grace_period)
             await discovery.close()
         log.info("stopped")

@@ -44,6 +44,7 @@ class ClientStream:
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._pending = Coalescer()
         self._reading = True
+        self._draining = False
 
     async def read(self, requests: AsyncIterator[router_pb2.RouterStreamRequest]) -> None:
         """Take the gateway's messages until it half-closes the stream."""
@@ -60,6 +61,9 @@ class ClientStream:
 
     def _start(self, message: router_pb2.RouterStreamRequest) -> None:
         tag = message.tag
+        if self._draining:
+            self._put(tag, _entry(tag, grpc.StatusCode.UNAVAILABLE, "the router is shutting down"))
+            return
         if tag in self._tasks:
             error = InvalidRequestError("tag", f"{tag} is already in use on this stream")
             self._put(tag, _status_entry(tag, error))
@@ -117,8 +121,13 @@ class ClientStream:
             outputs = self._pending.take()
             if outputs:
                 yield router_pb2.RouterStreamResponse(outputs=outputs)
-            if not self._reading and not self._tasks:
+            if (not self._reading or self._draining) and not self._tasks and not self._pending:
                 return
+
+    def drain(self) -> None:
+        """Refuse new requests; end the stream once the open ones are done."""
+        self._draining = True
+        self._pending.wake()
 
     def close(self) -> None:
         """The stream ended: cancel every request still running on it."""

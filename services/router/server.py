@@ -72,6 +72,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self._admission = admission
         self._metrics = metrics
         self._stats = generation.metrics
+        self._sessions: set[ClientStream] = set()
 
     async def Generate(
         self, request: router_pb2.RouterGenerateRequest, context: grpc.aio.ServicerContext
@@ -127,7 +128,9 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         request_iterator: AsyncIterator[router_pb2.RouterStreamRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[router_pb2.RouterStreamResponse]:
+        await context.send_initial_metadata(())  # the caller knows at once that Stream exists
         session = ClientStream(self)
+        self._sessions.add(session)
         reader = asyncio.ensure_future(session.read(request_iterator))
         try:
             async for batch in session.batches():
@@ -135,6 +138,13 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         finally:
             reader.cancel()
             session.close()
+            self._sessions.discard(session)
+
+    def drain(self) -> None:
+        """The router is stopping: its Stream calls refuse new requests (UNAVAILABLE, so the
+        gateway sends them to another router) and end once their open ones finished."""
+        for session in self._sessions:
+            session.drain()
 
     async def replies(
         self,
@@ -257,6 +267,7 @@ async def serve(config: RouterServiceConfig, mesh: MeshOptions | None = None) ->
     )
     servicer = RouterServicer(generation, config.request_timeout_secs, admission, observed.metrics)
     router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, rpc.server)
+    rpc.on_drain.append(servicer.drain)
     discovery = make_discovery(mesh.discovery)
     if consul:
         follow_catalog(discovery, workers, tokenizer)

@@ -6,6 +6,7 @@ second while others stream on, and the stream ending cancels what is left on it.
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,7 +17,7 @@ import pytest
 from pdmesh.engine import EngineConfig, LLMEngine, SamplingParams
 from pdmesh.tokenizer import Tokenizer
 from pdmesh.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2_grpc
-from tests.integration.procs import ServiceProc
+from tests.integration.procs import ServiceProc, start_service
 from tests.integration.test_worker_service import wait_until_idle
 
 pytestmark = pytest.mark.model
@@ -230,3 +231,39 @@ def test_a_mixed_batch_equals_the_engine_token_for_token_and_as_text(
     full = tokenizer.decode(expected[0])
     assert entries[3][-1].matched_stop == stop
     assert stopped_text == full[: full.index(stop)]
+
+
+def test_a_draining_router_finishes_its_streams_and_refuses_new_requests(
+    tokenizer_proc: ServiceProc, worker_proc: ServiceProc, tmp_path: Any
+) -> None:
+    args = ["--workers", worker_proc.address, "--tokenizer", tokenizer_proc.address]
+    router = start_service(
+        "services.router", [*args, "--grace-period", "30"], "router-drain", log_dir=tmp_path
+    )
+
+    async def go() -> Entries:
+        async with grpc.aio.insecure_channel(router.address) as channel:
+            call = router_pb2_grpc.RouterServiceStub(channel).Stream(timeout=120)
+            long = text_request(temperature=0, max_new_tokens=40, ignore_eos=True)
+            await call.write(router_pb2.RouterStreamRequest(tag=1, generate=long))
+            entries: Entries = {}
+            first = await call.read()
+            for e in first.outputs:
+                entries.setdefault(e.tag, []).append(e)
+            router.proc.send_signal(signal.SIGTERM)  # drain: tag 1 runs on
+            await asyncio.sleep(0.5)
+            late = text_request(temperature=0, max_new_tokens=4)
+            await call.write(router_pb2.RouterStreamRequest(tag=2, generate=late))
+            while (message := await call.read()) is not grpc.aio.EOF:
+                for e in message.outputs:
+                    entries.setdefault(e.tag, []).append(e)
+            return entries  # the router ended the stream itself once tag 1 was done
+
+    entries = asyncio.run(go())
+    assert len(joined(entries[1])[1]) == 40
+    assert entries[1][-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+    refused = entries[2][-1].status
+    assert (
+        refused.code == grpc.StatusCode.UNAVAILABLE.value[0] and "shutting down" in refused.message
+    )
+    assert router.proc.wait(timeout=10) == 0  # long before the 30 s grace: nothing was left
