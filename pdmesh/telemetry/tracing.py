@@ -194,15 +194,21 @@ def trace_carrier() -> dict[str, str]:
 
 
 def start_detached_span(
-    name: str, carrier: Mapping[str, str], **attrs: AttributeValue
+    name: str,
+    carrier: Mapping[str, str],
+    kind: trace.SpanKind = trace.SpanKind.INTERNAL,
+    attributes: Mapping[str, AttributeValue] | None = None,
+    **attrs: AttributeValue,
 ) -> trace.Span | None:
     """A span continuing the trace of ``carrier`` (see ``trace_carrier``), not made current:
-    its owner ends it (``span.end()``) when the request ends. None while tracing is off."""
+    its owner ends it (``span.end()``) when the request ends. ``attrs`` become ``pdmesh.<key>``
+    attributes, ``attributes`` are taken as named. None while tracing is off."""
     if not tracing_installed():
         return None
     context = propagate.extract(dict(carrier)) if carrier else None
     merged = {ATTRIBUTE_PREFIX + k: v for k, v in attrs.items() if v is not None}
-    return _tracer.start_span(name, context=context, attributes=merged or None)
+    merged.update(attributes or {})
+    return _tracer.start_span(name, context=context, kind=kind, attributes=merged or None)
 
 
 @contextlib.contextmanager

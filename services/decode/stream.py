@@ -27,13 +27,14 @@ from dataclasses import dataclass
 from typing import cast
 
 import grpc
+from opentelemetry.trace import Span
 
 from pdmesh.engine import AsyncEngine, InvalidRequestError, RequestOutput
 from pdmesh.engine.sampling_params import SamplingParams
 from pdmesh.errors import DeadlineExceededError, EngineDeadError
 from pdmesh.rpc.errors import status_for
 from pdmesh.telemetry import start_detached_span
-from pdmesh.telemetry.spans import DECODE
+from pdmesh.telemetry.spans import ATTRIBUTE_PREFIX, DECODE, FIRST_TOKEN
 from pdmesh.v1 import common_pb2, worker_pb2
 from services.decode import convert
 from services.decode.disagg import DecodeSide
@@ -47,8 +48,9 @@ class _Open:
 
     request_id: str
     stop: Callable[[], object]  # stops it wherever it is (engine, or waiting for its KV)
-    span: object | None = None  # its DECODE span, when traced
+    span: Span | None = None  # its DECODE span, when traced
     timer: asyncio.TimerHandle | None = None
+    num_tokens: int = 0  # sent so far (the span's output_tokens)
 
 
 class StreamSession:
@@ -174,6 +176,10 @@ class StreamSession:
         state = self._open.get(out.request_id)
         if state is None:
             return  # cancelled, timed out or failed meanwhile
+        if out.new_token_ids:
+            if state.num_tokens == 0 and state.span is not None:
+                state.span.add_event(FIRST_TOKEN)
+            state.num_tokens += len(out.new_token_ids)
         pb = convert.output_to_pb(out)
         pb.request_id = out.request_id
         unsent = self._held.pop(out.request_id, None)
@@ -197,7 +203,9 @@ class StreamSession:
             return None
         if state.timer is not None:
             state.timer.cancel()
-        _end_span(state.span)
+        if state.span is not None:
+            state.span.set_attribute(ATTRIBUTE_PREFIX + "output_tokens", state.num_tokens)
+            state.span.end()
         self._release(request_id)
         return state
 
@@ -282,9 +290,3 @@ def _status_entry(request_id: str, error: BaseException) -> worker_pb2.GenerateR
     if status.detail is not None:
         pb.status.detail.CopyFrom(status.detail)
     return pb
-
-
-def _end_span(span: object | None) -> None:
-    end = getattr(span, "end", None)
-    if end is not None:
-        end()

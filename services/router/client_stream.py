@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import grpc
+from opentelemetry.trace import SpanKind
 
 from pdmesh.errors import InvalidRequestError
 from pdmesh.rpc.errors import status_for
@@ -34,8 +35,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# the span a traced request of a Stream gets, named as its own Generate call's server span
-SPAN_NAME = "pdmesh.v1.RouterService/Generate"
+# the span a traced request of a Stream gets: what its own Generate call's server span was
+SPAN_NAME = "/pdmesh.v1.RouterService/Generate"
+SPAN_ATTRIBUTES = {
+    "rpc.system": "grpc",
+    "rpc.service": "pdmesh.v1.RouterService",
+    "rpc.method": "Generate",
+}
 
 
 class ClientStream:
@@ -87,7 +93,9 @@ class ClientStream:
         loop = asyncio.get_running_loop()
         calls = OutgoingCalls()
         ticket = self._servicer.new_ticket()
-        span = start_detached_span(SPAN_NAME, message.trace_context)
+        span = start_detached_span(
+            SPAN_NAME, message.trace_context, SpanKind.SERVER, attributes=SPAN_ATTRIBUTES
+        )
 
         def remaining() -> float | None:
             return None if deadline is None else deadline - loop.time()

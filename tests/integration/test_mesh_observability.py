@@ -385,19 +385,21 @@ def test_one_request_is_one_trace_across_all_services(mesh: Mesh) -> None:
     for server in tokenizer_side:
         client = parent(server)
         assert client.service == "pdmesh-router" and client.name == server.name
-        assert parent(client) in (tokenize, router_server)  # Tokenize / DetokenizeStream
+        assert parent(client) in (tokenize, router_server)  # Tokenize / GetTokenizerFiles
 
     route = one("pdmesh-router", "route")
     assert parent(route) is router_server
     assert route.attributes["pdmesh.policy"] == "round_robin"
     assert route.attributes["pdmesh.prefill"] and route.attributes["pdmesh.decode"]
     worker_generate = "/pdmesh.v1.WorkerService/Generate"
-    for service, hand_made in (("pdmesh-prefill", "prefill"), ("pdmesh-decode", "decode")):
-        server = one(service, worker_generate)
-        client = parent(server)
-        assert (client.service, client.name) == ("pdmesh-router", worker_generate)
-        assert parent(client) is route
-        assert parent(one(service, hand_made)) is server
+    server = one("pdmesh-prefill", worker_generate)  # the prefill half: its own Generate call
+    client = parent(server)
+    assert (client.service, client.name) == ("pdmesh-router", worker_generate)
+    assert parent(client) is route
+    assert parent(one("pdmesh-prefill", "prefill")) is server
+    # the decode half travels on the router's shared WorkerService.Stream to that worker, its
+    # trace context in the message: the decode span continues the route span directly
+    assert parent(one("pdmesh-decode", "decode")) is route
     prefill = one("pdmesh-prefill", "prefill")
     assert prefill.attributes["pdmesh.prompt_tokens"] == tokenize.attributes["pdmesh.prompt_tokens"]
     assert "pdmesh.cached_tokens" in prefill.attributes
