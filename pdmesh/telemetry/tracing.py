@@ -206,7 +206,9 @@ def start_detached_span(
     if not tracing_installed():
         return None
     context = propagate.extract(dict(carrier)) if carrier else None
-    merged = {ATTRIBUTE_PREFIX + k: v for k, v in attrs.items() if v is not None}
+    merged: dict[str, AttributeValue] = {
+        ATTRIBUTE_PREFIX + k: v for k, v in attrs.items() if v is not None
+    }
     merged.update(attributes or {})
     return _tracer.start_span(name, context=context, kind=kind, attributes=merged or None)
 
