@@ -3,14 +3,12 @@
 A request with ``n`` choices (or a batch of prompts) is several router requests; their
 ``Piece``s arrive in one ``PieceStream`` (``inbox.Inbox``), each tagged with its choice index,
 and ``collect`` folds pieces into one ``ChoiceResult`` per choice for non-streamed answers.
-``merge`` does for async generators of pieces what the inbox does for router requests.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -67,7 +65,7 @@ class ChoiceResult:
 
 class PieceStream(Protocol):
     """The pieces of one HTTP request's choices as they arrive: an ``inbox.Inbox`` (what the
-    router client gives), or any async generator of pieces (``merge``'s)."""
+    router client gives), or any async generator of pieces."""
 
     def __aiter__(self) -> AsyncIterator[Piece]: ...
 
@@ -80,50 +78,6 @@ class PieceStream(Protocol):
 
 class GenerationError(Exception):
     """The router reported a failed generation in-band (FINISH_REASON_ERROR)."""
-
-
-_DONE = object()
-
-
-async def merge(streams: Sequence[AsyncGenerator[Piece, None]]) -> AsyncGenerator[Piece, None]:
-    """The pieces of all ``streams``, in arrival order. The first error of any stream is raised
-    here; leaving early (an error, or the consumer stops or is cancelled) cancels every stream
-    still running, which cancels their router calls."""
-    if len(streams) == 1:  # the common case needs no tasks
-        async with contextlib.aclosing(streams[0]) as only:
-            async for piece in only:
-                yield piece
-        return
-    queue: asyncio.Queue[Piece | BaseException | object] = asyncio.Queue()
-    tasks = [asyncio.ensure_future(_pump(s, queue)) for s in streams]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            item = await queue.get()
-            if item is _DONE:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                assert isinstance(item, Piece)
-                yield item
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _pump(
-    stream: AsyncGenerator[Piece, None], queue: asyncio.Queue[Piece | BaseException | object]
-) -> None:
-    try:
-        async with contextlib.aclosing(stream) as pieces:
-            async for piece in pieces:
-                queue.put_nowait(piece)
-    except Exception as e:
-        queue.put_nowait(e)
-    else:
-        queue.put_nowait(_DONE)
 
 
 async def collect(pieces: PieceStream, num_choices: int) -> list[ChoiceResult]:

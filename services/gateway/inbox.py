@@ -149,9 +149,8 @@ class Output:
 
 class Inbox:
     """The outputs of one HTTP request's router requests (``outputs[i]`` is choice i), read as
-    an async iterator of ``Piece``s in arrival order, like the merged pieces of
-    ``generation.merge``. The first error of any output is raised there (after the pieces
-    that output produced before it)."""
+    one async iterator of all choices' ``Piece``s in arrival order. The first error of any
+    output is raised there (after the pieces that output produced before it)."""
 
     def __init__(self, requests: list[router_pb2.RouterGenerateRequest]) -> None:
         self.outputs = [Output(i, r, self) for i, r in enumerate(requests)]

@@ -13,7 +13,7 @@ import pytest
 
 from services.gateway import native_format, sse, streams
 from services.gateway.errors import APIError
-from services.gateway.generation import ChoiceResult, Piece, Usage, collect, merge, total_usage
+from services.gateway.generation import ChoiceResult, Piece, Usage
 from services.gateway.openai_format import ResponseMeta
 from services.gateway.token_text import TokenTexts
 
@@ -36,45 +36,6 @@ async def pieces_of(
 
 def last(index: int, text: str, completion: int, prompt: int = 5) -> Piece:
     return Piece(index, text, finish_reason="length", usage=Usage(prompt, completion, 0))
-
-
-def test_merge_interleaves_and_collects() -> None:
-    closed: list[int] = []
-    a = pieces_of([Piece(0, "a"), Piece(0, "b"), last(0, "c", 3)], closed, 0.001)
-    b = pieces_of([Piece(1, "x"), last(1, "y", 2)], closed, 0.0015)
-    results = asyncio.run(collect(merge([a, b]), 2))
-    assert [r.text for r in results] == ["abc", "xy"]
-    assert [r.finish_reason for r in results] == ["length", "length"]
-    assert total_usage(results, choices_per_prompt=2) == Usage(5, 5, 0)
-    assert total_usage(results, choices_per_prompt=1) == Usage(10, 5, 0)
-    assert sorted(closed) == [0, 1]
-
-
-def test_merge_error_cancels_the_other_streams() -> None:
-    closed: list[int] = []
-
-    async def run() -> None:
-        slow = pieces_of([Piece(0, "a")] * 1000, closed, 0.01)
-        failing = pieces_of([Piece(1, "x"), RuntimeError("router gone")], closed, 0.001)
-        async for _ in merge([slow, failing]):
-            pass
-
-    with pytest.raises(RuntimeError, match="router gone"):
-        asyncio.run(run())
-    assert sorted(closed) == [0, 1]  # the slow stream was closed, not left running
-
-
-def test_consumer_leaving_closes_every_stream() -> None:
-    closed: list[int] = []
-
-    async def run() -> None:
-        streams_ = [pieces_of([Piece(i, "t")] * 1000, closed, 0.001) for i in range(3)]
-        merged = merge(streams_)
-        await merged.__anext__()
-        await merged.aclose()
-
-    asyncio.run(run())
-    assert sorted(closed) == [0, 1, 2]
 
 
 def test_chat_events_sequence() -> None:
