@@ -34,7 +34,7 @@ from pdmesh.discovery import (
 )
 from pdmesh.engine import AsyncEngine, InvalidRequestError, LLMEngine, RequestOutput
 from pdmesh.rpc.server import RpcServer, wait_for_signal
-from pdmesh.telemetry import event, set_attributes, span
+from pdmesh.telemetry import Metrics, event, set_attributes, span
 from pdmesh.telemetry.spans import DECODE, FIRST_TOKEN
 from pdmesh.v1 import kv_transfer_pb2, worker_pb2, worker_pb2_grpc
 from services.decode import convert
@@ -58,9 +58,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         model_info: worker_pb2.GetModelInfoResponse,
         decode_side: DecodeSide | None = None,
         stream_interval: int = 1,
+        metrics: Metrics | None = None,
     ) -> None:
         """``decode_side``: set in --mode decode, for requests with ``disagg``;
-        ``stream_interval``: ``--stream-interval`` of the Stream calls."""
+        ``stream_interval``: ``--stream-interval`` of the Stream calls; ``metrics``: the
+        process's, where each request of a Stream counts as a Generate call."""
+        self._metrics = metrics
         self._engine = engine
         self._model_info = model_info
         self._decode_side = decode_side
@@ -81,6 +84,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             self._claim_stream_id,
             self._stream_ids.discard,
             self._stream_interval,
+            self._metrics,
         )
         self._sessions.add(session)
         reader = asyncio.ensure_future(session.read(request_iterator))
@@ -192,7 +196,9 @@ async def serve(
     model_info = convert.model_info_to_pb(
         engine, role=config.mode, migration_limit=config.migration_limit
     )
-    servicer = WorkerServicer(async_engine, model_info, decode_side, config.stream_interval)
+    servicer = WorkerServicer(
+        async_engine, model_info, decode_side, config.stream_interval, observed.metrics
+    )
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, rpc.server)
     rpc.on_drain.append(servicer.drain)
     sglang_grpc.add_to_server(rpc.server, servicer, async_engine, model_info)

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import cast
@@ -33,13 +35,18 @@ from pdmesh.engine import AsyncEngine, InvalidRequestError, RequestOutput
 from pdmesh.engine.sampling_params import SamplingParams
 from pdmesh.errors import DeadlineExceededError, EngineDeadError
 from pdmesh.rpc.errors import status_for
-from pdmesh.telemetry import start_detached_span
+from pdmesh.telemetry import Metrics, start_detached_span
 from pdmesh.telemetry.spans import ATTRIBUTE_PREFIX, DECODE, FIRST_TOKEN
 from pdmesh.v1 import common_pb2, worker_pb2
 from services.decode import convert
 from services.decode.disagg import DecodeSide
 
 log = logging.getLogger(__name__)
+
+# requests on a stream are counted in the process's metrics as the Generate calls they replace,
+# so requests per worker, their codes and durations read the same whichever way they came
+GENERATE_METHOD = "/pdmesh.v1.WorkerService/Generate"
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 
 @dataclass(eq=False)
@@ -48,6 +55,7 @@ class _Open:
 
     request_id: str
     stop: Callable[[], object]  # stops it wherever it is (engine, or waiting for its KV)
+    started: float = dataclasses.field(default_factory=time.perf_counter)
     span: Span | None = None  # its DECODE span, when traced
     timer: asyncio.TimerHandle | None = None
     num_tokens: int = 0  # sent so far (the span's output_tokens)
@@ -61,11 +69,14 @@ class StreamSession:
         claim: Callable[[str], None],
         release: Callable[[str], None],
         stream_interval: int = 1,
+        metrics: Metrics | None = None,
     ) -> None:
         """``claim``/``release``: the worker's table of live request ids (shared with its
         Generate calls, so an id is unique across both); ``stream_interval``: tokens a request
-        accumulates before it is sent (its last output is always sent at once)."""
+        accumulates before it is sent (its last output is always sent at once); ``metrics``:
+        where each request is counted as the Generate call it stands for."""
         self._engine = engine
+        self._metrics = metrics
         self._decode_side = decode_side
         self._claim = claim
         self._release = release
@@ -141,9 +152,11 @@ class StreamSession:
             loop = asyncio.get_running_loop()
             state.timer = loop.call_later(message.timeout_secs, self._expire, request_id)
         self._open[request_id] = state
+        if self._metrics is not None:
+            self._metrics.in_flight.labels(GENERATE_METHOD).inc()
 
     def _cancel(self, request_id: str) -> None:
-        state = self._end(request_id)
+        state = self._end(request_id, "CANCELLED")
         if state is not None:
             state.stop()
         self._pending.pop(request_id, None)
@@ -167,9 +180,10 @@ class StreamSession:
             return
         if isinstance(error, InvalidRequestError):
             error = convert.wire_error(error)
-        self._end(request_id)
+        entry = _status_entry(request_id, error)
+        self._end(request_id, _code_of(entry.status.code).name)
         self._held.pop(request_id, None)
-        self._pending[request_id] = _status_entry(request_id, error)
+        self._pending[request_id] = entry
         self._ready.set()
 
     def _add(self, out: RequestOutput) -> None:
@@ -197,10 +211,15 @@ class StreamSession:
         else:
             _merge(before, pb)
 
-    def _end(self, request_id: str) -> _Open | None:
+    def _end(self, request_id: str, code: str = "OK") -> _Open | None:
+        """Forget a request that ended (``code``: how its Generate call would have ended)."""
         state = self._open.pop(request_id, None)
         if state is None:
             return None
+        if self._metrics is not None:
+            elapsed = time.perf_counter() - state.started
+            self._metrics.observe(GENERATE_METHOD, code, elapsed, failed=code != "OK")
+            self._metrics.in_flight.labels(GENERATE_METHOD).dec()
         if state.timer is not None:
             state.timer.cancel()
         if state.span is not None:
@@ -232,7 +251,10 @@ class StreamSession:
             self.fail(request_id, e)
 
     def _refuse(self, request_id: str, error: BaseException) -> None:
-        self._pending[request_id] = _status_entry(request_id, error)
+        entry = _status_entry(request_id, error)
+        if self._metrics is not None:
+            self._metrics.observe(GENERATE_METHOD, _code_of(entry.status.code).name, 0.0, True)
+        self._pending[request_id] = entry
         self._ready.set()
 
     # -- the writer -------------------------------------------------------------------------
@@ -258,10 +280,14 @@ class StreamSession:
     def close(self) -> None:
         """The stream ended: stop every request still open on it."""
         for request_id in list(self._open):
-            state = self._end(request_id)
+            state = self._end(request_id, "CANCELLED")
             if state is not None:
                 log.info("request %r: its stream ended before it finished; aborting", request_id)
                 state.stop()
+
+
+def _code_of(value: int) -> grpc.StatusCode:
+    return _CODES.get(value, grpc.StatusCode.UNKNOWN)
 
 
 def _in_use(request_id: str) -> InvalidRequestError:

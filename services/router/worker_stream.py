@@ -12,7 +12,9 @@ The stream opens on first use and again after it ended: when it breaks (the work
 connection dropped — keepalive pings find a hung one in seconds) every request open on it fails
 with the stream's status, exactly as each one's own call would have, so they migrate or retry as
 before. A worker that drains ends the stream once its requests are done and refuses new ones
-with UNAVAILABLE (they go elsewhere).
+with UNAVAILABLE (they go elsewhere). A worker without ``Stream`` (UNIMPLEMENTED: an older
+pdmesh worker during a rolling upgrade, a benchmark's echo worker) gets its open requests
+re-sent as ``Generate`` calls, and every later one too, after one warning.
 """
 
 from __future__ import annotations
@@ -40,9 +42,14 @@ BidiCall: TypeAlias = (
 class StreamCall:
     """One request on a ``WorkerStream``: the parts of a Generate call the router uses."""
 
-    def __init__(self, stream: WorkerStream, request_id: str) -> None:
+    def __init__(
+        self, stream: WorkerStream, request: worker_pb2.GenerateRequest, deadline: float
+    ) -> None:
         self._stream = stream
-        self.request_id = request_id
+        self.request = request
+        self.request_id = request.request_id
+        self.deadline = deadline  # loop time
+        self._fallback: grpc.aio.UnaryStreamCall | None = None  # the worker has no Stream
         self._outputs: collections.deque[worker_pb2.GenerateResponse] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
         self._error: grpc.aio.AioRpcError | None = None
@@ -50,7 +57,12 @@ class StreamCall:
         self._timer: asyncio.TimerHandle | None = None
 
     async def read(self) -> worker_pb2.GenerateResponse | grpc.aio.EOFType:
-        while not self._outputs:
+        while True:
+            if self._outputs:
+                return self._outputs.popleft()
+            if self._fallback is not None:
+                reply: worker_pb2.GenerateResponse | grpc.aio.EOFType = await self._fallback.read()
+                return reply
             if self._error is not None:
                 raise self._error
             if self._ended:
@@ -60,10 +72,11 @@ class StreamCall:
                 await self._waiter
             finally:
                 self._waiter = None
-        return self._outputs.popleft()
 
     def cancel(self) -> bool:
         """Stop the request on the worker (a no-op once it ended); True if it was running."""
+        if self._fallback is not None:
+            return bool(self._fallback.cancel())
         if self._ended:
             return False
         self._finish(_rpc_error(grpc.StatusCode.CANCELLED, "cancelled by the router"))
@@ -86,6 +99,14 @@ class StreamCall:
     def fail(self, error: grpc.aio.AioRpcError) -> None:
         if not self._ended:
             self._finish(error)
+
+    def fall_back(self, call: grpc.aio.UnaryStreamCall) -> None:
+        """Read the request from its own Generate ``call`` from now on (nothing came for it
+        on the stream)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._fallback = call
+        self._wake()
 
     def expire(self) -> None:
         if not self._ended:
@@ -113,6 +134,7 @@ class WorkerStream:
         self._call: BidiCall | None = None
         self._outbox: asyncio.Queue[worker_pb2.WorkerStreamRequest] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
+        self.unsupported = False  # the worker answered UNIMPLEMENTED: use Generate
 
     def __len__(self) -> int:
         return len(self._calls)
@@ -122,10 +144,11 @@ class WorkerStream:
         this side both end it with DEADLINE_EXCEEDED past that)."""
         if self._call is None:
             self._connect()
-        call = StreamCall(self, request.request_id)
-        self._calls[request.request_id] = call
         timeout = max(timeout, 0.001)
-        call._timer = asyncio.get_running_loop().call_later(timeout, call.expire)
+        loop = asyncio.get_running_loop()
+        call = StreamCall(self, request, loop.time() + timeout)
+        self._calls[request.request_id] = call
+        call._timer = loop.call_later(timeout, call.expire)
         message = worker_pb2.WorkerStreamRequest(
             generate=request, timeout_secs=timeout, trace_context=trace_carrier()
         )
@@ -168,11 +191,25 @@ class WorkerStream:
             )
         except grpc.aio.AioRpcError as e:
             error = e
+            if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                self._fall_back(call)
         except asyncio.CancelledError:
             error = _rpc_error(grpc.StatusCode.UNAVAILABLE, f"stream to {self._label} closed")
             raise
         finally:
             self._disconnected(call, error)
+
+    def _fall_back(self, call: BidiCall) -> None:
+        if self._call is not call:
+            return
+        if not self.unsupported:
+            log.warning("%s has no WorkerService.Stream; calling Generate per request", self._label)
+        self.unsupported = True
+        loop = asyncio.get_running_loop()
+        calls, self._calls = self._calls, {}
+        for open_call in calls.values():
+            left = max(open_call.deadline - loop.time(), 0.001)
+            open_call.fall_back(self._stub.Generate(open_call.request, timeout=left))
 
     def _disconnected(self, call: BidiCall, error: grpc.aio.AioRpcError) -> None:
         if self._call is None or self._call is not call:

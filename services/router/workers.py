@@ -73,7 +73,7 @@ class WorkerHandle:
     ) -> StreamCall | grpc.aio.UnaryStreamCall:
         """Start ``request`` here: on the shared Stream (pdmesh workers: one message per engine
         step for all requests) or as its own Generate call (SGLang's protocol has no other)."""
-        if self.stream is not None:
+        if self.stream is not None and not self.stream.unsupported:
             return self.stream.open(request, timeout)
         return self.stub.Generate(request, timeout=timeout)
 
