@@ -13,7 +13,6 @@ prefill named there; one without is prefilled here (the router's conditional dis
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -33,6 +32,7 @@ from pdmesh.discovery import (
     registration_for,
 )
 from pdmesh.engine import AsyncEngine, InvalidRequestError, LLMEngine, RequestOutput
+from pdmesh.rpc.multiplex import Sessions
 from pdmesh.rpc.server import RpcServer, wait_for_signal
 from pdmesh.telemetry import Metrics, event, set_attributes, span
 from pdmesh.telemetry.spans import DECODE, FIRST_TOKEN
@@ -70,14 +70,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self._stream_interval = stream_interval
         self._calls = LiveCalls()
         self._stream_ids: set[str] = set()  # requests open on Stream calls
-        self._sessions: set[StreamSession] = set()
+        self._sessions: Sessions[StreamSession] = Sessions()
 
     async def Stream(
         self,
         request_iterator: AsyncIterator[worker_pb2.WorkerStreamRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[worker_pb2.WorkerStreamResponse]:
-        await context.send_initial_metadata(())  # the caller knows at once that Stream exists
         session = StreamSession(
             self._engine,
             self._decode_side,
@@ -86,15 +85,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             self._stream_interval,
             self._metrics,
         )
-        self._sessions.add(session)
-        reader = asyncio.ensure_future(session.read(request_iterator))
-        try:
-            async for batch in session.batches():
-                yield batch
-        finally:
-            reader.cancel()
-            session.close()
-            self._sessions.discard(session)
+        async for batch in self._sessions.serve(session, request_iterator, context):
+            yield batch
 
     def _claim_stream_id(self, request_id: str) -> None:
         if request_id in self._stream_ids or request_id in self._calls:
@@ -104,8 +96,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     def drain(self) -> None:
         """The worker is stopping: its Stream calls take no new requests and end once their
         open ones finished (the grace period bounds that)."""
-        for session in self._sessions:
-            session.drain()
+        self._sessions.drain()
 
     async def Generate(
         self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext

@@ -35,6 +35,7 @@ from pdmesh.engine import AsyncEngine, InvalidRequestError, RequestOutput
 from pdmesh.engine.sampling_params import SamplingParams
 from pdmesh.errors import DeadlineExceededError, EngineDeadError
 from pdmesh.rpc.errors import status_for
+from pdmesh.rpc.multiplex import MultiplexSession
 from pdmesh.telemetry import Metrics, start_detached_span
 from pdmesh.telemetry.spans import ATTRIBUTE_PREFIX, DECODE, FIRST_TOKEN
 from pdmesh.v1 import common_pb2, worker_pb2
@@ -61,7 +62,7 @@ class _Open:
     num_tokens: int = 0  # sent so far (the span's output_tokens)
 
 
-class StreamSession:
+class StreamSession(MultiplexSession[worker_pb2.WorkerStreamResponse]):
     def __init__(
         self,
         engine: AsyncEngine,
@@ -90,20 +91,14 @@ class StreamSession:
 
     # -- the router's messages --------------------------------------------------------------
 
-    async def read(self, requests: AsyncIterator[worker_pb2.WorkerStreamRequest]) -> None:
-        """Take the router's messages until it half-closes the stream."""
-        try:
-            async for message in requests:
-                kind = message.WhichOneof("kind")
-                if kind == "generate":
-                    self._start(message)
-                elif kind == "cancel":
-                    self._cancel(message.cancel)
-        finally:
-            self._reading = False
-            self._ready.set()
+    def requests_ended(self) -> None:
+        self._reading = False
+        self._ready.set()
 
-    def _start(self, message: worker_pb2.WorkerStreamRequest) -> None:
+    def cancel(self, message: worker_pb2.WorkerStreamRequest) -> None:
+        self._cancel(message.cancel)
+
+    def start(self, message: worker_pb2.WorkerStreamRequest) -> None:
         request = message.generate
         request_id = request.request_id
         if not request_id:

@@ -25,6 +25,7 @@ from opentelemetry.trace import SpanKind
 
 from pdmesh.errors import InvalidRequestError
 from pdmesh.rpc.errors import status_for
+from pdmesh.rpc.multiplex import MultiplexSession
 from pdmesh.telemetry import current_span, start_detached_span
 from pdmesh.v1 import common_pb2, router_pb2
 from services.router.coalesce import Coalescer
@@ -44,7 +45,7 @@ SPAN_ATTRIBUTES = {
 }
 
 
-class ClientStream:
+class ClientStream(MultiplexSession[router_pb2.RouterStreamResponse]):
     def __init__(self, servicer: RouterServicer) -> None:
         self._servicer = servicer
         self._tasks: dict[int, asyncio.Task[None]] = {}
@@ -52,20 +53,14 @@ class ClientStream:
         self._reading = True
         self._draining = False
 
-    async def read(self, requests: AsyncIterator[router_pb2.RouterStreamRequest]) -> None:
-        """Take the gateway's messages until it half-closes the stream."""
-        try:
-            async for message in requests:
-                kind = message.WhichOneof("kind")
-                if kind == "generate":
-                    self._start(message)
-                elif kind == "cancel":
-                    self._cancel(message.tag)
-        finally:
-            self._reading = False
-            self._pending.wake()
+    def requests_ended(self) -> None:
+        self._reading = False
+        self._pending.wake()
 
-    def _start(self, message: router_pb2.RouterStreamRequest) -> None:
+    def cancel(self, message: router_pb2.RouterStreamRequest) -> None:
+        self._cancel(message.tag)
+
+    def start(self, message: router_pb2.RouterStreamRequest) -> None:
         tag = message.tag
         if self._draining:
             self._put(tag, _entry(tag, grpc.StatusCode.UNAVAILABLE, "the router is shutting down"))

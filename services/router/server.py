@@ -36,6 +36,7 @@ from pdmesh.errors import InvalidRequestError
 from pdmesh.routing import CircuitBreakers, make_policy
 from pdmesh.routing.admission import Admission, QueueFullError, QueueTimeoutError, Ticket
 from pdmesh.rpc.errors import status_for
+from pdmesh.rpc.multiplex import Sessions
 from pdmesh.rpc.server import RpcServer
 from pdmesh.telemetry import Metrics
 from pdmesh.telemetry.router_metrics import RouterMetrics, WorkerGauges
@@ -72,7 +73,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self._admission = admission
         self._metrics = metrics
         self._stats = generation.metrics
-        self._sessions: set[ClientStream] = set()
+        self._sessions: Sessions[ClientStream] = Sessions()
 
     async def Generate(
         self, request: router_pb2.RouterGenerateRequest, context: grpc.aio.ServicerContext
@@ -128,23 +129,13 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         request_iterator: AsyncIterator[router_pb2.RouterStreamRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[router_pb2.RouterStreamResponse]:
-        await context.send_initial_metadata(())  # the caller knows at once that Stream exists
-        session = ClientStream(self)
-        self._sessions.add(session)
-        reader = asyncio.ensure_future(session.read(request_iterator))
-        try:
-            async for batch in session.batches():
-                yield batch
-        finally:
-            reader.cancel()
-            session.close()
-            self._sessions.discard(session)
+        async for batch in self._sessions.serve(ClientStream(self), request_iterator, context):
+            yield batch
 
     def drain(self) -> None:
         """The router is stopping: its Stream calls refuse new requests (UNAVAILABLE, so the
         gateway sends them to another router) and end once their open ones finished."""
-        for session in self._sessions:
-            session.drain()
+        self._sessions.drain()
 
     async def replies(
         self,
