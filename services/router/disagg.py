@@ -25,16 +25,12 @@ import grpc.aio
 
 from pdmesh.v1 import worker_pb2
 from services.router.upstream import OutgoingCalls, UpstreamError
-from services.router.worker_stream import StreamCall
-from services.router.workers import WorkerHandle
+from services.router.workers import GenerationCall, WorkerHandle
 
 log = logging.getLogger(__name__)
 
 WorkerCall: TypeAlias = (
     "grpc.aio.UnaryStreamCall[worker_pb2.GenerateRequest, worker_pb2.GenerateResponse]"
-)
-DecodeCall: TypeAlias = (
-    "StreamCall | grpc.aio.UnaryStreamCall[worker_pb2.GenerateRequest, worker_pb2.GenerateResponse]"
 )
 ROOM_BITS = 63  # rooms are uint64 on the wire; 63 bits keep them positive in every language
 
@@ -44,7 +40,7 @@ class Started:
     """A disaggregated request whose decode has sent its first message."""
 
     decode: WorkerHandle
-    call: DecodeCall
+    call: GenerationCall
     first: worker_pb2.GenerateResponse
     room: int
     prefill_done: asyncio.Task[worker_pb2.GenerateResponse | None]  # drains P; never raises
@@ -92,7 +88,7 @@ async def start(
     d_request.disagg.bootstrap_address = prefill.bootstrap_address
     d_request.disagg.prefill_worker_id = prefill.id
     p_call: WorkerCall = calls.track(prefill.stub.Generate(p_request, timeout=timeout))
-    d_call: DecodeCall = calls.track(decode.generate(d_request, timeout))
+    d_call: GenerationCall = calls.track(decode.generate(d_request, timeout))
     log.debug(
         "request %s: room %d, %s -> %s", request.request_id, room, prefill.label, decode.label
     )

@@ -6,11 +6,11 @@ at least ``disagg_min_prompt_tokens`` tokens and at least one token is wanted: `
 sends the request to both halves. Otherwise the request goes whole to an aggregated or decode
 worker, which prefills it itself (conditional disaggregation: no prefill, no failure).
 
-NOTE: every worker message (all of the request's tokens of one engine step, from the router's
-shared ``WorkerService.Stream`` to that worker) goes through the request's in-process
-detokenizer and is answered by exactly one router message carrying the worker's token ids, their
-logprobs and the text the detokenizer released for them. When the detokenizer reports a stop string, the tokens after the
-one that completed it are dropped, the worker call is cancelled (the worker aborts the request
+NOTE: every worker message (the request's tokens of one engine step, from the router's shared
+``WorkerService.Stream`` to that worker) goes through the request's in-process detokenizer and
+is answered by exactly one router message carrying the worker's token ids, their logprobs and
+the text the detokenizer released for them. When the detokenizer reports a stop string, the
+tokens after the one that completed it are dropped, the worker call is cancelled (the worker aborts the request
 and frees its pages) and the last message says FINISH_REASON_STOP. Usage then counts the
 completion tokens up to the stop; the worker's prefix-cache figure is not known at that point
 (it arrives with the worker's last message, which is never read), so ``cached_tokens`` is 0.
@@ -26,7 +26,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TypeAlias
 
 import grpc
 import grpc.aio
@@ -53,18 +52,13 @@ from services.router import disagg
 from services.router.ids_only import TokenIdsOnly, wants_ids_only
 from services.router.tokenizer_client import Detokenizer, TokenizerClient
 from services.router.upstream import OutgoingCalls, UpstreamError
-from services.router.worker_stream import StreamCall
-from services.router.workers import GENERATING_ROLES, WorkerHandle, WorkerSet
+from services.router.workers import GENERATING_ROLES, GenerationCall, WorkerHandle, WorkerSet
 
 log = logging.getLogger(__name__)
 
 # the engine's max_new_tokens when a request leaves it unset (pdmesh.engine.SamplingParams): a
 # migrated request's budget is what is left of it
 ENGINE_MAX_NEW_TOKENS = 128
-
-WorkerCall: TypeAlias = (
-    "StreamCall | grpc.aio.UnaryStreamCall[worker_pb2.GenerateRequest, worker_pb2.GenerateResponse]"
-)
 
 
 @dataclass
@@ -200,7 +194,7 @@ class Generation:
         calls: OutgoingCalls,
         view: RequestView,
         failed: tuple[WorkerHandle, ...],
-    ) -> tuple[WorkerHandle, WorkerCall, worker_pb2.GenerateResponse]:
+    ) -> tuple[WorkerHandle, GenerationCall, worker_pb2.GenerateResponse]:
         """Continue ``request`` on another generating worker (never one in ``failed``): the
         prompt plus the ``sent`` tokens as its prompt, the token budgets lowered by
         ``len(sent)``. The engine seeds its sampler per (seed, position), so a seeded or greedy
@@ -318,7 +312,7 @@ class Generation:
     async def _stream(
         self,
         detok: Detokenizer | TokenIdsOnly,
-        call: WorkerCall,
+        call: GenerationCall,
         worker: WorkerHandle,
         reply: worker_pb2.GenerateResponse,
         num_prompt_tokens: int,
@@ -358,7 +352,7 @@ class Generation:
         calls: OutgoingCalls,
         view: RequestView,
         exclude: tuple[WorkerHandle, ...] = (),
-    ) -> tuple[WorkerHandle, WorkerCall, worker_pb2.GenerateResponse]:
+    ) -> tuple[WorkerHandle, GenerationCall, worker_pb2.GenerateResponse]:
         """Open Generate on a worker the policy picks (never one in ``exclude``) and read its
         first message. A failure before anything was streamed is charged to the worker's
         breaker (unless the request is at fault) and, when retryable, retried after a backoff
@@ -372,7 +366,7 @@ class Generation:
                 break
             worker = self._choose(self.policy, candidates, view)
             request.request_id = _attempt_id(view, request)
-            call: WorkerCall = calls.track(worker.generate(request, _left(deadline)))
+            call: GenerationCall = calls.track(worker.generate(request, _left(deadline)))
             try:
                 return worker, call, await _next(call, worker, retryable=True)
             except grpc.aio.AioRpcError as e:
@@ -400,7 +394,7 @@ class WorkerFailed(UpstreamError):
 
 
 async def _next(
-    call: WorkerCall, worker: WorkerHandle, retryable: bool = False
+    call: GenerationCall, worker: WorkerHandle, retryable: bool = False
 ) -> worker_pb2.GenerateResponse:
     """The worker's next message. With ``retryable``, a failure is raised as the raw grpc
     error (the caller decides whether to try another worker); otherwise as UpstreamError."""

@@ -19,7 +19,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 import grpc.aio
@@ -34,6 +34,11 @@ from services.router.worker_stream import StreamCall, WorkerStream
 from services.sglang_grpc import client as sglang_client
 
 log = logging.getLogger(__name__)
+
+# a generation on a worker as the router reads it: on the worker's shared Stream, or a Generate
+GenerationCall: TypeAlias = (
+    "StreamCall | grpc.aio.UnaryStreamCall[worker_pb2.GenerateRequest, worker_pb2.GenerateResponse]"
+)
 
 WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
 ROLES = ("aggregated", "prefill", "decode")
@@ -68,9 +73,7 @@ class WorkerHandle:
             self.stub = worker_pb2_grpc.WorkerServiceStub(self.channel)
             self.stream = WorkerStream(self.stub, self.label)
 
-    def generate(
-        self, request: worker_pb2.GenerateRequest, timeout: float
-    ) -> StreamCall | grpc.aio.UnaryStreamCall:
+    def generate(self, request: worker_pb2.GenerateRequest, timeout: float) -> GenerationCall:
         """Start ``request`` here: on the shared Stream (pdmesh workers: one message per engine
         step for all requests) or as its own Generate call (SGLang's protocol has no other)."""
         if self.stream is not None and not self.stream.unsupported:
