@@ -1,9 +1,12 @@
 """``--profile-steps``: where the time of one pdmesh decode step goes, phase by phase and op by op.
 
-Each phase of ``LLMEngine.step`` (schedule, prepare, forward, logits, sample, update) is wrapped
-in a ``torch.profiler.record_function`` range for the profiled steps only, then unwrapped.
-On CUDA a phase's CPU time is launch time, except ``sample``, whose ``tolist()`` waits for the
-GPU; the op table then sorts by GPU time.
+Each phase of ``LLMEngine.step`` is wrapped in a ``torch.profiler.record_function`` range for
+the profiled steps only, then unwrapped: ``schedule``; ``prepare`` (the input tensors);
+``forward`` and ``logits`` (eager steps) or ``graph`` (a decode graph's replay); ``sample``;
+``wait`` (for the sampled tokens to reach the host); ``update`` (the host state before and
+after: placeholders, tokens, finished requests, outputs). On CUDA every phase but ``wait`` is
+host time spent queuing work; with the overlap schedule (llm_engine.py) it runs while the GPU
+computes, and ``wait`` is what is left of the GPU time after it. The op table sorts by GPU time.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from pdmesh.bench.offline import PdmeshRunner
 from pdmesh.engine.sampling_params import SamplingParams
 
-PHASES = ("schedule", "prepare", "forward", "logits", "sample", "update")
+PHASES = ("schedule", "prepare", "forward", "graph", "logits", "sample", "wait", "update")
 
 
 def _labelled(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
@@ -37,18 +40,20 @@ def _phases(runner: PdmeshRunner) -> Iterator[None]:
         (eng.runner, "_prepare", "prepare"),
         (eng.runner.model, "forward", "forward"),
         (eng.runner.model, "compute_logits", "logits"),
+        (eng.runner, "_sample", "sample"),
+        (eng.runner, "fetch", "wait"),
+        (eng, "_advance", "update"),
         (eng, "_update", "update"),
     ]
-    sampler = eng.runner.sampler
+    if eng.runner.graphs is not None:
+        targets.append((eng.runner.graphs, "replay", "graph"))
     for obj, attr, name in targets:
         setattr(obj, attr, _labelled(getattr(obj, attr), name))
-    eng.runner.sampler = _labelled(sampler, "sample")  # type: ignore[assignment]
     try:
         yield
     finally:
         for obj, attr, _ in targets:
             delattr(obj, attr)
-        eng.runner.sampler = sampler
 
 
 def profile_decode(runner: PdmeshRunner, prompts: list[list[int]], steps: int) -> str:
@@ -69,10 +74,10 @@ def profile_decode(runner: PdmeshRunner, prompts: list[list[int]], steps: int) -
         wall = (runner.clock.now() - t0) / steps
     while eng.has_work:
         eng.step()
-    return _render(prof, wall, steps, len(prompts), on_cuda)
+    return _render(prof, wall, steps, len(prompts), on_cuda, eng.overlap)
 
 
-def _render(prof: Any, wall_s: float, steps: int, batch: int, on_cuda: bool) -> str:
+def _render(prof: Any, wall_s: float, steps: int, batch: int, on_cuda: bool, overlap: bool) -> str:
     events = prof.key_averages()
     # with CUDA a range also appears as a GPU annotation under the same name: keep the CPU one
     cpu_ms: dict[str, float] = {}
@@ -80,7 +85,8 @@ def _render(prof: Any, wall_s: float, steps: int, batch: int, on_cuda: bool) -> 
         cpu_ms[e.key] = max(cpu_ms.get(e.key, 0.0), e.cpu_time_total / 1e3 / steps)
     lines = [
         f"pdmesh decode step at batch {batch}: {wall_s * 1e3:.2f} ms wall per step "
-        f"(profiled, {steps} steps); CPU ms per step by phase:"
+        f"(profiled, {steps} steps, overlap schedule {'on' if overlap else 'off'}); "
+        "CPU ms per step by phase:"
     ]
     for phase in PHASES:
         ms = cpu_ms.get(f"pdmesh.{phase}", float("nan"))

@@ -45,6 +45,13 @@ class EngineConfig:
         "0 = --max-running-requests",
     )
 
+    disable_overlap_schedule: bool | None = flag(
+        None,
+        "run each step's CPU work (schedule, inputs, outputs) after its GPU work instead of "
+        "while the previous step runs (SGLang's name); unset = overlap on CUDA, not on CPU "
+        "(nothing runs asynchronously there); --no-disable-overlap-schedule forces it on",
+    )
+
     def __post_init__(self) -> None:
         for name in ("page_size", "max_running_requests", "max_num_batched_tokens"):
             if getattr(self, name) <= 0:
@@ -62,6 +69,12 @@ class EngineConfig:
         if self.disable_cuda_graph:
             return 0
         return self.cuda_graph_max_bs or self.max_running_requests
+
+    def overlap_schedule(self, device: torch.device) -> bool:
+        """Whether a step launches before the previous step's tokens reach the host."""
+        if self.disable_overlap_schedule is None:
+            return device.type == "cuda"
+        return not self.disable_overlap_schedule
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

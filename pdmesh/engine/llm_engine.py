@@ -1,18 +1,49 @@
 """``LLMEngine``: the synchronous engine — requests in, one ``step()`` at a time, outputs out.
 
-Not thread-safe: ``AsyncEngine`` owns one on a dedicated thread. A step is three calls:
-``scheduler.schedule()`` → ``runner.run(batch)`` → ``_update(batch, results)``.
+Not thread-safe: ``AsyncEngine`` owns one on a dedicated thread. A step is
+``scheduler.schedule()`` → ``runner.launch(batch)`` (queued on the device) → ``_resolve`` (wait
+for the sampled tokens, then append them, finish requests, build the outputs).
+
+NOTE: the overlap schedule (``--disable-overlap-schedule`` turns it off; on by default on CUDA).
+Without it the GPU idles while the host schedules, builds the inputs and reads the outputs, so a
+step costs the sum of the CPU and GPU times. With it, ``step()`` launches step N and only then
+resolves step N-1, whose GPU work is done or nearly: the host work of both runs while the GPU
+computes step N. So **one ``step()`` call returns the outputs of the previous GPU step** (the
+last ones come from a call that launches nothing; ``has_work`` stays true until then).
+
+What that takes:
+- step N+1 is scheduled before step N's tokens are known: a sampled token is a placeholder in
+  ``Sequence.token_ids`` (sequence.py) until it resolves, and its input id is read from step N's
+  token tensor on the device. A sequence whose last token step N samples (max_new_tokens, the
+  context length, prefill-only) is known to end at launch: it leaves the schedule then, and
+  keeps its pages until step N resolves. One that stops on EOS or a stop id has one more token
+  computed at step N+1: its pages are freed when step N resolves, the extra row is dropped when
+  step N+1 resolves, and it is never emitted.
+- ``abort`` of a request in the step in flight resolves that step first (its outputs are
+  returned by the next ``step()``), so an abort cuts a request at the same token with or
+  without the overlap. ``allocate_incoming``, ``start_decode`` and ``release`` touch no
+  sequence of the step in flight.
+- pages are hashed into the prefix cache at resolve time, up to what that step computed, as
+  without the overlap; a request admitted while that step is in flight sees those pages only
+  once it resolves (one step later than without the overlap).
+- penalties need the previous tokens on the host: while a request with penalties is in the
+  step in flight, that step resolves before the next is scheduled (no overlap for that batch).
+  Seeds (keyed by position) and min_new_tokens (by count) need only lengths, which placeholders
+  keep. Unseeded random rows draw from the engine's generator in batch order; the dropped extra
+  rows take draws too, so their tokens differ between overlap on and off (they are not
+  reproducible across batch compositions either way).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 import torch
 
 from pdmesh.engine.block_manager import BlockManager
 from pdmesh.engine.config import EngineConfig
-from pdmesh.engine.model_runner import ModelRunner
+from pdmesh.engine.model_runner import Launched, ModelRunner
 from pdmesh.engine.outputs import EngineLoad, KVLayout, RequestOutput
 from pdmesh.engine.sampling_params import SamplingParams
 from pdmesh.engine.scheduler import ScheduledBatch, Scheduler
@@ -23,6 +54,32 @@ from pdmesh.models import loader
 log = logging.getLogger(__name__)
 
 _MAX_DEFAULT_CONTEXT = 32768
+
+
+@dataclass
+class _InFlight:
+    """A launched step, until ``_resolve`` reads its tokens."""
+
+    batch: ScheduledBatch
+    launched: Launched
+    # per batch row: num_computed_tokens after this step, and the page list it computed into
+    # (a different list object later means the sequence was preempted meanwhile)
+    computed: list[int]
+    tables: list[list[int]]
+    # per sampled row: the sequence and the index of its placeholder in token_ids
+    sampled: list[tuple[Sequence, int]]
+    retired: list[Sequence]  # sampled their last token: out of the schedule already
+    needs_host_tokens: bool  # a row has penalties: resolve before scheduling the next step
+    # finished while this step ran, with a row in it: their pages are freed when it resolves,
+    # since it still writes KV into them (a KV transfer from another process into a page given
+    # out again meanwhile would race with that write; local users come after it on the stream)
+    free_after: list[Sequence] = field(default_factory=list)
+    _ids: set[int] | None = None
+
+    def has_row(self, seq: Sequence) -> bool:
+        if self._ids is None:
+            self._ids = {id(s) for s in self.batch.seqs}
+        return id(seq) in self._ids
 
 
 class LLMEngine:
@@ -57,6 +114,8 @@ class LLMEngine:
         self._seqs: dict[str, Sequence] = {}  # every request the engine knows, by id
         self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
         self._stalled = False
+        self.overlap = config.overlap_schedule(self.device)
+        self._inflight: _InFlight | None = None  # the launched step not yet resolved
         log.info(
             "engine ready: %d KV pages x %d tokens (%.2f GB), context %d, device %s, dtype %s",
             num_pages,
@@ -90,12 +149,20 @@ class LLMEngine:
         seq = self._seqs.get(request_id)
         if seq is None:
             return False
+        inflight = self._inflight
+        if inflight is not None and inflight.has_row(seq):
+            # cut it where it would be cut without the overlap: after the step in flight
+            self._inflight = None
+            self._pending += self._resolve(inflight)
+            seq = self._seqs.get(request_id)
+            if seq is None:
+                return False
         self._finish(seq, FinishReason.ABORT, "aborted")
         return True
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work or bool(self._pending)
+        return self.scheduler.has_work or bool(self._pending) or self._inflight is not None
 
     @property
     def stalled(self) -> bool:
@@ -105,13 +172,22 @@ class LLMEngine:
         return self._stalled
 
     def step(self) -> list[RequestOutput]:
-        batch = self.scheduler.schedule()
+        """Launch the next step and return the outputs of the one before it (module NOTE);
+        without the overlap, of this one."""
         outputs, self._pending = self._pending, []
-        self._stalled = batch.is_empty and not outputs
-        if batch.is_empty:
-            return outputs
-        results = self.runner.run(batch)
-        return outputs + self._update(batch, results)
+        if self._inflight is not None and self._inflight.needs_host_tokens:
+            inflight, self._inflight = self._inflight, None
+            outputs += self._resolve(inflight)
+        batch = self.scheduler.schedule()
+        launched = None if batch.is_empty else self._launch(batch)
+        previous, self._inflight = self._inflight, launched
+        if previous is not None:
+            outputs += self._resolve(previous)
+        if launched is not None and not self.overlap:
+            self._inflight = None
+            outputs += self._resolve(launched)
+        self._stalled = batch.is_empty and previous is None and not outputs
+        return outputs
 
     # -- PD hooks -------------------------------------------------------------------------
 
@@ -177,8 +253,11 @@ class LLMEngine:
     def load(self) -> EngineLoad:
         stats = self.blocks.stats()
         seqs = self._seqs.values()
+        step = self._inflight
+        in_flight = len(step.retired) + len(step.free_after) if step is not None else 0
         return EngineLoad(
-            num_running=len(self.scheduler.running),
+            # a sequence whose last row is in flight still runs (and holds its pages)
+            num_running=len(self.scheduler.running) + in_flight,
             num_waiting=len(self.scheduler.waiting),
             num_awaiting_kv=sum(s.status is SequenceStatus.AWAITING_KV for s in seqs),
             num_held=sum(s.status is SequenceStatus.FINISHED for s in seqs),
@@ -218,55 +297,143 @@ class LLMEngine:
                 f"prompt of {n} tokens needs more KV pages than the pool has "
                 f"({self.blocks.num_pages} x {self.blocks.page_size} tokens)"
             )
-        return Sequence(request_id, list(prompt_token_ids), params)
+        seq = Sequence(request_id, list(prompt_token_ids), params)
+        seq.stop_ids = frozenset(params.stop_token_ids) | (
+            frozenset() if params.ignore_eos else self.eos_token_ids
+        )
+        seq.max_num_tokens = min(n + params.max_new_tokens, self.max_model_len)
+        return seq
+
+    def _launch(self, batch: ScheduledBatch) -> _InFlight:
+        """Queue the step on the device, then advance the host state as if it had run: the
+        computed counts, a placeholder per sampled token, the ends that are certain."""
+        return self._advance(batch, self.runner.launch(batch))
+
+    def _advance(self, batch: ScheduledBatch, launched: Launched) -> _InFlight:
+        seqs = batch.seqs
+        for seq, n in zip(seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+        sampled: list[tuple[Sequence, int]] = []
+        retired: list[Sequence] = []
+        for j, i in enumerate(launched.sample_index):
+            seq = seqs[i]
+            tokens = seq.token_ids
+            tokens.append(-1 - j)  # placeholder(j), inlined: this loop runs per row per step
+            sampled.append((seq, len(tokens) - 1))
+            if len(tokens) >= seq.max_num_tokens or seq.prefill_only:
+                retired.append(seq)
+        if retired:
+            self.scheduler.retire(retired)
+        needs_host_tokens = not launched.plain_greedy and any(
+            s.params.has_penalties for s, _ in sampled
+        )
+        hashing = self.blocks.enable_prefix_cache  # only the prefix cache reads these two
+        return _InFlight(
+            batch,
+            launched,
+            [s.num_computed_tokens for s in seqs] if hashing else [],
+            [s.block_table for s in seqs] if hashing else [],
+            sampled,
+            retired,
+            needs_host_tokens,
+        )
+
+    def _resolve(self, step: _InFlight) -> list[RequestOutput]:
+        """Wait for a launched step's tokens; write them over their placeholders, hash the
+        pages it filled, finish what ended, and return its outputs."""
+        return self._update(step, self.runner.fetch(step.launched))
 
     def _update(
-        self, batch: ScheduledBatch, results: list[tuple[int, TokenLogprob | None] | None]
+        self, step: _InFlight, results: list[tuple[int, TokenLogprob | None]]
     ) -> list[RequestOutput]:
+        for seq in step.free_after:
+            self.blocks.free(seq)
+        if self.blocks.enable_prefix_cache:
+            self._commit_pages(step)
+        finished = SequenceStatus.FINISHED
         outputs = []
-        for seq, n, result in zip(batch.seqs, batch.num_new_tokens, results):
-            seq.num_computed_tokens += n
-            self.blocks.commit_full_pages(seq)
-            if result is not None:
-                outputs.append(self._append_token(seq, *result))
+        for (seq, idx), (token, logprob) in zip(step.sampled, results):
+            if seq.status is finished:
+                continue  # it stopped a step earlier: this extra token is dropped (NOTE)
+            outputs.append(self._place_token(seq, idx, token, logprob))
         return outputs
 
-    def _append_token(
-        self, seq: Sequence, token: int, logprob: TokenLogprob | None
+    def _commit_pages(self, step: _InFlight) -> None:
+        ps = self.blocks.page_size
+        rows = zip(step.batch.seqs, step.batch.num_new_tokens, step.computed, step.tables)
+        for seq, n, computed, table in rows:
+            # only when a page filled up, and not after a preemption (its pages are gone)
+            if computed // ps == (computed - n) // ps or seq.block_table is not table:
+                continue
+            if seq.is_finished:
+                continue
+            # commit_full_pages reads num_computed_tokens, which a later launch may have
+            # advanced past tokens whose values are not known yet: hash what this step computed
+            now, seq.num_computed_tokens = seq.num_computed_tokens, computed
+            self.blocks.commit_full_pages(seq)
+            seq.num_computed_tokens = now
+
+    def _place_token(
+        self, seq: Sequence, idx: int, token: int, logprob: TokenLogprob | None
     ) -> RequestOutput:
-        seq.token_ids.append(token)
+        """Token ``idx`` of ``seq`` is ``token``: record it, end the request if it ends."""
+        seq.token_ids[idx] = token
         if logprob is not None:
             seq.logprobs.append(logprob)
-        out = self._output(seq, [token], [logprob] if logprob else [])
-        reason = self._finish_reason(seq, token)
+        out = RequestOutput(  # not _output(): this runs per row per step
+            request_id=seq.request_id,
+            new_token_ids=[token],
+            new_logprobs=[logprob] if logprob else [],
+            num_prompt_tokens=seq.num_prompt_tokens,
+            # not num_completion_tokens: the next step may have appended a placeholder
+            num_completion_tokens=idx + 1 - seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_tokens,
+        )
+        # below min_new_tokens the sampler bans stop ids and EOS, so they cannot show up here
+        reason = None
+        if token in seq.stop_ids:
+            reason = FinishReason.STOP
+        elif idx + 1 >= seq.max_num_tokens:
+            reason = FinishReason.LENGTH
         if seq.prefill_only:
             self._hold(seq, reason)
             out.prefill_page_ids = list(seq.block_table)
         elif reason is not None:
-            self._finish(seq, reason, emit=False)
-        out.finished = seq.is_finished
+            del seq.token_ids[idx + 1 :]  # the extra token of a step in flight, if any
+            later = self._inflight  # not the step resolving now: step() took that one out
+            if later is not None and later.has_row(seq):
+                self._finish(seq, reason, emit=False, free=False)
+                later.free_after.append(seq)
+            else:
+                self._finish(seq, reason, emit=False)
+        else:
+            return out
+        out.finished = True
         out.finish_reason = seq.finish_reason
         return out
 
-    def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
-        p = seq.params
-        # below min_new_tokens the sampler bans stop ids and EOS, so they cannot show up here
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
-            return FinishReason.STOP
-        if seq.num_completion_tokens >= p.max_new_tokens or seq.num_tokens >= self.max_model_len:
-            return FinishReason.LENGTH
-        return None
+    def _append_token(
+        self, seq: Sequence, token: int, logprob: TokenLogprob | None
+    ) -> RequestOutput:
+        """A token sampled elsewhere (PD: the prefill's first token)."""
+        seq.token_ids.append(token)
+        return self._place_token(seq, seq.num_tokens - 1, token, logprob)
 
     def _hold(self, seq: Sequence, reason: FinishReason | None) -> None:
-        # leave the scheduler but keep the pages for the KV transfer; release() frees them
-        self.scheduler.running.remove(seq)
+        # out of the schedule since its launch (retired); keep the pages for the KV transfer,
+        # release() frees them
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
     def _finish(
-        self, seq: Sequence, reason: FinishReason, error: str | None = None, emit: bool = True
+        self,
+        seq: Sequence,
+        reason: FinishReason,
+        error: str | None = None,
+        emit: bool = True,
+        free: bool = True,
     ) -> None:
-        self.scheduler.finish(seq, reason, error)
+        self.scheduler.finish(seq, reason, error, free_pages=free)
         del self._seqs[seq.request_id]
         if emit:
             out = self._output(seq, [], [])

@@ -1,20 +1,34 @@
 """The only place that builds tensors: owns the model, the KV cache and the sampler.
 
-``run(batch)`` flattens a ``ScheduledBatch`` into one token batch (decodes first, then prefill
-chunks), runs the model once, computes logits only for the rows that sample, and samples.
+``launch(batch)`` flattens a ``ScheduledBatch`` into one token batch (decodes first, then prefill
+chunks), queues the model once (a decode graph's replay when every row decodes), computes logits
+only for the rows that sample, and samples, all without waiting for the device; ``fetch`` waits
+for the sampled tokens on the host (``run`` is both at once).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
+import operator
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pdmesh.engine.attention import AttentionMetadata, PrefillSegment, rows_per_page
-from pdmesh.engine.cuda_graphs import DecodeGraphs, use_kernels
+from pdmesh.engine.cuda_graphs import (
+    DecodeGraphs,
+    TransferFence,
+    decode_rows,
+    pinned_empty,
+    record_fence,
+    use_kernels,
+)
 from pdmesh.engine.kv_memory import allocate_kv_cache
-from pdmesh.engine.sampler import Sampler, SampleRow
+from pdmesh.engine.sampler import Sampled, Sampler, SampleRow
 from pdmesh.engine.scheduler import ScheduledBatch
 from pdmesh.engine.sequence import Sequence, TokenLogprob
 
@@ -23,6 +37,68 @@ from pdmesh.models import llama
 from pdmesh.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
+
+_PLAIN_GREEDY = operator.attrgetter("plain_greedy")
+
+
+@dataclass
+class Launched:
+    """A step queued on the device: which batch rows sample, and their tokens on the way."""
+
+    sample_index: list[int]  # batch index of each sampled row, in order
+    sampled: Sampled | None
+    # every sampled row plain greedy (so none has penalties, which need host tokens)
+    plain_greedy: bool
+    # the end of the step's work when nothing samples (else the sampled copies' event): a
+    # resolved step has written all its KV, so its pages may be handed to a KV transfer
+    done: TransferFence | None = None
+
+
+@dataclass
+class _StepInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    sample_index: list[int]
+    sample_flat: torch.Tensor | None = None  # flat rows that sample, when not all do
+    # a step that replays a decode graph: its inputs (DecodeGraphs.replay)
+    graph_rows: torch.Tensor | None = None
+    graph_table: torch.Tensor | None = None
+    graph_ids: torch.Tensor | None = None
+
+
+class _HostPack:
+    """One step's host integers, laid out in one int64 buffer that travels in one copy."""
+
+    def __init__(self) -> None:
+        self._parts: list[tuple[slice, Seq[int] | np.ndarray]] = []
+        self._size = 0
+
+    def add(self, values: Seq[int] | np.ndarray) -> slice:
+        n = values.size if isinstance(values, np.ndarray) else len(values)
+        r = slice(self._size, self._size + n)
+        self._parts.append((r, values.reshape(-1) if isinstance(values, np.ndarray) else values))
+        self._size = r.stop
+        return r
+
+    def upload(self, device: torch.device) -> torch.Tensor:
+        host = pinned_empty(self._size, torch.long, device)
+        view = host.numpy()
+        for r, values in self._parts:
+            view[r] = values
+        if device.type != "cuda":
+            return host
+        return host.to(device, non_blocking=True)  # no sync: the pinned block is kept for it
+
+
+def _page_table(tables: list[list[int]]) -> tuple[np.ndarray, int]:
+    """Page lists as a zero-padded [len(tables), width] int64 block: one numpy fill, no loop."""
+    lens = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
+    width = max(1, int(lens.max())) if len(tables) else 1
+    flat = np.fromiter(itertools.chain.from_iterable(tables), dtype=np.int64, count=int(lens.sum()))
+    block = np.zeros((len(tables), width), dtype=np.int64)
+    block[np.arange(width) < lens[:, None]] = flat  # row-major: each row's pages in order
+    return block, width
 
 
 class ModelRunner:
@@ -62,122 +138,210 @@ class ModelRunner:
             model.fuse_projections()
         self.max_pages_per_seq = -(-max_model_len // page_size)
         self.graphs: DecodeGraphs | None = None
+        # the newest launch's sampled tokens [k] on the device: what placeholders refer to
+        self._last_tokens: torch.Tensor | None = None
         if self.kernels and cuda_graph_max_batch > 0:
             with _on(device):
                 self.graphs = DecodeGraphs(self, cuda_graph_max_batch)
 
-    def run(self, batch: ScheduledBatch) -> list[tuple[int, TokenLogprob | None] | None]:
-        """Compute the batch; per sequence the sampled (token, logprob), or None mid-prefill."""
+    def launch(self, batch: ScheduledBatch) -> Launched:
+        """Queue the batch's forward and sampling on the device; nothing here waits for it.
+
+        A row's input token may be a placeholder (``sequence.placeholder``) for a token that
+        the previous launch sampled: it is read from that launch's token tensor on the device.
+        """
         # the current device is per thread and the engine steps on its own thread: without it
         # triton kernels and graphs of an engine on cuda:1 would launch on cuda:0
         with _on(self.device):
-            return self._run(batch)
+            return self._launch(batch)
 
-    @torch.inference_mode()
-    def _run(self, batch: ScheduledBatch) -> list[tuple[int, TokenLogprob | None] | None]:
-        input_ids, positions, meta, sample_rows = self._prepare(batch)
+    def fetch(self, launched: Launched) -> list[tuple[int, TokenLogprob | None]]:
+        """The sampled (token, logprob) of each of ``launched.sample_index``; waits for them."""
+        if launched.sampled is None:
+            if launched.done is not None:
+                launched.done.wait()
+            return []
+        with _on(self.device):
+            tokens, logprobs = launched.sampled.resolve()
+        return list(zip(tokens, logprobs))
+
+    def run(self, batch: ScheduledBatch) -> list[tuple[int, TokenLogprob | None] | None]:
+        """``launch`` and ``fetch``: per sequence the sampled (token, logprob), or None
+        mid-prefill."""
+        launched = self.launch(batch)
         results: list[tuple[int, TokenLogprob | None] | None] = [None] * len(batch.seqs)
-        if self.graphs is not None and self.graphs.fits(meta, len(input_ids)):
-            # every row is a decode, and every decode samples: logits row i is sequence i
-            logits = self.graphs.replay(input_ids, positions, meta)
-        else:
-            hidden = self.model(input_ids, positions, self.kv_cache, meta, self.rope)
-            if not sample_rows:
-                return results
-            idx = torch.tensor([row for _, row in sample_rows], device=self.device)
-            logits = self.model.compute_logits(hidden[idx])
-        rows = [self._sample_row(batch.seqs[i]) for i, _ in sample_rows]
-        tokens, logprobs = self.sampler(logits, rows)
-        for (i, _), tok, lp in zip(sample_rows, tokens, logprobs):
-            results[i] = (tok, lp)
+        for i, result in zip(launched.sample_index, self.fetch(launched)):
+            results[i] = result
         return results
 
-    def _prepare(
-        self, batch: ScheduledBatch
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[tuple[int, int]]]:
-        ids: list[int] = []
-        pos: list[int] = []
-        slots: list[int] = []
-        sample_rows: list[tuple[int, int]] = []  # (index in batch, row in the flat batch)
-        decode_tables: list[list[int]] = []
-        decode_lens: list[int] = []
-        prefills: list[PrefillSegment] = []
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+    @torch.inference_mode()
+    def _launch(self, batch: ScheduledBatch) -> Launched:
+        step = self._prepare(batch)
+        rows = step.sample_index
+        seqs = batch.seqs if len(rows) == len(batch.seqs) else [batch.seqs[i] for i in rows]
+        self._last_tokens = None
+        if step.graph_rows is not None:
+            assert self.graphs is not None and step.graph_table is not None
+            logits = self.graphs.replay(step.graph_rows, step.graph_table, step.graph_ids)
+            if step.sample_flat is not None:  # not every row samples: only their logits
+                logits = logits[step.sample_flat]
+        else:
+            hidden = self.model(step.input_ids, step.positions, self.kv_cache, step.meta, self.rope)
+            if step.sample_flat is not None:  # the logits of the rows that sample only
+                hidden = hidden[step.sample_flat]
+            logits = self.model.compute_logits(hidden) if seqs else hidden
+        if not seqs:  # mid-prefill chunks only
+            return Launched([], None, plain_greedy=True, done=record_fence(self.device))
+        plain = all(map(_PLAIN_GREEDY, seqs))
+        sampled = self._sample(logits, seqs, plain)
+        sampled.start_copy()
+        self._last_tokens = sampled.tokens
+        return Launched(step.sample_index, sampled, plain)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], plain: bool) -> Sampled:
+        if plain:  # the usual batch: one argmax, no per-row objects
+            return self.sampler.greedy(logits)
+        return self.sampler.sample(logits, [self._sample_row(s) for s in seqs])
+
+    def _prepare(self, batch: ScheduledBatch) -> _StepInputs:
+        """The flat token batch (decodes first, then prefill chunks) and its metadata.
+
+        Every host-side integer of the step (ids, positions, slots, lengths, block table) goes
+        to the device as one buffer in one copy (module NOTE in cuda_graphs.py). The decode
+        rows are built with list comprehensions and numpy, not a Python loop per row.
+        """
+        seqs, counts = batch.seqs, batch.num_new_tokens
+        b = len(seqs)
+        # single-token rows lead the batch: they run as batched decode attention
+        nd = b if batch.num_tokens == b else next((i for i, n in enumerate(counts) if n != 1), b)
+        dseqs = seqs[:nd] if nd < b else seqs
+        starts = [s.num_computed_tokens for s in dseqs]
+        ids = [s.token_ids[p] for s, p in zip(dseqs, starts)]
+        sample_index = list(range(batch.num_decode))
+        sample_index += [i for i in range(batch.num_decode, b) if batch.samples(i)]
+        table, width = _page_table([s.block_table for s in dseqs])
+        pos = np.array(starts, dtype=np.int64)
+        if nd == b and self.graphs is not None and self.graphs.fits(b, width):
+            return self._prepare_graph(ids, pos, table, sample_index)
+        return self._prepare_eager(batch, nd, ids, pos, table, sample_index)
+
+    def _prepare_graph(
+        self, ids: list[int], pos: np.ndarray, table: np.ndarray, sample_index: list[int]
+    ) -> _StepInputs:
+        """A pure-decode step that replays a graph: its [4, size] rows and block table."""
+        assert self.graphs is not None
+        b = len(ids)
+        size = self.graphs.size_for(b)
+        pack = _HostPack()
+        r_rows = pack.add(decode_rows(ids, pos, table, self.page_size, self.page_stride, size))
+        r_table = pack.add(table)
+        r_flat = pack.add(sample_index) if len(sample_index) != b else None
+        buf = pack.upload(self.device)
+        rows = buf[r_rows].view(4, size)
+        step = _StepInputs(rows[0, :b], rows[1, :b], self._meta(), sample_index)
+        step.graph_rows, step.graph_table = rows, buf[r_table].view(table.shape)
+        step.graph_ids = self._resolve_placeholders(rows[0, :b], ids, keep=None)
+        step.sample_flat = buf[r_flat] if r_flat is not None else None
+        return step
+
+    def _prepare_eager(
+        self,
+        batch: ScheduledBatch,
+        nd: int,
+        ids: list[int],
+        pos: np.ndarray,
+        table: np.ndarray,
+        sample_index: list[int],
+    ) -> _StepInputs:
+        """Any other step: the flat batch, and the metadata the model reads."""
+        pack = _HostPack()
+        prefills: list[tuple[int, int, int, slice]] = []  # row0, start, n, ctx-slot range
+        positions: list[int] = pos.tolist()
+        dec = decode_rows(ids, pos, table, self.page_size, self.page_stride, nd)
+        slots: list[int] = dec[2].tolist()  # new tokens' slots: decodes, then prefill rows
+        for i in range(nd, len(batch.seqs)):
+            seq, n = batch.seqs[i], batch.num_new_tokens[i]
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             row0 = len(ids)
             ids += seq.token_ids[start:end]
-            pos += range(start, end)
-            if batch.samples(i):
-                sample_rows.append((i, row0 + n - 1))
-            if n == 1 and not prefills:  # single-token rows lead the batch: batched decode
-                # only the new token's slot here; the context slots are built on the device
-                slots.append(
-                    seq.block_table[start // self.page_size] * self.page_stride
-                    + start % self.page_size
-                )
-                decode_tables.append(seq.block_table)
-                decode_lens.append(end)
-            else:
-                ctx_slots = self._slots(seq, end)
-                slots += ctx_slots[start:end]
-                prefills.append(self._segment(row0, start, n, ctx_slots))
+            positions += range(start, end)
+            ctx_slots = self._slots(seq, end)
+            slots += ctx_slots[start:end]
+            prefills.append((row0, start, n, pack.add(ctx_slots)))
+        r_ids, r_pos, r_slots = pack.add(ids), pack.add(positions), pack.add(slots)
+        r_ctx, r_table = pack.add(dec[3]), pack.add(table)
+        flat = [
+            i if i < nd else prefills[i - nd][0] + batch.num_new_tokens[i] - 1 for i in sample_index
+        ]
+        r_flat = pack.add(flat) if len(flat) != len(ids) else None
+        buf = pack.upload(self.device)
+        input_ids = self._resolve_placeholders(buf[r_ids], ids, keep=buf[r_ids])
+        assert input_ids is not None
+        step = _StepInputs(input_ids, buf[r_pos], self._meta(), sample_index)
+        step.sample_flat = buf[r_flat] if r_flat is not None else None
+        meta = step.meta
+        meta.slot_mapping = buf[r_slots]
+        meta.prefills = [self._segment(r0, st, n, buf[r]) for r0, st, n, r in prefills]
+        if nd:
+            meta.num_decode = nd
+            width = int(pos.max()) + 1  # the longest context, known here without the device
+            self._decode_meta(meta, buf[r_table].view(table.shape), buf[r_ctx], width)
+        elif self.kernels:  # the triton KV store runs whenever the kernels are on
+            meta.block_table = torch.zeros(1, 1, dtype=torch.int32, device=self.device)
+            meta.context_lens = torch.zeros(1, dtype=torch.int32, device=self.device)
+        return step
+
+    def _resolve_placeholders(
+        self, ids_dev: torch.Tensor, ids: list[int], keep: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Input ids with each placeholder replaced by the previous launch's sampled token;
+        ``keep`` when there is none."""
+        if min(ids) >= 0:
+            return keep
+        prev = self._last_tokens
+        assert prev is not None, "a placeholder token but no step in flight"
+        n = len(ids)
+        if n == prev.shape[0] and ids == list(range(-1, -n - 1, -1)):
+            return prev  # the steady decode: the same rows in the same order as last step
+        return torch.where(ids_dev >= 0, ids_dev, prev[(-1 - ids_dev).clamp(min=0)])
+
+    def _meta(self) -> AttentionMetadata:
         dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            num_decode=len(decode_lens),
+        return AttentionMetadata(
+            slot_mapping=torch.empty(0, dtype=torch.long, device=dev),
+            num_decode=0,
             decode_slots=None,
             decode_mask=None,
-            prefills=prefills,
+            prefills=[],
             page_size=self.page_size,
             page_stride=self.page_stride,
         )
-        if self.kernels:
-            meta.block_table, meta.context_lens = self._block_table(decode_tables, decode_lens)
-        elif decode_lens:
-            meta.decode_slots, meta.decode_mask = self._decode_slots(decode_tables, decode_lens)
-        return (
-            torch.tensor(ids, dtype=torch.long, device=dev),
-            torch.tensor(pos, dtype=torch.long, device=dev),
-            meta,
-            sample_rows,
-        )
 
-    def _decode_slots(
-        self, tables: list[list[int]], lens: list[int]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, L] context slots of the decode rows (slot 0 past a row's end) and [B, 1, 1, L] mask.
+    def _decode_meta(
+        self, meta: AttentionMetadata, table: torch.Tensor, context_lens: torch.Tensor, width: int
+    ) -> None:
+        """Decode rows' metadata: block table and lengths on the CUDA path, else the
+        [B, width] context slots (slot 0 past a row's end) and [B, 1, 1, width] mask for SDPA.
 
         Built from the page tables with tensor ops: a Python list of every context slot cost
         O(batch x context) interpreter work per step (~3 ms at 32 x 577 tokens).
         """
-        dev, ps = self.device, self.page_size
-        width = max(lens)
-        num_pages = -(-width // ps)
-        pages = torch.tensor(
-            [t[:num_pages] + [0] * (num_pages - len(t[:num_pages])) for t in tables],
-            dtype=torch.long,
-            device=dev,
-        )
-        p = torch.arange(width, device=dev)
-        valid = p < torch.tensor(lens, device=dev).unsqueeze(1)
-        slots = (pages[:, p // ps] * self.page_stride + p % ps).masked_fill_(~valid, 0)
-        return slots, valid[:, None, None]
-
-    def _block_table(
-        self, tables: list[list[int]], lens: list[int]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, pages] int32 page ids of the decode rows (0-padded) and [B] int32 lengths."""
-        width = max((-(-n // self.page_size) for n in lens), default=1)
-        rows = [t[:width] + [0] * (width - len(t[:width])) for t in tables] or [[0]]
-        dev = self.device
-        table = torch.tensor(rows, dtype=torch.int32, device=dev)
-        return table, torch.tensor(lens or [0], dtype=torch.int32, device=dev)
+        if self.kernels:
+            meta.block_table = table.to(torch.int32)
+            meta.context_lens = context_lens.to(torch.int32)
+            return
+        ps = self.page_size
+        pages = table[:, : -(-width // ps)]
+        p = torch.arange(width, device=self.device)
+        valid = p < context_lens.unsqueeze(1)
+        meta.decode_slots = (pages[:, p // ps] * self.page_stride + p % ps).masked_fill_(~valid, 0)
+        meta.decode_mask = valid[:, None, None]
 
     def _slots(self, seq: Sequence, num_tokens: int) -> list[int]:
         ps, stride = self.page_size, self.page_stride
         return [seq.block_table[t // ps] * stride + t % ps for t in range(num_tokens)]
 
-    def _segment(self, row0: int, start: int, n: int, ctx_slots: list[int]) -> PrefillSegment:
+    def _segment(self, row0: int, start: int, n: int, ctx_slots: torch.Tensor) -> PrefillSegment:
         dev = self.device
         mask = None
         if start > 0:  # a cached prefix or an earlier chunk: query i sees keys 0..start+i
@@ -187,7 +351,7 @@ class ModelRunner:
             start=row0,
             num_tokens=n,
             context_len=start + n,
-            slots=torch.tensor(ctx_slots, dtype=torch.long, device=dev),
+            slots=ctx_slots,
             causal_mask=mask,
         )
 

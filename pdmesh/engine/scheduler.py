@@ -25,6 +25,8 @@ class ScheduledBatch:
 
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
+    # the first num_decode rows are decodes: one token each, and each samples
+    num_decode: int = 0
 
     def add(self, seq: Sequence, n: int) -> None:
         self.seqs.append(seq)
@@ -76,21 +78,16 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
-        budget = self.max_num_batched_tokens
-        for seq in list(self.running):  # a copy: _make_room may preempt later entries
-            if (
-                seq.status is SequenceStatus.RUNNING  # not preempted earlier in this loop
-                and not seq.is_prefilling
-                and budget > 0
-                and self._make_room(seq, batch)
-            ):
-                batch.add(seq, 1)
-                budget -= 1
-        for seq in self.running:
-            if seq.is_prefilling and budget > 0:
-                n = min(seq.num_uncomputed_tokens, budget)
-                batch.add(seq, n)
-                budget -= n
+        budget, prefilling = self._schedule_decodes(batch)
+        batch.num_decode = len(batch.seqs)
+        if budget > 0 and prefilling:
+            for seq in self.running:
+                if seq.is_prefilling:
+                    n = min(seq.num_uncomputed_tokens, budget)
+                    batch.add(seq, n)
+                    budget -= n
+                    if budget <= 0:
+                        break
         while self.waiting and budget > 0 and len(self.running) < self.max_running_requests:
             seq = self.waiting[0]
             if not self.blocks.can_allocate(seq):
@@ -104,13 +101,59 @@ class Scheduler:
             budget -= n
         return batch
 
-    def finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
-        """End ``seq`` wherever it is and free its pages."""
-        if seq in self.running:
+    def _schedule_decodes(self, batch: ScheduledBatch) -> tuple[int, bool]:
+        """One token for every decoding sequence; returns the budget left and whether a
+        running sequence is prefilling (else the prefill pass over them is skipped).
+
+        The loop runs over every running sequence each step, so it reads the fields directly
+        (no properties) and asks the block manager only when the last page is full.
+        """
+        budget = self.max_num_batched_tokens
+        page_size = self.blocks.page_size
+        seqs, counts = batch.seqs, batch.num_new_tokens
+        running = SequenceStatus.RUNNING
+        prefilling = False
+        for seq in list(self.running):  # a copy: _make_room may preempt later entries
+            if budget <= 0:
+                return budget, True  # the rest not looked at: no budget left for them anyway
+            n = len(seq.token_ids)
+            if seq.status is not running:
+                continue  # preempted earlier in this loop
+            if n - seq.num_computed_tokens > 1:
+                prefilling = True
+                continue
+            if len(seq.block_table) * page_size < n and not self._make_room(seq, batch):
+                continue
+            seqs.append(seq)
+            counts.append(1)
+            budget -= 1
+        return budget, prefilling
+
+    def retire(self, seqs: list[Sequence]) -> None:
+        """Take sequences whose last token the step just launched samples out of the schedule;
+        they keep their pages (and status) until ``finish`` (overlap schedule: the engine learns
+        the token one step later, but knows now that nothing follows it)."""
+        for seq in seqs:
+            seq.final_pending = True
+        self.running = [s for s in self.running if not s.final_pending]
+
+    def finish(
+        self,
+        seq: Sequence,
+        reason: FinishReason,
+        error: str | None = None,
+        free_pages: bool = True,
+    ) -> None:
+        """End ``seq`` wherever it is and free its pages (unless the caller frees them later)."""
+        # the status says which queue may hold it, so a batch that ends at once costs no
+        # scan of the running list each (a retired sequence is in neither; a new one that
+        # ends before it is queued, max_new_tokens=0, has status WAITING but no queue)
+        if seq.status is SequenceStatus.RUNNING and not seq.final_pending:
             self.running.remove(seq)
-        elif seq in self.waiting:
+        elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
-        self.blocks.free(seq)
+        if free_pages:
+            self.blocks.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         seq.error = error
@@ -121,9 +164,12 @@ class Scheduler:
         Sequences already in ``batch`` are never victims. Returns False when ``seq`` itself
         was preempted.
         """
+        scheduled: set[int] | None = None
         while not self.blocks.can_grow(seq, seq.num_tokens):
+            if scheduled is None:  # built only when someone has to go: a set, not a list scan
+                scheduled = {id(s) for s in batch.seqs}
             victim = max(
-                (s for s in self.running if s is seq or s not in batch.seqs),
+                (s for s in self.running if s is seq or id(s) not in scheduled),
                 key=lambda s: s.arrival_order,
             )
             self._preempt(victim)

@@ -1,6 +1,15 @@
 """``Sequence``: all state of one request inside the engine.
 
-Anything derived (lengths, page counts) is a property, never a second counter.
+Anything derived from state that changes (lengths, page counts) is a property, never a second
+counter; what follows from the frozen params alone is computed once (hot loops read it per row
+per step).
+
+NOTE: with the overlap schedule (llm_engine.py) the last entry of ``token_ids`` may be a
+*placeholder* while the step that samples it is in flight: ``placeholder(j)`` (< 0) stands for
+row ``j`` of that step's sampled-token tensor on the device. Lengths and positions count it (the
+scheduler and the seeds need only those); the model runner reads its value on the device, and
+the engine writes the real token over it when the step resolves. At most one step is in flight,
+so a placeholder always refers to the newest one.
 """
 
 from __future__ import annotations
@@ -9,6 +18,11 @@ import enum
 from dataclasses import dataclass, field
 
 from pdmesh.engine.sampling_params import SamplingParams
+
+
+def placeholder(row: int) -> int:
+    """The stand-in token id for row ``row`` of the in-flight step's sampled tokens."""
+    return -1 - row
 
 
 class SequenceStatus(enum.Enum):
@@ -53,9 +67,29 @@ class Sequence:
     # times this sequence lost its pages to preemption and was recomputed
     num_preemptions: int = 0
     arrival_order: int = 0
+    # the step in flight samples this sequence's last token (max_new_tokens, the context
+    # length or prefill-only): it left the scheduler's running list at launch, and keeps its
+    # pages until the step resolves (overlap schedule, llm_engine.py)
+    final_pending: bool = False
+    # set by the engine, which knows the model (one lookup per sampled token each):
+    # token ids that end the request (stop ids, and EOS unless ignore_eos), and the length at
+    # which it ends (max_new_tokens or the context length, whichever comes first)
+    stop_ids: frozenset[int] = frozenset()
+    max_num_tokens: int = 2**62
+    # greedy with nothing else to do on the logits (no penalties, logprobs or min_new_tokens):
+    # a batch of only such rows samples with one argmax (sampler.py)
+    plain_greedy: bool = field(init=False)
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)
+        p = self.params
+        self.plain_greedy = (
+            p.greedy
+            and not p.has_penalties
+            and not p.logprobs
+            and not p.top_logprobs
+            and not p.min_new_tokens
+        )
 
     @property
     def num_tokens(self) -> int:
