@@ -56,7 +56,10 @@ def test_env_names_set_the_pd_knobs(monkeypatch: pytest.MonkeyPatch) -> None:
         (("--mode", "prefill"), "python -m services.prefill"),
         (("--mode", "decode", "--heartbeat-interval", "0"), "must be > 0"),
         (("--mode", "decode", "--heartbeat-max-failures", "0"), "must be >= 1"),
-        (("--mode", "decode", "--kv-transfer-backend", "nixl"), "choose auto, cuda_ipc, grpc, mooncake"),
+        (
+            ("--mode", "decode", "--kv-transfer-backend", "nixl"),
+            "choose auto, cuda_ipc, grpc, mooncake",
+        ),
         (("--mode", "decode", "--host", "0.0.0.0"), "--kv-transfer-host"),
     ],
 )
