@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -9,6 +11,7 @@ from hypothesis import strategies as st
 from pdmesh.engine import (
     FinishReason,
     InvalidRequestError,
+    LLMEngine,
     RequestNotFoundError,
     ResourceExhaustedError,
     SamplingParams,
@@ -206,30 +209,24 @@ def test_awaiting_kv_abort_frees_pages(make_tiny_engine: EngineFactory) -> None:
     assert_all_pages_free(e)
 
 
-@settings(
-    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
-@given(
-    reqs=st.lists(
-        st.tuples(
-            st.lists(st.integers(1, 8), min_size=1, max_size=24),  # prompt (shared prefixes likely)
-            st.integers(0, 10),  # max_new_tokens
-            st.one_of(st.none(), st.integers(0, 12)),  # abort after this many steps
-            st.booleans(),  # prefill only
-        ),
-        min_size=1,
-        max_size=10,
+# random workloads: (prompt with likely shared prefixes, max_new_tokens, abort after this many
+# steps, prefill only); shared with tests/engine/test_overlap_schedule.py
+RANDOM_WORKLOADS = st.lists(
+    st.tuples(
+        st.lists(st.integers(1, 8), min_size=1, max_size=24),
+        st.integers(0, 10),
+        st.one_of(st.none(), st.integers(0, 12)),
+        st.booleans(),
     ),
-    chunk=st.integers(1, 16),
+    min_size=1,
+    max_size=10,
 )
-def test_random_workload_with_aborts_frees_everything(
-    make_tiny_engine: EngineFactory,
-    reqs: list[tuple[list[int], int, int | None, bool]],
-    chunk: int,
-) -> None:
-    engine = make_tiny_engine(
-        num_pages=24, page_size=2, max_num_batched_tokens=chunk, max_running_requests=4
-    )
+Workload = list[tuple[list[int], int, int | None, bool]]
+
+
+def run_random_workload(engine: LLMEngine, reqs: Workload, late_release: bool = False) -> None:
+    """Run ``reqs`` with their aborts; every request finishes and every page is free after.
+    ``late_release``: a held prefill output may come after its abort freed it (overlap)."""
     aborts: dict[int, list[str]] = {}
     for i, (prompt, n, abort_at, prefill_only) in enumerate(reqs):
         engine.add_request(
@@ -248,8 +245,25 @@ def test_random_workload_with_aborts_frees_everything(
             if o.finished:
                 finished.add(o.request_id)
             if o.prefill_page_ids is not None:  # as the PD prefill does once the KV is sent
-                engine.release(o.request_id)
+                if late_release:
+                    with contextlib.suppress(RequestNotFoundError):
+                        engine.release(o.request_id)
+                else:
+                    engine.release(o.request_id)
         if not engine.has_work and step > max(aborts, default=0):
             break
     assert finished == {f"r{i}" for i in range(len(reqs))}
     assert_all_pages_free(engine)
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(reqs=RANDOM_WORKLOADS, chunk=st.integers(1, 16))
+def test_random_workload_with_aborts_frees_everything(
+    make_tiny_engine: EngineFactory, reqs: Workload, chunk: int
+) -> None:
+    engine = make_tiny_engine(
+        num_pages=24, page_size=2, max_num_batched_tokens=chunk, max_running_requests=4
+    )
+    run_random_workload(engine, reqs)

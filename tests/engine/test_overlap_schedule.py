@@ -7,7 +7,6 @@ every output field with a run that has it off.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import pytest
@@ -27,6 +26,7 @@ from pdmesh.engine.attention import AttentionMetadata
 from pdmesh.engine.cuda_graphs import graph_batch_sizes
 from pdmesh.engine.model_runner import ModelRunner
 from tests.engine.conftest import EngineFactory, assert_all_pages_free, run_all, tokens_of
+from tests.engine.test_engine_tiny import RANDOM_WORKLOADS, Workload, run_random_workload
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True)
 
@@ -310,23 +310,9 @@ def test_prefill_only_then_decode_elsewhere_with_overlap(make_tiny_engine: Engin
 @settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(
-    reqs=st.lists(
-        st.tuples(
-            st.lists(st.integers(1, 8), min_size=1, max_size=24),  # prompt (shared prefixes likely)
-            st.integers(0, 10),  # max_new_tokens
-            st.one_of(st.none(), st.integers(0, 12)),  # abort after this many steps
-            st.booleans(),  # prefill only
-        ),
-        min_size=1,
-        max_size=10,
-    ),
-    chunk=st.integers(1, 16),
-)
+@given(reqs=RANDOM_WORKLOADS, chunk=st.integers(1, 16))
 def test_random_workload_with_overlap_frees_everything(
-    make_tiny_engine: EngineFactory,
-    reqs: list[tuple[list[int], int, int | None, bool]],
-    chunk: int,
+    make_tiny_engine: EngineFactory, reqs: Workload, chunk: int
 ) -> None:
     engine = make_tiny_engine(
         num_pages=24,
@@ -335,31 +321,7 @@ def test_random_workload_with_overlap_frees_everything(
         max_running_requests=4,
         disable_overlap_schedule=False,
     )
-    aborts: dict[int, list[str]] = {}
-    for i, (prompt, n, abort_at, prefill_only) in enumerate(reqs):
-        engine.add_request(
-            f"r{i}",
-            prompt,
-            SamplingParams(temperature=0.8, seed=i, max_new_tokens=n),
-            prefill_only=prefill_only,
-        )
-        if abort_at is not None:
-            aborts.setdefault(abort_at, []).append(f"r{i}")
-    finished = set()
-    for step in range(500):
-        for rid in aborts.get(step, []):
-            engine.abort(rid)
-        for o in engine.step():
-            if o.finished:
-                finished.add(o.request_id)
-            if o.prefill_page_ids is not None:
-                # an abort may have freed it first: its held output comes a step late
-                with contextlib.suppress(RequestNotFoundError):
-                    engine.release(o.request_id)
-        if not engine.has_work and step > max(aborts, default=0):
-            break
-    assert finished == {f"r{i}" for i in range(len(reqs))}
-    assert_all_pages_free(engine)
+    run_random_workload(engine, reqs, late_release=True)
 
 
 class EagerGraphs:
