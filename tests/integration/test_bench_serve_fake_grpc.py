@@ -2,7 +2,8 @@
 
 The fake only tests the client: per-token ITL splitting of multi-token messages, usage,
 finish reasons and gRPC errors. It is not the router; the real mesh is tested elsewhere.
-Timing assertions are lower bounds set by the fake's own sleeps.
+Timing assertions are lower bounds set by the fake's own sleeps, on times since the start only:
+the gap between two messages can shrink when the first is delivered late (a loaded CI machine).
 """
 
 from __future__ import annotations
@@ -81,8 +82,10 @@ def test_grpc_stream_timing_and_usage() -> None:
     assert r.ttft_s >= DELAY
     # 1 token, then 2 tokens in one message (its gap split in two), then 1 token
     assert len(r.itl_s) == 3
-    assert r.itl_s[0] == pytest.approx(r.itl_s[1]) and r.itl_s[0] >= DELAY / 2
-    assert r.itl_s[2] >= DELAY
+    assert r.itl_s[0] == pytest.approx(r.itl_s[1])
+    # Single gaps have no lower bound (a message delivered late shortens the next gap); the time
+    # of the last token since the start does: the fake slept 3 DELAYs before sending it.
+    assert r.ttft_s + sum(r.itl_s) >= 3 * DELAY
     assert (r.output_tokens, r.prompt_tokens, r.usage_reported, r.chunks) == (4, 7, True, 3)
     assert r.e2e_s >= 3 * DELAY
     sent = router.received[-1]
