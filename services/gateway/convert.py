@@ -14,15 +14,25 @@ from typing import Any
 
 from pdmesh.v1 import common_pb2, router_pb2
 from services.gateway.errors import APIError
-from services.gateway.generation import GenerationError, Piece, TokenLogprob, Usage
+from services.gateway.generation import (
+    GenerationError,
+    Piece,
+    TokenLogprob,
+    ToolCallDelta,
+    Usage,
+)
 from services.gateway.native_schema import GenerateRequest
 from services.gateway.openai_schema import (
     MAX_CHOICES,
+    MAX_INT32,
     MAX_SEED,
     MAX_STOP_STRINGS,
     ChatCompletionRequest,
     CompletionRequest,
     Prompt,
+    ResponseFormat,
+    ResponseFormatJSONObject,
+    ResponseFormatJSONSchema,
     SamplingFields,
 )
 from services.gateway.text_check import check_text
@@ -31,6 +41,7 @@ FINISH_REASONS = {
     common_pb2.FINISH_REASON_STOP: "stop",
     common_pb2.FINISH_REASON_LENGTH: "length",
     common_pb2.FINISH_REASON_ABORT: "abort",
+    common_pb2.FINISH_REASON_TOOL_CALLS: "tool_calls",
 }
 
 # what a logprob that is not a finite number is reported as (vLLM's convention)
@@ -46,7 +57,7 @@ def chat_requests(
     check_text(body)
     chat = common_pb2.ChatRequest(messages=[_chat_message(m) for m in body.messages])
     if body.tools is not None:
-        chat.tools_json = json.dumps(body.tools)
+        chat.tools_json = json.dumps([t.model_dump(exclude_none=True) for t in body.tools])
     if body.chat_template_kwargs is not None:
         chat.template_kwargs_json = json.dumps(body.chat_template_kwargs)
     if body.top_logprobs is not None and not body.logprobs:
@@ -55,7 +66,54 @@ def chat_requests(
     if body.logprobs:
         params.logprobs = True
         params.top_logprobs = body.top_logprobs or 0
-    return fan_out([{"chat": chat}], params, body.n, body.seed, request_id)
+    if body.response_format is not None:
+        _set_response_format(params, body.response_format)
+    options = _chat_options(body)
+    return fan_out([{"chat": chat, **options}], params, body.n, body.seed, request_id)
+
+
+def _chat_options(body: ChatCompletionRequest) -> dict[str, Any]:
+    """The RouterGenerateRequest fields of tool calling and reasoning (the router parses)."""
+    options: dict[str, Any] = {}
+    choice = body.tool_choice
+    if choice is not None:
+        if body.tools is None and choice != "none":
+            raise APIError(400, "tool_choice: given without tools", param="tool_choice")
+        if isinstance(choice, str):
+            mode = TOOL_CHOICE_MODES[choice]
+            options["tool_choice"] = router_pb2.ToolChoice(mode=mode)
+        else:
+            names = [t.function.name for t in body.tools or ()]
+            if choice.function.name not in names:
+                raise APIError(
+                    400,
+                    f"tool_choice.function.name: {choice.function.name!r} is not one of the "
+                    f"tools ({', '.join(names)})",
+                    param="tool_choice.function.name",
+                )
+            options["tool_choice"] = router_pb2.ToolChoice(function_name=choice.function.name)
+    if body.parallel_tool_calls is not None:
+        options["parallel_tool_calls"] = body.parallel_tool_calls
+    if body.separate_reasoning is not None:
+        options["separate_reasoning"] = body.separate_reasoning
+    return options
+
+
+TOOL_CHOICE_MODES = {
+    "auto": router_pb2.TOOL_CHOICE_MODE_AUTO,
+    "none": router_pb2.TOOL_CHOICE_MODE_NONE,
+    "required": router_pb2.TOOL_CHOICE_MODE_REQUIRED,
+}
+
+
+def _set_response_format(params: common_pb2.SamplingParams, fmt: ResponseFormat) -> None:
+    """``response_format`` as the worker's constrained decoding (a JSON schema)."""
+    if isinstance(fmt, ResponseFormatJSONObject):
+        params.json_schema = json.dumps({"type": "object"})
+    elif isinstance(fmt, ResponseFormatJSONSchema):
+        schema = fmt.json_schema.schema_
+        # OpenAI's json_schema without a schema: any JSON object, as json_object
+        params.json_schema = json.dumps(schema if schema is not None else {"type": "object"})
 
 
 def completion_requests(
@@ -96,8 +154,12 @@ def native_requests(
         ignore_eos=sp.ignore_eos,
         skip_special_tokens=sp.skip_special_tokens,
         detokenize=sp.detokenize,
+        json_schema=sp.json_schema,
+        regex=sp.regex,
+        ebnf=sp.ebnf,
     )
     _set_stops(params, sp.stop, sp.stop_token_ids, "sampling_params.stop")
+    _set_logit_bias(params, sp.logit_bias, "sampling_params.logit_bias")
     if body.return_logprob:
         params.logprobs = True
         params.top_logprobs = body.top_logprobs_num
@@ -121,7 +183,22 @@ def openai_sampling(body: SamplingFields, max_new_tokens: int | None) -> common_
         skip_special_tokens=body.skip_special_tokens,
     )
     _set_stops(params, body.stop, body.stop_token_ids, "stop")
+    _set_logit_bias(params, body.logit_bias, "logit_bias")
     return params
+
+
+def _set_logit_bias(
+    params: common_pb2.SamplingParams, bias: dict[str, float] | None, field: str
+) -> None:
+    """OpenAI's token-id keys are JSON strings; the worker checks them against the vocabulary."""
+    for key, value in (bias or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise APIError(400, f"{field}: key {key!r} is not a token id", param=field) from None
+        if not 0 <= token <= MAX_INT32:
+            raise APIError(400, f"{field}: token id {token} is out of range", param=field)
+        params.logit_bias[token] = value
 
 
 def _sampling(**given: Any) -> common_pb2.SamplingParams:
@@ -206,7 +283,7 @@ def _chat_message(m: Any) -> common_pb2.ChatMessage:
     if m.name is not None:
         pb.name = m.name
     if m.tool_calls is not None:
-        pb.tool_calls_json = json.dumps(m.tool_calls)
+        pb.tool_calls_json = json.dumps([c.model_dump() for c in m.tool_calls])
     if m.tool_call_id is not None:
         pb.tool_call_id = m.tool_call_id
     return pb
@@ -227,6 +304,8 @@ def piece_from_pb(index: int, pb: router_pb2.RouterGenerateResponse) -> Piece:
         FINISH_REASONS.get(reason) if finished else None,
         pb.matched_stop if finished and pb.HasField("matched_stop") else None,
         _usage(pb.usage) if finished else None,
+        pb.reasoning_text,
+        tuple([_tool_call(c) for c in pb.tool_calls]) if pb.tool_calls else (),
     )
 
 
@@ -246,7 +325,30 @@ def piece_from_pbs(index: int, pbs: Sequence[router_pb2.RouterGenerateResponse])
         finish_reason=FINISH_REASONS.get(last.finish_reason) if finished else None,
         matched_stop=last.matched_stop if last.HasField("matched_stop") else None,
         usage=_usage(last.usage) if finished else None,
+        reasoning="".join([pb.reasoning_text for pb in pbs]),
+        tool_calls=_merged_tool_calls(pbs),
     )
+
+
+def _tool_call(pb: router_pb2.ToolCallDelta) -> ToolCallDelta:
+    return ToolCallDelta(pb.index, pb.id, pb.name, pb.arguments)
+
+
+def _merged_tool_calls(
+    pbs: Sequence[router_pb2.RouterGenerateResponse],
+) -> tuple[ToolCallDelta, ...]:
+    """The tool-call deltas of several messages, one per call: a call's id and name from its
+    first delta, its argument fragments joined (a slow reader gets each call in one chunk)."""
+    merged: dict[int, ToolCallDelta] = {}
+    for pb in pbs:
+        for c in pb.tool_calls:
+            had = merged.get(c.index)
+            merged[c.index] = (
+                _tool_call(c)
+                if had is None
+                else ToolCallDelta(c.index, had.id, had.name, had.arguments + c.arguments)
+            )
+    return tuple(merged.values())
 
 
 def _logprob(pb: common_pb2.TokenLogprob) -> TokenLogprob:

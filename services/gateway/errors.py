@@ -115,6 +115,8 @@ def from_validation_error(error: RequestValidationError) -> APIError:
     if param is None and kind == "model_attributes_type":
         return APIError(400, "the body must be a JSON object")
     message = str(first.get("msg", "invalid request"))
+    if kind == "extra_forbidden":  # OpenAI's wording; never silently ignored
+        message = "unrecognized request argument (pdmesh does not implement it)"
     return APIError(400, f"{param}: {message}" if param else message, param=param)
 
 

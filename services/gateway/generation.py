@@ -28,6 +28,26 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of one tool call (the router parsed it out of the text): the first piece of a
+    call has its id and name, the next ones more of its arguments' JSON text."""
+
+    index: int
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
+@dataclass
+class ToolCall:
+    """One whole tool call, accumulated from its deltas."""
+
+    id: str
+    name: str
+    arguments: str = ""
+
+
+@dataclass(frozen=True)
 class Piece:
     """One router message of one choice: the text and tokens produced since the last one."""
 
@@ -35,9 +55,12 @@ class Piece:
     text: str
     token_ids: tuple[int, ...] = ()
     logprobs: tuple[TokenLogprob, ...] = ()
-    finish_reason: str | None = None  # "stop" | "length" | "abort" on the last piece only
+    # "stop" | "length" | "tool_calls" | "abort" on the last piece only
+    finish_reason: str | None = None
     matched_stop: str | None = None
     usage: Usage | None = None  # on the last piece only
+    reasoning: str = ""  # a reasoning model's thinking, when the router separates it
+    tool_calls: tuple[ToolCallDelta, ...] = ()
 
 
 @dataclass
@@ -51,11 +74,18 @@ class ChoiceResult:
     finish_reason: str | None = None
     matched_stop: str | None = None
     usage: Usage = field(default_factory=Usage)
+    reasoning: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
     def add(self, piece: Piece) -> None:
         self.text += piece.text
+        self.reasoning += piece.reasoning
         self.token_ids.extend(piece.token_ids)
         self.logprobs.extend(piece.logprobs)
+        for delta in piece.tool_calls:
+            if delta.index == len(self.tool_calls):  # a call's first delta
+                self.tool_calls.append(ToolCall(delta.id, delta.name))
+            self.tool_calls[delta.index].arguments += delta.arguments
         if piece.finish_reason is not None:
             self.finish_reason = piece.finish_reason
             self.matched_stop = piece.matched_stop

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from services.gateway.generation import ChoiceResult, TokenLogprob, Usage
+from services.gateway.generation import ChoiceResult, TokenLogprob, ToolCallDelta, Usage
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def chat_completion(
         "choices": [
             {
                 "index": r.index,
-                "message": {"role": "assistant", "content": r.text},
+                "message": chat_message(r),
                 "logprobs": chat_logprobs(r.logprobs, texts) if logprobs else None,
                 "finish_reason": r.finish_reason,
             }
@@ -57,6 +57,32 @@ def chat_completion(
         ],
         "usage": usage_dict(usage),
     }
+
+
+def chat_message(r: ChoiceResult) -> dict[str, Any]:
+    """The assistant message of one choice. OpenAI's: ``content`` null when the answer is only
+    tool calls; ``tool_calls`` only when there are some; ``reasoning_content`` (SGLang's,
+    vLLM's and DeepSeek's field) only when the router separated reasoning."""
+    message: dict[str, Any] = {"role": "assistant", "content": r.text}
+    if r.tool_calls:
+        message["content"] = r.text or None
+        message["tool_calls"] = [tool_call_dict(c.id, c.name, c.arguments) for c in r.tool_calls]
+    if r.reasoning:
+        message["reasoning_content"] = r.reasoning
+    return message
+
+
+def tool_call_dict(call_id: str, name: str, arguments: str) -> dict[str, Any]:
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def tool_call_delta(delta: ToolCallDelta) -> dict[str, Any]:
+    """One tool-call delta as OpenAI streams it: the first of a call with id, type and name
+    (and ``arguments`` so far, at least ""), the next ones with only the index and more
+    arguments."""
+    if delta.id:
+        return {"index": delta.index, **tool_call_dict(delta.id, delta.name, delta.arguments)}
+    return {"index": delta.index, "function": {"arguments": delta.arguments}}
 
 
 def chat_chunk(

@@ -11,13 +11,14 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from services.gateway import convert, native_format, openai_format, sse, streams
+from services.gateway import convert, native_format, openai_format, responses_api, sse, streams
 from services.gateway.disconnect import unless_disconnected
 from services.gateway.errors import APIError
 from services.gateway.generation import ChoiceResult, collect, total_usage
 from services.gateway.native_schema import GenerateRequest
 from services.gateway.openai_format import ResponseMeta
 from services.gateway.openai_schema import ChatCompletionRequest, CompletionRequest
+from services.gateway.responses_schema import ResponsesRequest
 from services.gateway.state import Gateway, gateway_of
 from services.gateway.streams import Pieces, StreamShape
 
@@ -59,6 +60,25 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     texts = await _token_texts(gateway, results, logprobs)
     usage = total_usage(results, body.n)
     return JSONResponse(openai_format.completion(meta, results, usage, texts, logprobs))
+
+
+@router.post("/v1/responses")
+async def responses(body: ResponsesRequest, request: Request) -> Response:
+    """OpenAI's Responses API, stateless: one choice of a chat request, as output items."""
+    gateway, request_id = gateway_of(request), _request_id(request)
+    await gateway.check_model(body.model)
+    chat = responses_api.chat_request(body)
+    requests = convert.chat_requests(chat, request_id)
+    meta = responses_api.ResponseMeta(
+        f"resp_{request_id}", body.model, int(time.time()), responses_api.echoed_settings(body)
+    )
+    builder = responses_api.ResponseBuilder(meta)
+    pieces = gateway.pieces(requests)
+    if body.stream:
+        first = await _first_piece(request, pieces)
+        return sse.response(responses_api.response_events(builder, first), first)
+    result = await unless_disconnected(request, responses_api.collect_response(builder, pieces))
+    return JSONResponse(result)
 
 
 @router.post("/generate")

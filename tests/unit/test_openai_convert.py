@@ -4,6 +4,7 @@ OpenAI bodies."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import grpc
@@ -66,10 +67,11 @@ def test_n_fans_out_with_seed_plus_index_and_unique_ids() -> None:
 
 
 def test_chat_logprobs_and_tools() -> None:
-    body = chat(logprobs=True, top_logprobs=3, tools=[{"type": "function"}])
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    body = chat(logprobs=True, top_logprobs=3, tools=[tool])
     (request,) = convert.chat_requests(body, "rid")
     assert request.sampling_params.logprobs and request.sampling_params.top_logprobs == 3
-    assert request.chat.tools_json == '[{"type": "function"}]'
+    assert json.loads(request.chat.tools_json) == [tool]
     with pytest.raises(APIError) as caught:
         convert.chat_requests(chat(top_logprobs=2), "rid")
     assert caught.value.status == 400 and caught.value.param == "top_logprobs"

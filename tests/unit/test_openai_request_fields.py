@@ -1,0 +1,168 @@
+"""The request surface of the OpenAI endpoints, with no network: explicit nulls are "not given",
+undeclared fields are a 400 naming them, and the structured-output and tool fields become the
+router's fields (``response_format`` a JSON schema for the worker's constrained decoding)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+
+from pdmesh.v1 import router_pb2
+from services.gateway import convert
+from services.gateway.errors import APIError, from_validation_error
+from services.gateway.native_schema import GenerateRequest
+from services.gateway.openai_schema import ChatCompletionRequest, CompletionRequest
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+
+
+def chat(**fields: Any) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate({"model": "m", "messages": MESSAGES, **fields})
+
+
+def error_of(model: type[Any], body: dict[str, Any]) -> APIError:
+    with pytest.raises(ValidationError) as info:
+        model.model_validate(body)
+    errors = info.value.errors()
+    return from_validation_error(
+        RequestValidationError([{**errors[0], "loc": ("body", *errors[0]["loc"])}])
+    )
+
+
+def test_explicit_nulls_mean_not_given() -> None:
+    body = chat(
+        n=None,
+        logprobs=None,
+        stream=None,
+        top_logprobs=None,
+        temperature=None,
+        tools=None,
+        tool_choice=None,
+        response_format=None,
+        stream_options=None,
+    )
+    assert (body.n, body.logprobs, body.stream) == (1, False, False)
+    (request,) = convert.chat_requests(body, "rid")
+    assert not request.sampling_params.HasField("temperature")
+    assert not request.HasField("tool_choice")
+    done = CompletionRequest.model_validate({"model": "m", "prompt": "p", "echo": None, "n": None})
+    assert (done.echo, done.n) == (False, 1)
+    native = GenerateRequest.model_validate({"text": "x", "sampling_params": {"n": None}})
+    assert native.sampling_params.n == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "m", "messages": MESSAGES, "functions": []}, "functions"),
+        (
+            {"model": "m", "messages": MESSAGES, "continue_final_message": True},
+            "continue_final_message",
+        ),
+        ({"model": "m", "messages": MESSAGES, "audio": {}}, "audio"),
+        ({"model": "m", "messages": MESSAGES, "store": True}, "store"),
+        ({"model": "m", "messages": MESSAGES, "modalities": ["audio"]}, "modalities[0]"),
+        (
+            {"model": "m", "messages": [{"role": "user", "content": "x", "colour": 1}]},
+            "messages[0].colour",
+        ),
+        ({"model": "m", "messages": MESSAGES, "stream_options": {"x": 1}}, "stream_options.x"),
+    ],
+)
+def test_unimplemented_fields_are_refused_by_name(body: dict[str, Any], param: str) -> None:
+    error = error_of(ChatCompletionRequest, body)
+    assert error.status == 400 and error.param == param, error.message
+
+
+def test_native_and_completion_fields_refused_by_name() -> None:
+    error = error_of(GenerateRequest, {"text": "x", "sampling_params": {"structural_tag": "t"}})
+    assert error.param == "sampling_params.structural_tag"
+    assert "unrecognized request argument" in error.message
+    error = error_of(CompletionRequest, {"model": "m", "prompt": "p", "suffix": "s"})
+    assert error.param == "suffix"
+    error = error_of(CompletionRequest, {"model": "m", "prompt": "p", "best_of": 3})
+    assert error.param == "best_of"
+
+
+def test_accepted_no_op_fields() -> None:
+    body = chat(
+        user="u",
+        metadata={"k": "v"},
+        store=False,
+        service_tier="auto",
+        prompt_cache_key="k",
+        safety_identifier="s",
+    )
+    assert convert.chat_requests(body, "rid")
+
+
+def test_response_format_becomes_a_json_schema() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    fmt = {
+        "type": "json_schema",
+        "json_schema": {"name": "thing", "schema": schema, "strict": True},
+    }
+    (request,) = convert.chat_requests(chat(response_format=fmt), "rid")
+    assert json.loads(request.sampling_params.json_schema) == schema
+    (request,) = convert.chat_requests(chat(response_format={"type": "json_object"}), "rid")
+    assert json.loads(request.sampling_params.json_schema) == {"type": "object"}
+    (request,) = convert.chat_requests(chat(response_format={"type": "text"}), "rid")
+    assert not request.sampling_params.HasField("json_schema")
+    error = error_of(
+        ChatCompletionRequest,
+        {"model": "m", "messages": MESSAGES, "response_format": {"type": "yaml"}},
+    )
+    assert error.param == "response_format", error.message
+
+
+def test_native_grammar_fields_and_logit_bias_pass_through() -> None:
+    body = GenerateRequest.model_validate(
+        {"text": "x", "sampling_params": {"regex": "[ab]+", "logit_bias": {"7": -100}}}
+    )
+    (request,) = convert.native_requests(body, "rid")
+    assert request.sampling_params.regex == "[ab]+"
+    assert dict(request.sampling_params.logit_bias) == {7: -100.0}
+    with pytest.raises(APIError) as info:
+        convert.chat_requests(chat(logit_bias={"x": 1}), "rid")
+    assert info.value.param == "logit_bias"
+    error = error_of(
+        ChatCompletionRequest, {"model": "m", "messages": MESSAGES, "logit_bias": {"5": 101}}
+    )
+    assert error.param == "logit_bias.5"
+
+
+def test_tool_choice_becomes_the_routers_field() -> None:
+    (request,) = convert.chat_requests(
+        chat(tools=[WEATHER], tool_choice="required", parallel_tool_calls=False), "rid"
+    )
+    assert request.tool_choice.mode == router_pb2.TOOL_CHOICE_MODE_REQUIRED
+    assert request.parallel_tool_calls is False
+    assert json.loads(request.chat.tools_json)[0]["function"]["name"] == "get_weather"
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    (request,) = convert.chat_requests(chat(tools=[WEATHER], tool_choice=named), "rid")
+    assert request.tool_choice.function_name == "get_weather"
+    with pytest.raises(APIError) as info:
+        convert.chat_requests(
+            chat(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}),
+            "rid",
+        )
+    assert info.value.param == "tool_choice.function.name"
+    with pytest.raises(APIError) as info:
+        convert.chat_requests(chat(tool_choice="required"), "rid")
+    assert info.value.param == "tool_choice"
+    error = error_of(
+        ChatCompletionRequest,
+        {"model": "m", "messages": MESSAGES, "tools": [{"type": "function", "function": {}}]},
+    )
+    assert error.param == "tools[0].function.name"
