@@ -218,6 +218,9 @@ class JsonSectionParser(ToolCallParser):
                 try:
                     end = self._obj.push(buf, i)
                 except CallObjectError as e:
+                    # whether the call was committed must not depend on how the text was cut
+                    # into deltas: commit what a cut just before the error would have
+                    self._stream_call()
                     i = self._fail(buf, e.at)
                     continue
                 if end < 0:
