@@ -6,6 +6,13 @@ needs no locks and the event loop never blocks on the model. Step outputs go bac
 one ``call_soon_threadsafe`` per step and are fanned out to per-request queues, or handed, one
 list per step, to the ``OutputSink`` a request was started into (``start_into``: what a stream
 that carries many requests uses, so a step costs it one call, not one wake-up per request).
+
+A request with a grammar has it compiled on this class's own small thread pool before the
+request reaches the engine thread (``prepare``): compiling takes ~1 ms for a JSON schema but can
+take 100s of ms for a large grammar (and the first one builds llguidance's tokenizer, ~0.7 s),
+and on the engine thread that would stall every running request's next step. The engine then
+finds it in its cache; a grammar that cannot compile fails there, before the request is
+admitted.
 """
 
 from __future__ import annotations
@@ -54,6 +61,10 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._dead: BaseException | None = None
+        # grammar compiles (see the module docstring); llguidance drops the GIL while compiling
+        self._compile_pool = concurrent.futures.ThreadPoolExecutor(
+            2, thread_name_prefix="pdmesh-grammar"
+        )
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -64,6 +75,28 @@ class AsyncEngine:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        self._compile_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def prepare(self, params: SamplingParams) -> None:
+        """Compile ``params``' grammar (if any, and not cached) off the engine thread; raises
+        ``InvalidRequestError`` naming the field when it cannot compile."""
+        compile_now = self._compile_job(params)
+        if compile_now is not None:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._compile_pool, compile_now)
+
+    def _compile_job(self, params: SamplingParams) -> Callable[[], object] | None:
+        constraint = params.constraint
+        if constraint is None or self.engine.grammars.cached(*constraint):
+            return None
+        return functools.partial(self.engine.grammars.compile, *constraint)
+
+    async def allocate_incoming(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> list[int]:
+        """PD decode side: ``LLMEngine.allocate_incoming`` with the grammar compiled first."""
+        await self.prepare(params)
+        return await self.call(self.engine.allocate_incoming, request_id, prompt_token_ids, params)
 
     # -- public API -----------------------------------------------------------------------
 
@@ -78,6 +111,7 @@ class AsyncEngine:
 
         Raises the engine's typed errors (``InvalidRequestError``…) before the first output.
         """
+        await self.prepare(params)
         start = functools.partial(
             self.engine.add_request, request_id, prompt_token_ids, params, prefill_only
         )
@@ -136,6 +170,25 @@ class AsyncEngine:
         start = functools.partial(
             self.engine.add_request, request_id, prompt_token_ids, params, False
         )
+        compile_now = self._compile_job(params)
+        if compile_now is None:
+            self._start_sink(request_id, start)
+            return
+        compiling = asyncio.wrap_future(self._compile_pool.submit(compile_now))
+        compiling.add_done_callback(lambda f: self._compiled(request_id, start, f))
+
+    def _compiled(
+        self, request_id: str, start: Callable[[], RequestOutput | None], future: asyncio.Future[object]
+    ) -> None:
+        # on the loop: a bad grammar fails the sink; a good one starts the request unless it
+        # was detached meanwhile (its abort ran before the request existed)
+        error = EngineDeadError("engine shut down") if future.cancelled() else future.exception()
+        if error is not None:
+            self._fail_sink(request_id, error)
+        elif request_id in self._sinks:
+            self._start_sink(request_id, start)
+
+    def _start_sink(self, request_id: str, start: Callable[[], RequestOutput | None]) -> None:
         # the first output is emitted from the engine thread, so it reaches the sink before
         # any step's (both travel by call_soon_threadsafe, in the engine thread's order)
         future = self._submit(lambda: self._emit_first(start()))
@@ -150,7 +203,7 @@ class AsyncEngine:
         if first is not None:
             self._emit([first])
 
-    def _started(self, request_id: str, future: concurrent.futures.Future[None]) -> None:
+    def _started(self, request_id: str, future: concurrent.futures.Future[Any]) -> None:
         # on the engine thread (or the caller's, when the engine is dead)
         error = future.exception()
         if error is not None and self._loop is not None and not self._loop.is_closed():

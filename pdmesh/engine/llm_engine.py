@@ -28,6 +28,12 @@ What that takes:
   once it resolves (one step later than without the overlap).
 - penalties need the previous tokens on the host: while a request with penalties is in the
   step in flight, that step resolves before the next is scheduled (no overlap for that batch).
+  So does a grammar (constrained decoding, grammar.py): the mask of step N+1 is what the matcher
+  allows after step N's token, which only the host's matcher can compute, and a step cannot be
+  sampled without it. Guessing instead (a mask per possible token, or sampling unmasked and
+  rolling back) would cost more than it saves; the mask is still filled while the GPU runs that
+  step's forward (model_runner.py), so what the rule costs a constrained batch is the
+  host's scheduling and input building, which no longer overlap the GPU.
   Seeds (keyed by position) and min_new_tokens (by count) need only lengths, which placeholders
   keep. Unseeded random rows draw from the engine's generator in batch order; the dropped extra
   rows take draws too, so their tokens differ between overlap on and off (they are not
@@ -38,11 +44,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from pdmesh.engine.block_manager import BlockManager
 from pdmesh.engine.config import EngineConfig
+from pdmesh.engine.grammar import GrammarCompiler
 from pdmesh.engine.model_runner import Launched, ModelRunner
 from pdmesh.engine.outputs import EngineLoad, KVLayout, RequestOutput
 from pdmesh.engine.sampling_params import SamplingParams
@@ -50,6 +58,9 @@ from pdmesh.engine.scheduler import ScheduledBatch, Scheduler
 from pdmesh.engine.sequence import FinishReason, Sequence, SequenceStatus, TokenLogprob
 from pdmesh.errors import InvalidRequestError, RequestNotFoundError, ResourceExhaustedError
 from pdmesh.models import loader
+
+if TYPE_CHECKING:
+    from llguidance import LLMatcher
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +106,9 @@ class LLMEngine:
             mcfg.max_position_embeddings, _MAX_DEFAULT_CONTEXT
         )
         model = loader.load_model(self.source, self.dtype, self.device)
+        self.grammars = GrammarCompiler(
+            self.source.path, self.vocab_size, sorted(self.eos_token_ids)
+        )
         num_pages = config.num_pages or self._auto_num_pages()
         self.blocks = BlockManager(num_pages, config.page_size, config.enable_prefix_cache)
         self.scheduler = Scheduler(
@@ -141,6 +155,9 @@ class LLMEngine:
         self._seqs[request_id] = seq
         if params.max_new_tokens == 0:
             self._finish(seq, FinishReason.LENGTH)
+        elif seq.grammar is not None and seq.grammar.is_stopped():
+            # a migrated request whose replayed output already completes its grammar
+            self._finish(seq, FinishReason.STOP)
         else:
             self.scheduler.add(seq)
 
@@ -292,17 +309,43 @@ class LLMEngine:
                 f"ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})",
             )
         params.validate(self.vocab_size)
+        if params.resumed_output_tokens >= n:
+            raise InvalidRequestError(
+                "resumed_output_tokens",
+                f"{params.resumed_output_tokens} must be less than the prompt's {n} tokens",
+            )
         if self.blocks.pages_for(n + 1) > self.blocks.num_pages:
             raise ResourceExhaustedError(
                 f"prompt of {n} tokens needs more KV pages than the pool has "
                 f"({self.blocks.num_pages} x {self.blocks.page_size} tokens)"
             )
         seq = Sequence(request_id, list(prompt_token_ids), params)
+        if params.constraint is not None:
+            seq.grammar = self._matcher(params, prompt_token_ids)
         seq.stop_ids = frozenset(params.stop_token_ids) | (
             frozenset() if params.ignore_eos else self.eos_token_ids
         )
         seq.max_num_tokens = min(n + params.max_new_tokens, self.max_model_len)
         return seq
+
+    def _matcher(self, params: SamplingParams, prompt: list[int]) -> LLMatcher:
+        """A fresh matcher of the request's grammar, past its resumed output tokens.
+
+        The grammar is compiled here only when nothing compiled it before (``AsyncEngine``
+        does it on its own pool, so the step loop finds it in the cache); before any page is
+        allocated, so a bad grammar holds nothing.
+        """
+        assert params.constraint is not None
+        kind, text = params.constraint
+        matcher = self.grammars.compile(kind, text).matcher()
+        n = params.resumed_output_tokens
+        if n and not matcher.consume_tokens(prompt[-n:]):
+            raise InvalidRequestError(
+                "resumed_output_tokens",
+                f"the last {n} prompt tokens do not match sampling_params.{kind}: "
+                f"{matcher.get_error()}",
+            )
+        return matcher
 
     def _launch(self, batch: ScheduledBatch) -> _InFlight:
         """Queue the step on the device, then advance the host state as if it had run: the
@@ -325,7 +368,7 @@ class LLMEngine:
         if retired:
             self.scheduler.retire(retired)
         needs_host_tokens = not launched.plain_greedy and any(
-            s.params.has_penalties for s, _ in sampled
+            s.needs_host_tokens for s, _ in sampled
         )
         hashing = self.blocks.enable_prefix_cache  # only the prefix cache reads these two
         return _InFlight(
@@ -391,8 +434,17 @@ class LLMEngine:
         )
         # below min_new_tokens the sampler bans stop ids and EOS, so they cannot show up here
         reason = None
-        if token in seq.stop_ids:
+        error = None
+        grammar = seq.grammar
+        if grammar is not None and not grammar.consume_token(token):
+            # the mask allowed it, so only a token sampled elsewhere (PD: a prefill that does
+            # not constrain) or a matcher out of its limits gets here
+            reason = FinishReason.ERROR
+            error = f"token {token} does not match the request's grammar: {grammar.get_error()}"
+        elif token in seq.stop_ids:
             reason = FinishReason.STOP
+        elif grammar is not None and grammar.is_stopped():
+            reason = FinishReason.STOP  # the grammar is complete and allows nothing more
         elif idx + 1 >= seq.max_num_tokens:
             reason = FinishReason.LENGTH
         if seq.prefill_only:
@@ -402,14 +454,15 @@ class LLMEngine:
             del seq.token_ids[idx + 1 :]  # the extra token of a step in flight, if any
             later = self._inflight  # not the step resolving now: step() took that one out
             if later is not None and later.has_row(seq):
-                self._finish(seq, reason, emit=False, free=False)
+                self._finish(seq, reason, error, emit=False, free=False)
                 later.free_after.append(seq)
             else:
-                self._finish(seq, reason, emit=False)
+                self._finish(seq, reason, error, emit=False)
         else:
             return out
         out.finished = True
         out.finish_reason = seq.finish_reason
+        out.error = error
         return out
 
     def _append_token(

@@ -27,8 +27,9 @@ from pdmesh.engine.cuda_graphs import (
     record_fence,
     use_kernels,
 )
+from pdmesh.engine.grammar import MaskFiller
 from pdmesh.engine.kv_memory import allocate_kv_cache
-from pdmesh.engine.sampler import Sampled, Sampler, SampleRow
+from pdmesh.engine.sampler import RowMasks, Sampled, Sampler, SampleRow
 from pdmesh.engine.scheduler import ScheduledBatch
 from pdmesh.engine.sequence import Sequence, TokenLogprob
 
@@ -132,6 +133,7 @@ class ModelRunner:
         cos, sin = llama.rope_cos_sin(cfg, max_model_len)
         self.rope = (cos.to(device), sin.to(device))
         self.sampler = Sampler(device, seed)
+        self.masks = MaskFiller(cfg.vocab_size)
         # CUDA: decode attention and KV writes through triton_attention (pages read in place)
         self.kernels = use_kernels(device, cfg.head_dim)
         if self.kernels:
@@ -201,7 +203,20 @@ class ModelRunner:
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], plain: bool) -> Sampled:
         if plain:  # the usual batch: one argmax, no per-row objects
             return self.sampler.greedy(logits)
-        return self.sampler.sample(logits, [self._sample_row(s) for s in seqs])
+        return self.sampler.sample(logits, [self._sample_row(s) for s in seqs], self._masks(seqs))
+
+    def _masks(self, seqs: list[Sequence]) -> RowMasks | None:
+        """The grammar masks of the constrained rows, filled on the host.
+
+        Called once the forward is queued: on CUDA the masks are computed while the GPU runs
+        it (every constrained row's last token is on the host by now: llm_engine.py resolves
+        a step that samples one before scheduling the next).
+        """
+        rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
+        if not rows:
+            return None
+        matchers = [seqs[i].grammar for i in rows]
+        return RowMasks(rows, self.masks.fill(matchers))  # type: ignore[arg-type]
 
     def _prepare(self, batch: ScheduledBatch) -> _StepInputs:
         """The flat token batch (decodes first, then prefill chunks) and its metadata.

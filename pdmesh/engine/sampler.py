@@ -1,9 +1,11 @@
-"""Turn one step's logits into tokens: penalties, temperature, top-k/top-p/min-p, seeds, logprobs.
+"""Turn one step's logits into tokens: penalties, logit_bias, grammar masks, temperature,
+top-k/top-p/min-p, seeds, logprobs.
 
 NOTE: rows are independent of their batch neighbours. A seeded row draws from a generator
 seeded by ``(seed, position)``, so the same seed gives the same tokens whatever else is batched,
 after a preemption, or when a request moves between engines (PD). Reported logprobs are those of
-the model's distribution after penalties, before temperature and truncation.
+the model's distribution after penalties, logit_bias and bans (EOS below min_new_tokens, a
+grammar's mask), before temperature and truncation.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pdmesh.engine.cuda_graphs import TransferFence, to_device, to_host
+from pdmesh.engine.grammar import apply_bitmask
 from pdmesh.engine.sampling_params import SamplingParams
 from pdmesh.engine.sequence import TokenLogprob
 
@@ -36,6 +39,14 @@ class SampleRow:
     @property
     def output_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
+
+
+@dataclass
+class RowMasks:
+    """Grammar masks of some of a step's sampled rows (grammar.py: 1 bit per token id)."""
+
+    rows: list[int]  # indices into the sampled rows
+    bits: torch.Tensor  # [len(rows), ceil(vocab / 32)] int32, on the host
 
 
 @dataclass
@@ -105,11 +116,16 @@ class Sampler:
         return Sampled(logits.argmax(dim=-1))
 
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, rows: list[SampleRow]) -> Sampled:
-        """Tokens of ``logits`` [B, vocab] for ``rows``, left on the device (see ``Sampled``)."""
+    def sample(
+        self, logits: torch.Tensor, rows: list[SampleRow], masks: RowMasks | None = None
+    ) -> Sampled:
+        """Tokens of ``logits`` [B, vocab] for ``rows``, left on the device (see ``Sampled``);
+        ``masks``: the tokens each constrained row may sample."""
         logits = logits.float()
-        if any(r.params.has_penalties or r.banned_ids for r in rows):
-            logits = self._restrict(logits.clone(), rows)
+        if masks is not None or any(
+            r.params.has_penalties or r.banned_ids or r.params.logit_bias for r in rows
+        ):
+            logits = self._restrict(logits.clone(), rows, masks)
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
         if len(greedy) == len(rows):  # all alike: no gather/scatter of [B, vocab] rows
             tokens = logits.argmax(dim=-1)
@@ -124,20 +140,37 @@ class Sampler:
             tokens[r_idx] = self._sample(logits[r_idx], [rows[i] for i in rand])
         return _with_logprobs(Sampled(tokens), logits, rows)
 
-    def _restrict(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
-        """Penalties (per row: they need the row's tokens) and banned ids (one write)."""
+    def _restrict(
+        self, logits: torch.Tensor, rows: list[SampleRow], masks: RowMasks | None
+    ) -> torch.Tensor:
+        """Penalties (per row: they need the row's tokens), then logit_bias (one add), then
+        banned ids (one write) and grammar masks (one masked fill)."""
+        dev = logits.device
         banned_rows: list[int] = []
         banned_ids: list[int] = []
+        bias_rows: list[int] = []
+        bias_ids: list[int] = []
+        biases: list[float] = []
         for i, r in enumerate(rows):
             if r.params.has_penalties:
                 _apply_penalties(logits[i], r)
+            if r.params.logit_bias:
+                bias_rows += [i] * len(r.params.logit_bias)
+                for token, bias in r.params.logit_bias:
+                    bias_ids.append(token)
+                    biases.append(bias)
             if r.banned_ids:
                 banned_rows += [i] * len(r.banned_ids)
                 banned_ids += r.banned_ids
+        if bias_rows:
+            idx = (to_device(bias_rows, torch.long, dev), to_device(bias_ids, torch.long, dev))
+            logits.index_put_(idx, to_device(biases, torch.float32, dev), accumulate=True)
         if banned_rows:
-            dev = logits.device
             idx = (to_device(banned_rows, torch.long, dev), to_device(banned_ids, torch.long, dev))
             logits[idx] = float("-inf")
+        if masks is not None:
+            bits = masks.bits.to(dev, non_blocking=True)
+            apply_bitmask(logits, to_device(masks.rows, torch.long, dev), bits)
         return logits
 
     def _sample(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 
 from pdmesh.errors import InvalidRequestError
 
+# the fields that carry a grammar (pdmesh/engine/grammar.py)
+CONSTRAINT_FIELDS = ("json_schema", "regex", "ebnf")
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -25,6 +28,17 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False  # return the sampled token's logprob
     top_logprobs: int = 0  # also return the N most likely tokens at each step
+    # constrained decoding (SGLang's names; at most one is set): the output must match a JSON
+    # schema (JSON text), a regular expression, or an EBNF grammar (llama.cpp's GBNF or Lark)
+    json_schema: str | None = None
+    regex: str | None = None
+    ebnf: str | None = None
+    # (token id, bias) pairs added to the logits before sampling (OpenAI's logit_bias: -100
+    # bans a token, +100 all but forces it), each id at most once
+    logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
+    # a migrated request: the last N prompt tokens are output the client already has, so a
+    # grammar's matcher replays them before the first new token (the router's _migrate sets it)
+    resumed_output_tokens: int = 0
 
     @property
     def greedy(self) -> bool:
@@ -37,6 +51,15 @@ class SamplingParams:
             or self.frequency_penalty != 0.0
             or self.presence_penalty != 0.0
         )
+
+    @property
+    def constraint(self) -> tuple[str, str] | None:
+        """(field name, text) of the grammar the output must match, if any."""
+        for name in CONSTRAINT_FIELDS:
+            text = getattr(self, name)
+            if text is not None:
+                return name, text
+        return None
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise ``InvalidRequestError`` naming the first bad field."""
@@ -62,9 +85,22 @@ class SamplingParams:
         _check(0 <= self.top_logprobs <= 20, "top_logprobs", "must be in [0, 20]")
         if self.seed is not None:
             _check(0 <= self.seed < 2**64, "seed", "must be in [0, 2^64)")
+        _check(self.resumed_output_tokens >= 0, "resumed_output_tokens", "must be >= 0")
+        chosen = [name for name in CONSTRAINT_FIELDS if getattr(self, name) is not None]
+        _check(
+            len(chosen) <= 1,
+            chosen[-1] if chosen else "",
+            f"at most one of {', '.join(CONSTRAINT_FIELDS)} may be set (got {', '.join(chosen)})",
+        )
+        ids = [t for t, _ in self.logit_bias]
+        _check(len(set(ids)) == len(ids), "logit_bias", "a token id appears more than once")
+        bad_bias = [(t, b) for t, b in self.logit_bias if not (_finite(b) and -100 <= b <= 100)]
+        _check(not bad_bias, "logit_bias", f"biases {bad_bias[:5]} are outside [-100, 100]")
         if vocab_size is not None:
             bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
             _check(not bad, "stop_token_ids", f"ids {bad[:5]} are outside [0, {vocab_size})")
+            bad = [t for t in ids if not 0 <= t < vocab_size]
+            _check(not bad, "logit_bias", f"ids {bad[:5]} are outside [0, {vocab_size})")
 
 
 def _finite(x: float) -> bool:

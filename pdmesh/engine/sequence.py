@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pdmesh.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from llguidance import LLMatcher
 
 
 def placeholder(row: int) -> int:
@@ -76,9 +80,16 @@ class Sequence:
     # which it ends (max_new_tokens or the context length, whichever comes first)
     stop_ids: frozenset[int] = frozenset()
     max_num_tokens: int = 2**62
-    # greedy with nothing else to do on the logits (no penalties, logprobs or min_new_tokens):
-    # a batch of only such rows samples with one argmax (sampler.py)
+    # greedy with nothing else to do on the logits (no penalties, logit_bias, grammar, logprobs
+    # or min_new_tokens): a batch of only such rows samples with one argmax (sampler.py)
     plain_greedy: bool = field(init=False)
+    # its next step needs its last token on the host (penalties count it, a grammar's mask
+    # follows it): a step that samples it is resolved before the next is scheduled (overlap)
+    needs_host_tokens: bool = field(init=False)
+    # constrained decoding: the grammar's matcher, advanced with every token this sequence
+    # gets (sampled here or, PD, by the prefill; replayed for a migrated request), never
+    # re-advanced by a recompute after preemption (that recomputes KV, not tokens)
+    grammar: LLMatcher | None = None
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)
@@ -89,7 +100,10 @@ class Sequence:
             and not p.logprobs
             and not p.top_logprobs
             and not p.min_new_tokens
+            and not p.logit_bias
+            and p.constraint is None
         )
+        self.needs_host_tokens = p.has_penalties or p.constraint is not None
 
     @property
     def num_tokens(self) -> int:

@@ -140,13 +140,11 @@ class DisaggDecoder:
     ) -> list[int]:
         """Pages for the prompt; waits (bounded) while the pool is full."""
         loop = asyncio.get_running_loop()
-        engine = self._engine.engine
         pause = _ALLOC_RETRY_S[0]
         while True:
             try:
-                return await self._engine.call(
-                    engine.allocate_incoming, incoming.request_id, prompt, params
-                )
+                # a grammar is compiled (off the engine thread) before any page is allocated
+                return await self._engine.allocate_incoming(incoming.request_id, prompt, params)
             except ResourceExhaustedError:
                 if self._never_fits(len(prompt)) or loop.time() + pause > deadline:
                     raise

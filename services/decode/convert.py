@@ -37,6 +37,9 @@ _SCALAR_FIELDS = (
     "ignore_eos",
     "logprobs",
     "top_logprobs",
+    "json_schema",
+    "regex",
+    "ebnf",
 )
 
 _FINISH_REASONS = {
@@ -51,12 +54,23 @@ _FINISH_REASONS = {
 _WIRE_FIELDS = {"prompt": "token_ids", "prompt_token_ids": "token_ids"}
 
 
-def sampling_params_from_pb(pb: common_pb2.SamplingParams) -> SamplingParams:
+def sampling_params_from_pb(
+    pb: common_pb2.SamplingParams, resumed_output_tokens: int = 0
+) -> SamplingParams:
     kwargs: dict[str, Any] = {
         name: getattr(pb, name) for name in _SCALAR_FIELDS if pb.HasField(name)
     }
     kwargs["stop_token_ids"] = tuple(pb.stop_token_ids)
+    # sorted: the same bias map gives the same (hashable, comparable) params
+    kwargs["logit_bias"] = tuple(sorted(pb.logit_bias.items()))
+    kwargs["resumed_output_tokens"] = resumed_output_tokens
     return SamplingParams(**kwargs)
+
+
+def request_params_from_pb(request: worker_pb2.GenerateRequest) -> SamplingParams:
+    """The engine's params of a ``GenerateRequest``: its sampling params, and how many of its
+    prompt tokens a migrated request already output (the engine keeps both in one value)."""
+    return sampling_params_from_pb(request.sampling_params, request.resumed_output_tokens)
 
 
 def wire_error(e: InvalidRequestError) -> InvalidRequestError:

@@ -101,7 +101,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def Generate(
         self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
-        params = convert.sampling_params_from_pb(request.sampling_params)
+        params = convert.request_params_from_pb(request)
         request_id, prompt = request.request_id, list(request.token_ids)
         if request_id in self._stream_ids:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in use")

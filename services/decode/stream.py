@@ -118,7 +118,7 @@ class StreamSession(MultiplexSession[worker_pb2.WorkerStreamResponse]):
             self._refuse(request_id, e)
             return
         try:
-            params = convert.sampling_params_from_pb(request.sampling_params)
+            params = convert.request_params_from_pb(request)
         except InvalidRequestError as e:
             self._release(request_id)
             self._refuse(request_id, convert.wire_error(e))

@@ -71,7 +71,7 @@ class PrefillServicer(worker_pb2_grpc.WorkerServiceServicer):
                 "a prefill worker serves only the prefill half of disaggregated requests "
                 "(set disagg.bootstrap_room); send whole requests to a decode or aggregated worker",
             )
-        params = convert.sampling_params_from_pb(request.sampling_params)
+        params = convert.request_params_from_pb(request)
         request_id, room = request.request_id, request.disagg.bootstrap_room
         call = self._calls.claim(request_id, context, lambda: self._runner.abort(request_id))
         try:

@@ -198,7 +198,9 @@ class Generation:
         """Continue ``request`` on another generating worker (never one in ``failed``): the
         prompt plus the ``sent`` tokens as its prompt, the token budgets lowered by
         ``len(sent)``. The engine seeds its sampler per (seed, position), so a seeded or greedy
-        request continues exactly where it broke off."""
+        request continues exactly where it broke off; ``resumed_output_tokens`` tells it which
+        prompt tokens are output, which a constrained request's grammar replays (else the new
+        worker would constrain the continuation from the grammar's start)."""
         params = common_pb2.SamplingParams()
         params.CopyFrom(request.sampling_params)
         wanted = (
@@ -213,6 +215,7 @@ class Generation:
             request_id=request.request_id,
             token_ids=[*prompt, *sent],
             sampling_params=params,
+            resumed_output_tokens=len(sent),
         )
         try:
             return await self._start_on_a_worker(moved, deadline, calls, view, exclude=failed)

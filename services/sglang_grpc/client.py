@@ -208,6 +208,22 @@ def generate_request_to_pb(
         min_new_tokens=p.min_new_tokens,
         ignore_eos=p.ignore_eos,
     )
+    if p.HasField("json_schema"):
+        params.json_schema = p.json_schema
+    elif p.HasField("regex"):
+        params.regex = p.regex
+    elif p.HasField("ebnf"):
+        params.ebnf_grammar = p.ebnf
+    for token, bias in p.logit_bias.items():
+        params.logit_bias[str(token)] = bias
+    if request.resumed_output_tokens and params.WhichOneof("constraint") is not None:
+        # SGLang cannot replay output through a grammar: its matcher would take the output
+        # for prompt and constrain the continuation from the grammar's start
+        raise InvalidRequestError(
+            "resumed_output_tokens",
+            "SGLang's protocol cannot resume a constrained request: a constrained request "
+            "cannot migrate to an sglang-grpc:// worker",
+        )
     # `seed` has no field in SGLang's protocol: a seeded request samples unseeded there
     out = sgl.GenerateRequest(
         request_id=request.request_id,

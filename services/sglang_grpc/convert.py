@@ -25,6 +25,7 @@ INT32_MAX = (1 << 31) - 1  # pdmesh's token ids and counts are int32, SGLang's u
 # the worker names request fields by pdmesh's wire; an SGLang client knows its own
 _SGLANG_FIELDS = {
     "token_ids": "tokenized.input_ids",
+    "sampling_params.ebnf": "sampling_params.ebnf_grammar",
     "disagg": "disaggregated_params",
     "disagg.bootstrap_address": "disaggregated_params.bootstrap_host",
 }
@@ -76,6 +77,13 @@ def sampling_params_from_pb(req: sgl.GenerateRequest) -> common_pb2.SamplingPara
         stop_token_ids=list(p.stop_token_ids),
         ignore_eos=p.ignore_eos,
     )
+    # SGLang's oneof and pdmesh's three fields have the same names but for ebnf_grammar
+    constraint = p.WhichOneof("constraint")
+    if constraint is not None:
+        name = "ebnf" if constraint == "ebnf_grammar" else constraint
+        setattr(out, name, getattr(p, constraint))
+    for token, bias in _logit_bias(p).items():
+        out.logit_bias[token] = bias
     # `stop` strings and skip_special_tokens are the gateway's detokenizer's business
     if req.return_logprob:
         out.logprobs = True
@@ -92,13 +100,11 @@ def _refuse_unsupported(req: sgl.GenerateRequest) -> None:
     p = req.sampling_params
     if p.n > 1:
         raise InvalidRequestError("sampling_params.n", "pdmesh workers generate one sample (n=1)")
-    constraint = p.WhichOneof("constraint")
-    if constraint is not None:
+    if p.WhichOneof("constraint") == "structural_tag":
         raise InvalidRequestError(
-            f"sampling_params.{constraint}", "constrained decoding is not supported"
+            "sampling_params.structural_tag",
+            "is not supported; use json_schema, regex or ebnf_grammar",
         )
-    if p.logit_bias:
-        raise InvalidRequestError("sampling_params.logit_bias", "is not supported")
     if req.HasField("mm_inputs") and req.mm_inputs.ByteSize():
         raise InvalidRequestError("mm_inputs", "multimodal inputs are not supported")
     if req.input_embeds:
@@ -107,6 +113,23 @@ def _refuse_unsupported(req: sgl.GenerateRequest) -> None:
         raise InvalidRequestError("lora_id", "LoRA adapters are not supported")
     if req.return_hidden_states:
         raise InvalidRequestError("return_hidden_states", "is not supported")
+
+
+def _logit_bias(p: sgl.SamplingParams) -> dict[int, float]:
+    """SGLang's logit_bias keys are token ids as strings (OpenAI's JSON shape); the engine
+    checks the ids against the vocabulary and the biases' range."""
+    out = {}
+    for key, bias in p.logit_bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            token = -1
+        if not 0 <= token <= INT32_MAX:
+            raise InvalidRequestError(
+                "sampling_params.logit_bias", f"key {key[:20]!r} is not a token id"
+            )
+        out[token] = bias
+    return out
 
 
 def _check_int32(req: sgl.GenerateRequest) -> None:

@@ -66,8 +66,12 @@ def test_negative_int32_rooms_map_alike_on_both_halves() -> None:
     [
         (lambda r: r.ClearField("tokenized"), "tokenized.input_ids"),
         (lambda r: setattr(r.sampling_params, "n", 2), "sampling_params.n"),
-        (lambda r: setattr(r.sampling_params, "regex", "a+"), "sampling_params.regex"),
-        (lambda r: r.sampling_params.logit_bias.update({"3": 1.0}), "sampling_params.logit_bias"),
+        # regex / json_schema / ebnf_grammar and logit_bias are mapped (test_sampling_constraints)
+        (
+            lambda r: setattr(r.sampling_params, "structural_tag", "{}"),
+            "sampling_params.structural_tag",
+        ),
+        (lambda r: r.sampling_params.logit_bias.update({"x": 1.0}), "sampling_params.logit_bias"),
         (lambda r: r.mm_inputs.image_urls.append("http://x/a.png"), "mm_inputs"),
         (lambda r: setattr(r, "lora_id", "a"), "lora_id"),
     ],
