@@ -71,8 +71,10 @@ class FastDetokenizer:
         no more ids will come, so held-back text is released too (it may still complete a stop
         string; an incomplete character decodes as U+FFFD)."""
         if self._stops is None:  # the common case, kept to the fewest Python steps
-            self.num_tokens += len(token_ids)
-            text = self._decode(token_ids)
+            count = len(token_ids)
+            self.num_tokens += count
+            # one token per engine step is what a stream carries: no loop, no join
+            text = self._decode_one(token_ids[0]) if count == 1 else self._decode(token_ids)
             if final:
                 text += self._flush()
             return StreamDelta(text, False, None, self.num_tokens)
@@ -96,6 +98,19 @@ class FastDetokenizer:
         self._held = held
         return "".join(parts)
 
+    def _decode_one(self, token_id: int) -> str:
+        """``_decode((token_id,))``, without its loop."""
+        held = self._held
+        try:
+            piece = self._step(self._backend, token_id)
+        except Exception:  # tokenizers raises a bare Exception for "Invalid prefix"
+            piece = self._to_window(held, token_id)
+        held.append(token_id)
+        if piece is None:
+            return ""
+        self._context, self._held = held, []  # the ids of emitted text: the next context
+        return piece
+
     def _feed_stops(self, stops: StopStringMatcher, token_ids: Sequence[int], final: bool) -> str:
         # one token at a time: num_tokens must end at the token that completes a stop string
         parts = []
@@ -103,7 +118,7 @@ class FastDetokenizer:
             if stops.matched is not None:
                 break
             self.num_tokens += 1
-            piece = self._decode((token_id,))
+            piece = self._decode_one(token_id)
             if piece:
                 parts.append(stops.feed(piece).text)
         if final and stops.matched is None:

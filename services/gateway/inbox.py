@@ -11,14 +11,27 @@ tokens come thus gets fewer, bigger SSE chunks, never a backlog of one-token mes
 Closing the inbox (the client went away, another choice failed, the answer is complete) stops
 every request still running through its ``cancel``; so does dropping it unclosed (Starlette can
 cancel a response before its body started), through a finalizer.
+
+Direct writes: a streamed chat or completions answer without logprobs (``write_directly``)
+lets the router side write a plain content entry — text only, not the last — as its SSE chunk
+itself, through the response's ASGI ``send``, whenever the HTTP task is parked waiting here
+with nothing pending (it would otherwise be woken for exactly that one chunk: one task wake-up,
+the generators above it, a ``Piece`` and the chunk's dict per token). The chunk's bytes are
+those the HTTP side would have sent (``direct_event`` is its own template), in the same order.
+``send`` returns without waiting unless the client's socket is full: then the rest of that send
+runs as a task, everything after it queues here as before (merged for the slow reader), and the
+HTTP side waits for that send before it writes anything. A failed send reaches the HTTP side
+as ``DirectSendFailed``, which the response turns back into the error itself.
 """
 
 from __future__ import annotations
 
 import asyncio
+import types
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator
+from typing import Any
 
 import grpc.aio
 
@@ -28,6 +41,19 @@ from services.gateway.generation import GenerationError, Piece
 
 _FINISH_ERROR = common_pb2.FINISH_REASON_ERROR
 _UNFINISHED = common_pb2.FINISH_REASON_UNSPECIFIED
+
+Send = Callable[[dict[str, Any]], Any]  # the response's ASGI send
+ContentEvent = Callable[[int, str], bytes]  # (choice index, text) -> the chunk's SSE bytes
+
+
+class DirectSendFailed(BaseException):
+    """A direct write's ``send`` raised ``error``. A BaseException, so the event generators
+    between the inbox and the response (which turn an ``Exception`` into an error event) let it
+    through; the response raises ``error`` itself, as a failed ``send`` of its own would."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(error)
+        self.error = error
 
 
 class Output:
@@ -78,11 +104,16 @@ class Output:
         if self.final:
             return
         self.received = True
-        if entry.finish_reason == _FINISH_ERROR:  # an in-band failure
+        reason = entry.finish_reason
+        if reason == _FINISH_ERROR:  # an in-band failure
             self.fail(GenerationError(entry.error if entry.HasField("error") else "failed"))
             return
-        if entry.finish_reason != _UNFINISHED:
+        if reason != _UNFINISHED:
             self._finalize(None)
+        elif not self._entries:
+            inbox = self._inbox()
+            if inbox is not None and inbox._send is not None and inbox._write(self.index, entry):
+                return
         self._entries.append(entry)
         self._notify()
 
@@ -157,6 +188,14 @@ class Inbox:
         self._ready: deque[Output] = deque()  # outputs with something to take, oldest first
         self._unfinished = len(self.outputs)
         self._waiter: asyncio.Future[None] | None = None
+        # the loop of the task that reads it, kept: asyncio.get_running_loop() costs a getpid()
+        # syscall (CPython's fork check), and the reader waits once per token
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # direct writes (see the module's doc): the response's send, once its body started
+        self._send: Send | None = None
+        self._event: ContentEvent | None = None  # how the HTTP side encodes a content chunk
+        self._busy: asyncio.Task[None] | None = None  # a direct send that had to wait
+        self._failed: BaseException | None = None  # a direct send that raised
         # an inbox dropped without aclose (a response cancelled before its body ran) still
         # stops its requests; it must not reference the inbox itself
         self._finalizer = weakref.finalize(self, _stop_all, self.outputs)
@@ -166,6 +205,8 @@ class Inbox:
 
     async def __anext__(self) -> Piece:
         while True:
+            if self._busy is not None or self._failed is not None:
+                await self._settle()  # a direct write's chunk comes before anything taken here
             if not self._ready:
                 if not self._unfinished:
                     raise StopAsyncIteration
@@ -200,7 +241,75 @@ class Inbox:
         self.close()
 
     def close(self) -> None:
+        self.stop_writing()
+        if self._busy is not None:
+            self._busy.cancel()
         self._finalizer()
+
+    def direct_event(self, event: ContentEvent) -> None:
+        """Content chunks may be written directly, encoded by ``event`` (the HTTP side's own
+        content template); only for answers whose content chunks carry nothing but text."""
+        self._event = event
+
+    def write_directly(self, send: Send) -> None:
+        """The response's body started: direct writes go through ``send`` (once
+        ``direct_event`` said how to encode them)."""
+        self._send = send
+
+    def stop_writing(self) -> None:
+        """No direct writes any more (the response is ending)."""
+        self._send = None
+
+    def _write(self, index: int, entry: router_pb2.RouterGenerateResponse) -> bool:
+        """Write ``entry`` (not a last one) of choice ``index`` as its chunk now, if the HTTP
+        side is parked here and the entry is plain content; False: queue it instead."""
+        waiter, send, event = self._waiter, self._send, self._event
+        if waiter is None or waiter.done() or self._busy is not None or self._failed is not None:
+            return False
+        if (
+            send is None
+            or event is None
+            or entry.logprobs
+            or entry.reasoning_text
+            or entry.tool_calls
+        ):
+            return False
+        text = entry.text
+        if not text:
+            return True  # no chunk: the HTTP side would send nothing for it either
+        body = event(index, text)
+        sending = send({"type": "http.response.body", "body": body, "more_body": True})
+        try:
+            blocked = sending.send(None)
+        except StopIteration:
+            return True  # sent (the usual case: written to the transport)
+        except BaseException as e:
+            self._failed = e
+            waiter.set_result(None)
+            return True
+        # it waits (the client's socket is full): the rest of this send runs as a task, which
+        # the HTTP side waits for; what comes meanwhile queues here, merged
+        loop = self._loop
+        assert loop is not None
+        self._busy = loop.create_task(_go_on(sending, blocked))
+        self._busy.add_done_callback(self._sent)
+        return True
+
+    def _sent(self, busy: asyncio.Task[None]) -> None:
+        # the HTTP side settles it (its error, if any) and then waits here again
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _settle(self) -> None:
+        busy = self._busy
+        if busy is not None:
+            await asyncio.wait((busy,))
+            self._busy = None
+            if not busy.cancelled() and busy.exception() is not None:
+                self._failed = busy.exception()
+        if self._failed is not None:
+            raise DirectSendFailed(self._failed)
 
     def _ready_output(self, output: Output) -> None:
         self._ready.append(output)
@@ -209,7 +318,10 @@ class Inbox:
             waiter.set_result(None)
 
     async def _wait(self) -> None:
-        self._waiter = asyncio.get_running_loop().create_future()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        self._waiter = loop.create_future()
         try:
             await self._waiter
         finally:
@@ -219,6 +331,27 @@ class Inbox:
         if not output.done:
             output.done = True
             self._unfinished -= 1
+
+
+async def _go_on(coro: Any, blocked: Any) -> None:
+    """Finish ``coro``, which ``send(None)`` started and which then yielded ``blocked``."""
+    await _resume(coro, blocked)
+
+
+@types.coroutine
+def _resume(coro: Any, blocked: Any) -> Generator[Any, Any, None]:
+    # hands on what the coroutine yields (the futures it waits for) to the task running this
+    # and passes back what the task sends or throws: as if the task had run it from the start
+    try:
+        while True:
+            try:
+                sent = yield blocked
+            except BaseException as e:
+                blocked = coro.throw(e)
+            else:
+                blocked = coro.send(sent)
+    except StopIteration:
+        return
 
 
 def _stop_all(outputs: list[Output]) -> None:

@@ -3,6 +3,7 @@ a socket its parent bound (``--workers``)."""
 
 from __future__ import annotations
 
+import gc
 import math
 import signal
 import socket
@@ -25,9 +26,11 @@ def run(
 ) -> int:
     """Serve until stopped; the exit code. ``sockets``: listen there instead of binding
     --host/--port; ``worker``: this process's index among --workers."""
+    app = create_app(config, mesh.discovery, mesh.tls, worker=worker)
+    freeze_startup_objects()
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(config, mesh.discovery, mesh.tls, worker=worker),
+            app,
             host=config.host,
             port=config.port,
             log_config=None,  # keep the one log format every pdmesh service uses
@@ -46,6 +49,16 @@ def run(
         print(f"error: cannot register with Consul: {e}", file=sys.stderr)
         return 1
     return 0 if server.started else 1
+
+
+def freeze_startup_objects() -> None:
+    """Move everything alive now (the ~80k objects of the imported modules and the app, which
+    live as long as the process) out of the garbage collector's reach: a full collection then
+    scans only what serving made. Under streaming load the per-chunk allocations trigger one
+    every few seconds, each ~50 ms of walking those objects on the 2-core machine (gc was ~7%
+    of the gateway's CPU at 64 streams, py-spy). Garbage found now is collected first."""
+    gc.collect()
+    gc.freeze()
 
 
 def _exit_cleanly(sig: int, frame: FrameType | None) -> None:

@@ -18,7 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from services.gateway.errors import APIError, as_api_error
 from services.gateway.generation import Piece, PieceStream
-from services.gateway.inbox import Inbox
+from services.gateway.inbox import DirectSendFailed, Inbox
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,24 @@ class _ClosingResponse(StreamingResponse):
         finally:
             await self._body.aclose()
             await self._pieces.aclose()
+
+    async def stream_response(self, send: Send) -> None:
+        """Starlette's, plus the inbox's direct writes (``inbox``'s doc) while the body
+        streams: chunks the router side wrote itself come back here only as their error."""
+        start = {"type": "http.response.start", "status": self.status_code}
+        await send({**start, "headers": self.raw_headers})
+        inbox = self._pieces if isinstance(self._pieces, Inbox) else None
+        if inbox is not None:
+            inbox.write_directly(send)
+        try:
+            async for chunk in self._body:  # bytes: ``encode`` made them
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except DirectSendFailed as e:
+            raise e.error from None
+        finally:
+            if inbox is not None:
+                inbox.stop_writing()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 async def peek(pieces: PieceStream) -> PieceStream:

@@ -21,6 +21,7 @@ from typing import Any
 from services.gateway import native_format, openai_format
 from services.gateway.chunk_templates import ChunkTemplates
 from services.gateway.generation import ChoiceResult, PieceStream, TokenLogprob, Usage, total_usage
+from services.gateway.inbox import Inbox
 from services.gateway.openai_format import ResponseMeta
 from services.gateway.sse import Events
 from services.gateway.token_text import TokenTexts
@@ -51,7 +52,7 @@ async def chat_events(
         delta = {"content": text}
         return openai_format.chat_chunk(meta, index, delta, include_usage=with_usage)
 
-    content = _content_events(content_chunk, encoded)
+    content = _content_events(content_chunk, encoded, pieces, opts.logprobs)
     async with contextlib.aclosing(pieces) as stream:
         for i in range(opts.num_choices):  # OpenAI opens each choice with the role
             delta = {"role": "assistant", "content": ""}
@@ -98,7 +99,7 @@ async def completion_events(
     def content_chunk(index: int, text: str) -> dict[str, Any]:
         return openai_format.completion_chunk(meta, index, text, include_usage=with_usage)
 
-    content = _content_events(content_chunk, encoded)
+    content = _content_events(content_chunk, encoded, pieces, opts.logprobs)
     async with contextlib.aclosing(pieces) as stream:
         async for piece in stream:
             offset = lengths[piece.index]
@@ -130,9 +131,18 @@ async def completion_events(
 ContentEvent = Callable[[int, str], dict[str, Any] | bytes]
 
 
-def _content_events(chunk: Callable[[int, str], dict[str, Any]], encoded: bool) -> ContentEvent:
-    """``chunk`` itself, or its events from templates (``encoded``)."""
-    return ChunkTemplates(chunk).event if encoded else chunk
+def _content_events(
+    chunk: Callable[[int, str], dict[str, Any]], encoded: bool, pieces: Pieces, logprobs: bool
+) -> ContentEvent:
+    """``chunk`` itself, or its events from templates (``encoded``). Encoded and without
+    logprobs (a content chunk is then its text and nothing else), an inbox may write content
+    chunks directly from the same templates (``inbox``'s doc)."""
+    if not encoded:
+        return chunk
+    event = ChunkTemplates(chunk).event
+    if not logprobs and isinstance(pieces, Inbox):
+        pieces.direct_event(event)
+    return event
 
 
 def _total(usages: Sequence[Usage], choices_per_prompt: int) -> Usage:

@@ -34,6 +34,8 @@ from pdmesh.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+_UNFINISHED = common_pb2.FINISH_REASON_UNSPECIFIED
+
 BidiCall: TypeAlias = (
     "grpc.aio.StreamStreamCall[worker_pb2.WorkerStreamRequest, worker_pb2.WorkerStreamResponse]"
 )
@@ -43,12 +45,19 @@ class StreamCall:
     """One request on a ``WorkerStream``: the parts of a Generate call the router uses."""
 
     def __init__(
-        self, stream: WorkerStream, request: worker_pb2.GenerateRequest, deadline: float
+        self,
+        stream: WorkerStream,
+        request: worker_pb2.GenerateRequest,
+        deadline: float,
+        loop: asyncio.AbstractEventLoop,
     ) -> None:
         self._stream = stream
         self.request = request
         self.request_id = request.request_id
         self.deadline = deadline  # loop time
+        # read() waits once per engine step: asyncio.get_running_loop() each time costs a
+        # getpid() syscall (CPython's fork check)
+        self._loop = loop
         self._fallback: grpc.aio.UnaryStreamCall | None = None  # the worker has no Stream
         self._outputs: collections.deque[worker_pb2.GenerateResponse] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
@@ -67,7 +76,7 @@ class StreamCall:
                 raise self._error
             if self._ended:
                 return grpc.aio.EOF
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = self._loop.create_future()
             try:
                 await self._waiter
             finally:
@@ -92,9 +101,10 @@ class StreamCall:
             self._finish(_status_error(output.status))
             return
         self._outputs.append(output)
-        if output.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+        if output.finish_reason != _UNFINISHED:
             self._finish(None)
-        self._wake()
+        else:
+            self._wake()  # (_finish wakes too)
 
     def fail(self, error: grpc.aio.AioRpcError) -> None:
         if not self._ended:
@@ -146,7 +156,7 @@ class WorkerStream:
             self._connect()
         timeout = max(timeout, 0.001)
         loop = asyncio.get_running_loop()
-        call = StreamCall(self, request, loop.time() + timeout)
+        call = StreamCall(self, request, loop.time() + timeout, loop)
         self._calls[request.request_id] = call
         call._timer = loop.call_later(timeout, call.expire)
         message = worker_pb2.WorkerStreamRequest(
