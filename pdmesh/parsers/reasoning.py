@@ -59,7 +59,9 @@ class ReasoningParser:
     def __init__(self, *, starts_in_reasoning: bool | None = None) -> None:
         """``starts_in_reasoning`` overrides the format's default (e.g. Qwen3-Thinking models,
         whose template opens ``<think>`` in the prompt, with the ``qwen3`` parser)."""
-        self._starts_in = self.starts_in_reasoning if starts_in_reasoning is None else starts_in_reasoning
+        self._starts_in = (
+            self.starts_in_reasoning if starts_in_reasoning is None else starts_in_reasoning
+        )
         self._state = _REASONING_START if self._starts_in else _BEFORE
         self._entered = self._starts_in  # was a reasoning block ever entered
         self._buf = ""  # held-back text (a possible tag prefix, or leading whitespace)

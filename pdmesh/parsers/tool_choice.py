@@ -26,7 +26,7 @@ from typing import Any, Literal
 from pdmesh.errors import InvalidRequestError
 from pdmesh.parsers.json_scan import JsonValueScanner, skip_ws
 from pdmesh.parsers.tool_calls.base import JsonSectionParser, SectionSyntax, ToolCallParser
-from pdmesh.parsers.tool_spec import ToolSpec, ToolsArg
+from pdmesh.parsers.tool_spec import ToolsArg, ToolSpec
 
 # the schema OpenAI assumes for a function declared without parameters
 _NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
@@ -68,13 +68,19 @@ def validate_tool_choice(
     if not isinstance(name, str) or not name:
         raise InvalidRequestError(f"{field_name}.function.name", "must be a non-empty string")
     if name not in {t.name for t in tools}:
-        raise InvalidRequestError(f"{field_name}.function.name", f"no tool named {name!r} in 'tools'")
+        raise InvalidRequestError(
+            f"{field_name}.function.name", f"no tool named {name!r} in 'tools'"
+        )
     return ToolChoice("function", name)
 
 
 def _parameters(tool: ToolSpec) -> dict[str, Any]:
     # a deep copy: the schema is handed to a grammar compiler and may be edited ($defs moved)
-    return copy.deepcopy(dict(tool.parameters)) if tool.parameters is not None else dict(_NO_PARAMETERS)
+    return (
+        copy.deepcopy(dict(tool.parameters))
+        if tool.parameters is not None
+        else dict(_NO_PARAMETERS)
+    )
 
 
 def required_tool_calls_schema(
@@ -89,13 +95,13 @@ def required_tool_calls_schema(
         params = _parameters(tool)
         # "#/$defs/X" inside a tool's parameters means the root of *its* schema; nested under
         # the array it would point nowhere, so the definitions move to the root (as vLLM does)
-        for name, schema in params.pop("$defs", {}).items():
-            if name in defs and defs[name] != schema:
+        for name, definition in params.pop("$defs", {}).items():
+            if name in defs and defs[name] != definition:
                 raise InvalidRequestError(
                     f"tools[{i}].function.parameters.$defs.{name}",
                     "differs from another tool's definition of the same name",
                 )
-            defs[name] = schema
+            defs[name] = definition
         items.append(
             {
                 "type": "object",
@@ -151,7 +157,11 @@ class RequiredToolCallsParser(JsonSectionParser):
 
     name = "tool_choice_required"
     syntax = SectionSyntax(
-        markers=(), open="[", separator=",", close="]", implicit_start=True,
+        markers=(),
+        open="[",
+        separator=",",
+        close="]",
+        implicit_start=True,
         args_keys=("parameters", "arguments"),
     )
 
@@ -174,7 +184,9 @@ class NamedToolCallParser(ToolCallParser):
     ) -> None:
         super().__init__(tools, hold_calls=hold_calls)
         if function_name not in self._names:
-            raise InvalidRequestError("tool_choice.function.name", f"no tool named {function_name!r}")
+            raise InvalidRequestError(
+                "tool_choice.function.name", f"no tool named {function_name!r}"
+            )
         self.function_name = function_name
         self._state = _START
         self._scanner = JsonValueScanner()

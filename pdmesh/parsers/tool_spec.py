@@ -38,12 +38,11 @@ def validate_tools(raw: object, field_name: str = "tools") -> list[ToolSpec]:
     seen: set[str] = set()
     for i, tool in enumerate(raw):
         where = f"{field_name}[{i}]"
-        if isinstance(tool, ToolSpec):
-            spec = tool
-        else:
-            spec = _tool_spec(tool, where)
+        spec = tool if isinstance(tool, ToolSpec) else _tool_spec(tool, where)
         if spec.name in seen:
-            raise InvalidRequestError(f"{where}.function.name", f"duplicate tool name {spec.name!r}")
+            raise InvalidRequestError(
+                f"{where}.function.name", f"duplicate tool name {spec.name!r}"
+            )
         seen.add(spec.name)
         specs.append(spec)
     return specs
@@ -72,7 +71,11 @@ def _tool_spec(tool: object, where: str) -> ToolSpec:
     strict = function.get("strict")
     if strict is not None and not isinstance(strict, bool):
         raise InvalidRequestError(f"{where}.function.strict", "must be a boolean")
-    extra = {k: v for k, v in function.items() if k not in ("name", "parameters", "description", "strict")}
+    extra = {
+        k: v
+        for k, v in function.items()
+        if k not in ("name", "parameters", "description", "strict")
+    }
     return ToolSpec(name, parameters, description, strict, extra)
 
 

@@ -54,7 +54,12 @@ CASES = [
     ("qwen3", "The tag x</think> is literal", None, "The tag x</think> is literal"),
     ("qwen3", "Say <think> then", None, "Say <think> then"),
     ("qwen3", "<think>never closed", "never closed", ""),
-    ("qwen3", "<think>call it<tool_call>\n{}\n</tool_call>", "call it", "<tool_call>\n{}\n</tool_call>"),
+    (
+        "qwen3",
+        "<think>call it<tool_call>\n{}\n</tool_call>",
+        "call it",
+        "<tool_call>\n{}\n</tool_call>",
+    ),
     ("qwen3", "<thin", None, "<thin"),
     ("qwen3", "", None, ""),
     ("qwen3", "   ", None, "   "),

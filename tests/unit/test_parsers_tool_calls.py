@@ -114,7 +114,12 @@ VALID = [
         [("get_weather", '{"q": "a </tool_call> \\"b\\" {[", "n": [1, {"x": null}]}')],
     ),
     ("qwen", '<tool_call>\n{"name": "get_time"}\n</tool_call>', "", [("get_time", "{}")]),
-    ("qwen25", "No tools needed: 2 < 3 and <b>bold</b>.", "No tools needed: 2 < 3 and <b>bold</b>.", []),
+    (
+        "qwen25",
+        "No tools needed: 2 < 3 and <b>bold</b>.",
+        "No tools needed: 2 < 3 and <b>bold</b>.",
+        [],
+    ),
     (
         "llama3",
         '{"name": "get_weather", "parameters": {"city": "Paris"}}',
@@ -206,7 +211,9 @@ def test_raw_openai_tools_are_accepted_and_validated() -> None:
 def test_broken_after_commit_non_streamed_is_content_streamed_keeps_what_was_sent() -> None:
     """Streaming sends a call once its name and arguments began; it cannot take that back.
     The rest of that block is dropped, not leaked as content."""
-    text = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"} oops}</tool_call>after'
+    text = (
+        '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"} oops}</tool_call>after'
+    )
     assert plain(tool_call_parser("qwen25", TOOLS).parse(text)) == (text, [])
     for pieces in chunkings(text):
         assert plain(assemble(stream("qwen25", pieces))) == (
@@ -221,7 +228,7 @@ def test_invalid_json_inside_the_arguments_is_content_when_not_streamed() -> Non
 
 
 def test_cut_off_call() -> None:
-    text = f'Hm.<tool_call>\n{{"name": "get_weather", "arguments": {{"city": "Par'
+    text = 'Hm.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par'
     assert plain(tool_call_parser("qwen25", TOOLS).parse(text)) == (text, [])
     for pieces in chunkings(text):
         events = stream("qwen25", pieces)
@@ -247,7 +254,7 @@ def test_arguments_stream_as_they_grow() -> None:
 
 def test_long_arguments_fed_one_character_at_a_time() -> None:
     # the scanner looks only at new characters, so this stays linear
-    value = "x\\\"{[" * 4000
+    value = 'x\\"{[' * 4000
     text = f'<tool_call>{{"name": "get_weather", "arguments": {{"city": "{value}"}}}}</tool_call>'
     events = stream("qwen25", list(text))
     assert plain(assemble(events)) == ("", [("get_weather", f'{{"city": "{value}"}}')])

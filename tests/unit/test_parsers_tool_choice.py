@@ -48,8 +48,14 @@ TOOLS = validate_tools([WEATHER, TIME])
         ([{"type": "function", "function": {"name": "bad name!"}}], "tools[0].function.name"),
         ([TIME, {"type": "function", "function": {}}], "tools[1].function.name"),
         ([TIME, TIME], "tools[1].function.name"),
-        ([{"type": "function", "function": {"name": "a", "parameters": []}}], "tools[0].function.parameters"),
-        ([{"type": "function", "function": {"name": "a", "strict": "yes"}}], "tools[0].function.strict"),
+        (
+            [{"type": "function", "function": {"name": "a", "parameters": []}}],
+            "tools[0].function.parameters",
+        ),
+        (
+            [{"type": "function", "function": {"name": "a", "strict": "yes"}}],
+            "tools[0].function.strict",
+        ),
     ],
 )
 def test_bad_tools_name_the_field(tools: object, field: str) -> None:
@@ -159,7 +165,11 @@ def test_required_parser(text: str, content: str, calls: list[tuple[str, str]]) 
 
 
 NAMED = [
-    (' {"city": "Paris", "when": "tomorrow"}', "", [("get_weather", '{"city": "Paris", "when": "tomorrow"}')]),
+    (
+        ' {"city": "Paris", "when": "tomorrow"}',
+        "",
+        [("get_weather", '{"city": "Paris", "when": "tomorrow"}')],
+    ),
     ('{"city": "a}\\"{"}', "", [("get_weather", '{"city": "a}\\"{"}')]),
     ("Paris", "Paris", []),
 ]

@@ -33,7 +33,7 @@ from pdmesh.parsers.tool_calls.events import (
     assemble,
     new_call_id,
 )
-from pdmesh.parsers.tool_spec import ToolSpec, ToolsArg, as_tool_specs
+from pdmesh.parsers.tool_spec import ToolsArg, ToolSpec, as_tool_specs
 
 
 class ToolCallParser:

@@ -71,7 +71,7 @@ class CallObjectParser:
             if state in (_KEY, _NAME):
                 i = self._read_string(text, i)
                 continue
-            if state == _ARGS or state == _SKIP:
+            if state in (_ARGS, _SKIP):
                 assert self._value is not None
                 start = i
                 end = self._value.push(text, i)

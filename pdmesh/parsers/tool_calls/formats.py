@@ -11,9 +11,7 @@ class Qwen25ToolCallParser(JsonSectionParser):
     text allowed around the blocks."""
 
     name = "qwen25"
-    syntax = SectionSyntax(
-        markers=("<tool_call>",), close="</tool_call>", resync="</tool_call>"
-    )
+    syntax = SectionSyntax(markers=("<tool_call>",), close="</tool_call>", resync="</tool_call>")
 
 
 class Llama3ToolCallParser(JsonSectionParser):
