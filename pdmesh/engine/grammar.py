@@ -25,6 +25,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import llguidance
 import torch
@@ -32,9 +33,23 @@ from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask_par
 
 from pdmesh.errors import InvalidRequestError
 
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions
+
 # SamplingParams fields that carry a grammar, and llguidance's format for each (SGLang's names;
 # "ebnf" is llama.cpp's GBNF or a Lark grammar, llguidance converts GBNF to Lark)
 GRAMMAR_KINDS = {"json_schema": "json_schema", "regex": "regex", "ebnf": "gbnf"}
+
+# JSON laid out as json.dumps does (`{"a": 1, "b": [2, 3]}`), not llguidance's default of any
+# whitespace anywhere: with that, small models wander into runs of spaces and newlines between
+# tokens (SmolLM2-135M, greedy: `{\n  "name"  \n  : "Alex"\n \n\n,...`), which costs tokens
+# and never helps a parser. A schema's "x-guidance" object overrides it (e.g.
+# {"whitespace_flexible": true}).
+JSON_LAYOUT: JsonCompileOptions = {
+    "whitespace_flexible": False,
+    "item_separator": ", ",
+    "key_separator": ": ",
+}
 
 # error messages without the parser state and grammar dump (the default): they reach clients
 _LIMITS = llguidance.LLParserLimits(verbose_errors=False)
@@ -123,7 +138,10 @@ def _compile(tokenizer: llguidance.LLTokenizer, kind: str, text: str) -> Compile
     if kind not in GRAMMAR_KINDS:
         raise ValueError(f"unknown grammar kind {kind!r}")
     try:
-        grammar = llguidance.grammar_from(GRAMMAR_KINDS[kind], text)  # type: ignore[arg-type]
+        if kind == "json_schema":
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(text, defaults=JSON_LAYOUT)
+        else:
+            grammar = llguidance.grammar_from(GRAMMAR_KINDS[kind], text)  # type: ignore[arg-type]
     except (ValueError, TypeError) as e:  # not JSON, GBNF that does not parse, ...
         return _Failure(_short(str(e)))
     # the matcher compiles the grammar (lexer, parser) against the tokenizer; it never
