@@ -85,7 +85,8 @@ class SamplingParams:
         _check(0 <= self.top_logprobs <= 20, "top_logprobs", "must be in [0, 20]")
         if self.seed is not None:
             _check(0 <= self.seed < 2**64, "seed", "must be in [0, 2^64)")
-        _check(self.resumed_output_tokens >= 0, "resumed_output_tokens", "must be >= 0")
+        if self.resumed_output_tokens < 0:  # a GenerateRequest field on the wire, not a param
+            raise InvalidRequestError("resumed_output_tokens", "must be >= 0")
         chosen = [name for name in CONSTRAINT_FIELDS if getattr(self, name) is not None]
         _check(
             len(chosen) <= 1,
