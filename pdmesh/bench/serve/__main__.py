@@ -19,6 +19,7 @@ import textwrap
 
 from pdmesh.bench.serve.backends import Backend, BackendError, make_backend
 from pdmesh.bench.serve.config import ServeBenchConfig
+from pdmesh.bench.serve.constrained import split_report
 from pdmesh.bench.serve.datasets import BenchRequest, build_dataset
 from pdmesh.bench.serve.metrics import SLO, summarize
 from pdmesh.bench.serve.report import DEFINITIONS, RunInfo, render_table, to_json, write_json
@@ -110,6 +111,8 @@ async def bench(cfg: ServeBenchConfig, backend: Backend, requests: list[BenchReq
     summary = summarize(run.results, run.duration_s, slo, run.max_in_flight)
     info = RunInfo(run_id, backend.target, backend.model, len(requests))
     print(render_table(cfg, info, summary, slo))
+    if cfg.json_schema_fraction:
+        print(split_report(run.results, run.duration_s, cfg.json_schema_fraction))
     if cfg.output_json:
         write_json(
             cfg.output_json,

@@ -94,6 +94,17 @@ class ServeBenchConfig:
         "JSON object merged into every request: the OpenAI body, or the SamplingParams over "
         "gRPC (e.g. '{\"top_p\": 0.9}')",
     )
+    json_schema_fraction: float = flag(
+        0.0,
+        "--backend grpc: this fraction of the requests (spread evenly by index) carries "
+        "sampling_params.json_schema = --json-schema; the report compares their output tok/s "
+        "and ITL with the free requests of the same run",
+    )
+    json_schema: str = flag(
+        "",
+        "the JSON schema of --json-schema-fraction's requests (JSON text); empty = a built-in "
+        "object with a title, 6 string tags and a score",
+    )
     # --- load
     request_rate: float = flag(
         math.inf,
@@ -160,6 +171,12 @@ class ServeBenchConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"--{_dash(name)}={value} must be > 0")
+        if not 0.0 <= self.json_schema_fraction <= 1.0:
+            raise ValueError(
+                f"--json-schema-fraction={self.json_schema_fraction} must be in [0, 1]"
+            )
+        if self.json_schema_fraction and self.backend != "grpc":
+            raise ValueError("--json-schema-fraction needs --backend grpc")
         if self.dataset == "sharegpt" and not self.dataset_path:
             raise ValueError("--dataset sharegpt needs --dataset-path FILE")
         if self.output_details and not self.output_json:

@@ -13,6 +13,7 @@ from google.protobuf import json_format
 
 from pdmesh.bench.serve.backends import CONNECT_TIMEOUT_S, Backend, BackendError
 from pdmesh.bench.serve.config import ServeBenchConfig
+from pdmesh.bench.serve.constrained import DEFAULT_SCHEMA, is_constrained
 from pdmesh.bench.serve.datasets import BenchRequest
 from pdmesh.bench.serve.timing import RequestResult, StreamClock
 from pdmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
@@ -31,6 +32,8 @@ class GrpcBackend(Backend):
         super().__init__(cfg)
         self.address = cfg.grpc_target
         self._sampling = self._base_sampling()  # fails on a bad --extra-request-body up front
+        self.json_schema_fraction = cfg.json_schema_fraction
+        self.json_schema = cfg.json_schema or DEFAULT_SCHEMA
         self._channel: grpc.aio.Channel | None = None
         self._stub: router_pb2_grpc.RouterServiceStub | None = None
 
@@ -70,6 +73,8 @@ class GrpcBackend(Backend):
         sp = common_pb2.SamplingParams()
         sp.CopyFrom(self._sampling)
         sp.max_new_tokens = req.output_len
+        if is_constrained(req.index, self.json_schema_fraction):
+            sp.json_schema = self.json_schema
         prompt = req.full_prompt()
         if isinstance(prompt, list):
             return router_pb2.RouterGenerateRequest(
