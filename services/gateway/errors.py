@@ -106,7 +106,7 @@ def from_validation_error(error: RequestValidationError) -> APIError:
     loc = list(first.get("loc", ()))
     if loc and loc[0] in _LOCATIONS:
         loc = loc[1:]
-    loc = [str(p) for p in loc if not _is_union_tag(p)]
+    loc = [p for p in loc if not _is_union_tag(p)]
     kind = first.get("type", "")
     if kind == "json_invalid":
         ctx = first.get("ctx") or {}
@@ -131,11 +131,12 @@ def _is_union_tag(part: object) -> bool:
     )
 
 
-def _dotted(loc: list[str]) -> str:
-    # ["messages", "0", "role"] → "messages[0].role"
+def _dotted(loc: list[object]) -> str:
+    # ["messages", 0, "role"] → "messages[0].role"; a dict key stays a key even when it is
+    # digits (["logit_bias", "5"] → "logit_bias.5"): pydantic gives list indices as ints
     out = ""
     for part in loc:
-        out += f"[{part}]" if part.isdigit() else (f".{part}" if out else part)
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
 
 
