@@ -178,7 +178,10 @@ class AsyncEngine:
         compiling.add_done_callback(lambda f: self._compiled(request_id, start, f))
 
     def _compiled(
-        self, request_id: str, start: Callable[[], RequestOutput | None], future: asyncio.Future[object]
+        self,
+        request_id: str,
+        start: Callable[[], RequestOutput | None],
+        future: asyncio.Future[object],
     ) -> None:
         # on the loop: a bad grammar fails the sink; a good one starts the request unless it
         # was detached meanwhile (its abort ran before the request existed)

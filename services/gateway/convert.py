@@ -305,7 +305,7 @@ def piece_from_pb(index: int, pb: router_pb2.RouterGenerateResponse) -> Piece:
         pb.matched_stop if finished and pb.HasField("matched_stop") else None,
         _usage(pb.usage) if finished else None,
         pb.reasoning_text,
-        tuple([_tool_call(c) for c in pb.tool_calls]) if pb.tool_calls else (),
+        _merged_tool_calls((pb,)) if pb.tool_calls else (),
     )
 
 

@@ -60,6 +60,9 @@ async def chat_events(
         async for piece in stream:
             if piece.usage is not None:
                 usages[piece.index] = piece.usage
+            if piece.reasoning:  # before the content it precedes
+                delta = {"reasoning_content": piece.reasoning}
+                yield openai_format.chat_chunk(meta, piece.index, delta, include_usage=with_usage)
             if (piece.text or piece.logprobs) and not opts.logprobs:
                 yield content(piece.index, piece.text)
             elif piece.text or piece.logprobs:
@@ -70,6 +73,11 @@ async def chat_events(
                     {"content": piece.text},
                     logprobs=openai_format.chat_logprobs(piece.logprobs, known),
                     include_usage=with_usage,
+                )
+            if piece.tool_calls:  # after the content before them
+                calls = [openai_format.tool_call_delta(c) for c in piece.tool_calls]
+                yield openai_format.chat_chunk(
+                    meta, piece.index, {"tool_calls": calls}, include_usage=with_usage
                 )
             if piece.finish_reason is not None:
                 yield openai_format.chat_chunk(

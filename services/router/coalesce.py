@@ -58,6 +58,10 @@ def merge(
         into.CopyFrom(later)  # a failure ends the request: what came before is moot
         return
     into.text += later.text
+    if later.reasoning_text:
+        into.reasoning_text += later.reasoning_text
+    if later.tool_calls:
+        into.tool_calls.extend(later.tool_calls)  # deltas in order; readers join per index
     into.token_ids.extend(later.token_ids)
     into.logprobs.extend(later.logprobs)
     into.worker_id = later.worker_id

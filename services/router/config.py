@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pdmesh.config import flag
+from pdmesh.parsers.reasoning import REASONING_PARSERS
+from pdmesh.parsers.tool_calls import TOOL_CALL_PARSERS
 from pdmesh.routing import (
     POLICIES,
     CacheAwareConfig,
@@ -63,6 +65,20 @@ class RouterServiceConfig:
         "127.0.0.1:50052",
         "host:port of the tokenizer service (python -m services.tokenizer); ignored with "
         "--discovery consul, which uses every tokenizer in the catalog",
+    )
+    tool_call_parser: str = flag(
+        "",
+        "how the served model writes tool calls, SGLang's names: "
+        f"{', '.join(sorted(TOOL_CALL_PARSERS))} (qwen25/hermes: <tool_call> JSON; llama3: JSON "
+        "objects; mistral: [TOOL_CALLS]); chat requests with tools and tool_choice auto (the "
+        "default) need one and get their calls parsed out of the text here. Empty: such "
+        "requests are refused (tool_choice required or a named function works without it: "
+        "constrained decoding writes the calls)",
+    )
+    reasoning_parser: str = flag(
+        "",
+        "split a reasoning model's <think> block into reasoning_content: "
+        f"{', '.join(sorted(REASONING_PARSERS))} (SGLang's names); empty: the text as written",
     )
     policy: str = flag("round_robin", f"routing policy: {', '.join(POLICIES)}")
     prefill_policy: str = flag(
@@ -189,6 +205,16 @@ class RouterServiceConfig:
             raise ValueError("--host must not be empty")
         if not self.tokenizer:
             raise ValueError("--tokenizer must name the tokenizer service's host:port")
+        if self.tool_call_parser and self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(
+                f"--tool-call-parser {self.tool_call_parser!r} is not one of "
+                f"{', '.join(sorted(TOOL_CALL_PARSERS))}"
+            )
+        if self.reasoning_parser and self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(
+                f"--reasoning-parser {self.reasoning_parser!r} is not one of "
+                f"{', '.join(sorted(REASONING_PARSERS))}"
+            )
         for name in ("prefill_policy", "decode_policy"):
             value = getattr(self, name)
             if value and value not in POLICIES:

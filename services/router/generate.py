@@ -50,6 +50,7 @@ from pdmesh.tokenizer.stop_strings import MAX_STOP_CHARS
 from pdmesh.v1 import common_pb2, router_pb2, worker_pb2
 from services.router import disagg
 from services.router.ids_only import TokenIdsOnly, wants_ids_only
+from services.router.output_parsing import OutputParsers, OutputShaper, output_shaper
 from services.router.tokenizer_client import Detokenizer, TokenizerClient
 from services.router.upstream import OutgoingCalls, UpstreamError
 from services.router.workers import GENERATING_ROLES, GenerationCall, WorkerHandle, WorkerSet
@@ -76,6 +77,7 @@ class Generation:
     loads: LoadTracker = field(default_factory=LoadTracker)
     rng: random.Random = field(default_factory=random.Random)  # backoff jitter
     metrics: RouterMetrics = field(default_factory=RouterMetrics)
+    parsers: OutputParsers = field(default_factory=OutputParsers)
 
     def forget_worker(self, worker: WorkerHandle) -> None:
         """``worker`` left the set: drop its tree entries, breaker and load."""
@@ -96,6 +98,8 @@ class Generation:
         request_id = request.request_id or uuid.uuid4().hex
         params = request.sampling_params
         _check_stop_strings(params.stop)
+        # before the worker request copies the params: a tool choice may set their grammar
+        shaper = output_shaper(request, self.parsers)
         with span(TOKENIZE, chat=request.WhichOneof("input") == "chat"):
             prompt = await self.tokenizer.prompt_ids(request, timeout)
             set_attributes(prompt_tokens=len(prompt))
@@ -133,7 +137,8 @@ class Generation:
         try:
             while True:
                 try:
-                    async for out in self._stream(detok, call, worker, reply, len(prompt), sent):
+                    stream = self._stream(detok, call, worker, reply, len(prompt), sent, shaper)
+                    async for out in stream:
                         yield out
                     self.breakers.record_success(worker.id)
                     calls.forget(call)  # its last message is in: let it end, never cancel it
@@ -320,19 +325,27 @@ class Generation:
         reply: worker_pb2.GenerateResponse,
         num_prompt_tokens: int,
         sent: list[int],
+        shaper: OutputShaper | None = None,
     ) -> AsyncIterator[router_pb2.RouterGenerateResponse]:
         """Pass ``call``'s tokens on; ``sent``: the completion tokens already passed on (by
-        earlier workers, when the request migrated), extended with each message's."""
+        earlier workers, when the request migrated), extended with each message's;
+        ``shaper``: the request's reasoning / tool-call parsing, which rewrites each message."""
         num_before = len(sent)  # completion tokens earlier workers produced
         while True:
             final = reply.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
             delta = detok.push(reply.token_ids, final)
             if delta.stopped:
                 call.cancel()
-                yield _stopped(delta, reply, worker, len(sent), num_prompt_tokens)
+                out = _stopped(delta, reply, worker, len(sent), num_prompt_tokens)
+                if shaper is not None:
+                    shaper.shape(out, final=True)
+                yield out
                 detok.close()
                 return
-            yield _passed_on(delta, reply, worker, num_prompt_tokens, num_before)
+            out = _passed_on(delta, reply, worker, num_prompt_tokens, num_before)
+            if shaper is not None:
+                shaper.shape(out, final)
+            yield out
             if final:
                 # after the client has its last message. Traced: read both streams' ends, so
                 # their client spans end with the request. Untraced, the worker call's status

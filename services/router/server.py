@@ -47,6 +47,7 @@ from services.router.client_stream import ClientStream
 from services.router.coalesce import Coalescer
 from services.router.config import RouterServiceConfig
 from services.router.generate import Generation
+from services.router.output_parsing import OutputParsers
 from services.router.tokenizer_client import TokenizerClient
 from services.router.upstream import OutgoingCalls, UpstreamError
 from services.router.workers import WorkerSet
@@ -245,6 +246,7 @@ async def serve(config: RouterServiceConfig, mesh: MeshOptions | None = None) ->
         retry=config.retry_config(),
         breakers=CircuitBreakers(config.breaker_config()),
         metrics=router_metrics,
+        parsers=OutputParsers(config.tool_call_parser, config.reasoning_parser),
     )
     workers.on_remove.append(generation.forget_worker)
     admission = Admission(config.admission_config())
