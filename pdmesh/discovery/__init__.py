@@ -34,7 +34,9 @@ from pdmesh.discovery.lifecycle import (
 from pdmesh.discovery.model import (
     GATEWAY,
     META_BOOTSTRAP_PORT,
+    META_IB_DEVICE,
     META_KV_BACKEND,
+    META_KV_PROTOCOL,
     META_METRICS_PORT,
     META_MIGRATION_LIMIT,
     META_MODEL,
@@ -55,7 +57,9 @@ from pdmesh.discovery.static import StaticDiscovery, endpoints_from_addresses
 __all__ = [
     "GATEWAY",
     "META_BOOTSTRAP_PORT",
+    "META_IB_DEVICE",
     "META_KV_BACKEND",
+    "META_KV_PROTOCOL",
     "META_METRICS_PORT",
     "META_MIGRATION_LIMIT",
     "META_MODEL",

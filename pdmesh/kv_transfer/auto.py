@@ -20,6 +20,7 @@ from pdmesh.engine.outputs import KVLayout
 from pdmesh.kv_transfer.base import DEFAULT_TIMEOUT_S, KVReceiver, KVSender
 from pdmesh.kv_transfer.errors import KVTransferError
 from pdmesh.kv_transfer.handle import ReceiverHandle, TransferStats
+from pdmesh.kv_transfer.mooncake_transport import DEFAULT_PROTOCOL
 from pdmesh.kv_transfer.registry import get_backend
 
 BACKEND = "auto"
@@ -30,6 +31,10 @@ T = TypeVar("T")
 def _candidates(kv_cache: torch.Tensor) -> list[str]:
     """The backends to open on this cache, fastest first."""
     return (["cuda_ipc"] if kv_cache.is_cuda else []) + ["mooncake"]
+
+
+def _mooncake_options(name: str, protocol: str, device_name: str) -> dict[str, str]:
+    return {"protocol": protocol, "device_name": device_name} if name == "mooncake" else {}
 
 
 def _open_each(kv_cache: torch.Tensor, side: str, open_one: Callable[[str], T]) -> dict[str, T]:
@@ -55,9 +60,20 @@ class AutoReceiver(KVReceiver):
         self._receivers = receivers
 
     @classmethod
-    def open(cls, kv_cache: torch.Tensor, layout: KVLayout, host: str) -> AutoReceiver:
+    def open(
+        cls,
+        kv_cache: torch.Tensor,
+        layout: KVLayout,
+        host: str,
+        *,
+        protocol: str = DEFAULT_PROTOCOL,
+        device_name: str = "",
+    ) -> AutoReceiver:
+        """``protocol`` and ``device_name`` go to the mooncake receiver."""
+
         def one(name: str) -> KVReceiver:
-            return get_backend(name).receiver.open(kv_cache, layout, host)
+            options = _mooncake_options(name, protocol, device_name)
+            return get_backend(name).receiver.open(kv_cache, layout, host, **options)
 
         return cls(list(_open_each(kv_cache, "receiver", one).values()))
 
@@ -82,11 +98,23 @@ class AutoSender(KVSender):
     ) -> None:
         super().__init__(kv_cache, layout)
         self._senders = senders
+        self.transport = next((s.transport for s in senders.values() if s.transport), "")
 
     @classmethod
-    def open(cls, kv_cache: torch.Tensor, layout: KVLayout, host: str) -> AutoSender:
+    def open(
+        cls,
+        kv_cache: torch.Tensor,
+        layout: KVLayout,
+        host: str,
+        *,
+        protocol: str = DEFAULT_PROTOCOL,
+        device_name: str = "",
+    ) -> AutoSender:
+        """``protocol`` and ``device_name`` go to the mooncake sender."""
+
         def one(name: str) -> KVSender:
-            return get_backend(name).sender.open(kv_cache, layout, host)
+            options = _mooncake_options(name, protocol, device_name)
+            return get_backend(name).sender.open(kv_cache, layout, host, **options)
 
         return cls(kv_cache, layout, _open_each(kv_cache, "sender", one))
 

@@ -53,6 +53,11 @@ class KVReceiver(ABC):
         the prefill takes the first its sender can use)."""
         return [self.handle]
 
+    @property
+    def transport(self) -> str:
+        """The mooncake transport writes come in over ("tcp", "rdma"); "" for other backends."""
+        return next((h.transport for h in self.handles if h.transport), "")
+
     @abstractmethod
     def close(self) -> None:
         """Stop accepting writes and release the memory registration. Idempotent."""
@@ -62,6 +67,8 @@ class KVSender(ABC):
     """The prefill side: pushes pages of its own KV cache into receivers' caches."""
 
     backend: ClassVar[str]
+    # the mooncake transport this sender's engine runs ("tcp", "rdma"); "" for other backends
+    transport: str = ""
 
     def __init__(self, kv_cache: torch.Tensor, layout: KVLayout) -> None:
         self.kv_cache = kv_cache

@@ -24,6 +24,7 @@ def handle_to_pb(handle: ReceiverHandle) -> kv_transfer_pb2.KVReceiverHandle:
         device=layout.device,
         order=layout.order,
         backend_data=handle.extra,
+        transport=handle.transport,
     )
 
 
@@ -40,4 +41,6 @@ def handle_from_pb(pb: kv_transfer_pb2.KVReceiverHandle) -> ReceiverHandle:
         device=pb.device,
         order=pb.order,
     )
-    return ReceiverHandle(pb.backend, pb.address, pb.receiver_id, layout, pb.backend_data)
+    return ReceiverHandle(
+        pb.backend, pb.address, pb.receiver_id, layout, pb.backend_data, pb.transport
+    )

@@ -26,6 +26,8 @@ class ReceiverHandle:
     layout: KVLayout
     # what only this backend needs (cuda_ipc: the shared memory handle, JSON)
     extra: bytes = b""
+    # mooncake: the transport its engine runs, "tcp" or "rdma" ("" means tcp: older peers)
+    transport: str = ""
 
     @property
     def base_ptr(self) -> int:

@@ -6,8 +6,11 @@ sender's too, since Mooncake only moves bytes between registered regions. A writ
 coalesced blocks and waits for them on a thread under the write's deadline (``MooncakeSender``
 says where each step runs, and why it does not use ``batch_transfer_sync_write`` by default).
 
-Protocol ``tcp`` (the default) works anywhere, DRAM to DRAM; ``rdma`` needs NICs and falls back
-to tcp inside Mooncake when none are found. On CUDA hosts with a CUDA build of Mooncake the KV
+The protocol is ``mooncake_transport``'s choice (``--kv-transfer-protocol auto`` by default:
+rdma where the kernel lists RDMA devices, tcp elsewhere); ``rdma`` with no device found falls
+back to tcp inside Mooncake, which is detected from Mooncake's topology and logged, and every
+handle carries the transport its engine really runs (a sender refuses a receiver on the other).
+``tcp`` works anywhere, DRAM to DRAM. On CUDA hosts with a CUDA build of Mooncake the KV
 cache's device pointer is registered as it is: Mooncake looks the pointer up itself
 (``cudaPointerGetAttributes``), so rdma writes GPU to GPU (GPUDirect) and tcp stages through
 host memory. That path is not exercised on the CPU-only machines the tests run on.
@@ -16,6 +19,7 @@ host memory. That path is not exercised on the CPU-only machines the tests run o
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 import uuid
@@ -29,7 +33,16 @@ from pdmesh.engine.outputs import KVLayout
 from pdmesh.kv_transfer.base import DEFAULT_TIMEOUT_S, KVReceiver, KVSender
 from pdmesh.kv_transfer.errors import KVTransferError
 from pdmesh.kv_transfer.handle import ReceiverHandle, TransferStats, check_cache
+from pdmesh.kv_transfer.mooncake_transport import (
+    DEFAULT_PROTOCOL,
+    RDMA,
+    effective_transport,
+    pair_refusal,
+    plan_transport,
+)
 from pdmesh.kv_transfer.mooncake_waiter import TIMED_OUT, TransferWaiter
+
+log = logging.getLogger(__name__)
 
 # Read by Mooncake when an engine starts; an operator's own setting wins (setdefault).
 ENV_DEFAULTS = {
@@ -93,6 +106,26 @@ def start_engine(host: str, protocol: str, device_name: str) -> Any:
     return engine
 
 
+def open_engine(host: str, protocol: str, ib_device: str, side: str) -> tuple[Any, str]:
+    """A started engine for ``--kv-transfer-protocol`` ``protocol`` and
+    ``--disaggregation-ib-device`` ``ib_device``, and the transport it runs ("tcp" or "rdma");
+    one log line says which and why (a warning when rdma was asked for and Mooncake fell back)."""
+    plan = plan_transport(protocol, ib_device)
+    engine = start_engine(host, plan.protocol, plan.device_name)
+    topology = ""
+    if plan.protocol == RDMA:
+        try:
+            topology = str(engine.get_local_topology(plan.device_name))
+        except Exception as e:  # an older binding: cannot tell, trust the request
+            topology = f"<{e}>"
+    transport, reason = effective_transport(plan, topology)
+    if plan.requested == RDMA and transport != RDMA:
+        log.warning("mooncake KV %s on %s: transport %s (%s)", side, host, transport, reason)
+    else:
+        log.info("mooncake KV %s on %s: transport %s (%s)", side, host, transport, reason)
+    return engine, transport
+
+
 def register(engine: Any, kv_cache: torch.Tensor, host: str) -> None:
     # GPU tensors too: see the module docstring
     rc = engine.register_memory(kv_cache.data_ptr(), kv_cache.nbytes)
@@ -118,15 +151,17 @@ class MooncakeReceiver(KVReceiver):
         layout: KVLayout,
         host: str,
         *,
-        protocol: str = "tcp",
+        protocol: str = DEFAULT_PROTOCOL,
         device_name: str = "",
     ) -> MooncakeReceiver:
-        """``host`` must be an address the prefill workers reach (not 0.0.0.0)."""
+        """``host`` must be an address the prefill workers reach (not 0.0.0.0); ``protocol``:
+        auto, rdma or tcp; ``device_name``: RDMA devices, comma-separated ("" = any)."""
         check_cache(kv_cache, layout)
-        engine = start_engine(host, protocol, device_name)
+        engine, transport = open_engine(host, protocol, device_name, "receiver")
         register(engine, kv_cache, host)
         session = f"{host}:{engine.get_rpc_port()}"
-        return cls(kv_cache, engine, ReceiverHandle("mooncake", session, uuid.uuid4().hex, layout))
+        handle = ReceiverHandle("mooncake", session, uuid.uuid4().hex, layout, transport=transport)
+        return cls(kv_cache, engine, handle)
 
     @property
     def handle(self) -> ReceiverHandle:
@@ -173,8 +208,10 @@ class MooncakeSender(KVSender):
         max_workers: int,
         wait: str,
         split: int = 1,
+        transport: str = "tcp",
     ) -> None:
         super().__init__(kv_cache, layout)
+        self.transport = transport
         self.split = max(1, split)
         if wait not in ("poll", "sync"):
             raise ValueError(f"wait={wait!r}; choose 'poll' or 'sync'")
@@ -195,17 +232,20 @@ class MooncakeSender(KVSender):
         layout: KVLayout,
         host: str,
         *,
-        protocol: str = "tcp",
+        protocol: str = DEFAULT_PROTOCOL,
         device_name: str = "",
         max_workers: int = 4,
         wait: str = "poll",
         split: int = 0,
     ) -> MooncakeSender:
         check_cache(kv_cache, layout)
-        engine = start_engine(host, protocol, device_name)
+        engine, transport = open_engine(host, protocol, device_name, "sender")
         register(engine, kv_cache, host)
         split = split or int(os.environ.get(ENV_SPLIT, DEFAULT_SPLIT))
-        return cls(kv_cache, layout, engine, max_workers, wait, split)
+        return cls(kv_cache, layout, engine, max_workers, wait, split, transport)
+
+    def refusal(self, dest: ReceiverHandle) -> str | None:
+        return super().refusal(dest) or pair_refusal(dest.transport, self.transport)
 
     async def write(
         self,

@@ -67,7 +67,12 @@ class PrefillPeer:
                 except grpc.aio.AioRpcError as e:
                     raise self._error("registration", e) from e
                 self.instance_id = reply.instance_id
-                log.info("registered with prefill %s (instance %s)", self.address, self.instance_id)
+                log.info(
+                    "registered with prefill %s (instance %s), KV over %s",
+                    self.address,
+                    self.instance_id,
+                    reply.transport or "an unnamed transport (an older prefill)",
+                )
             return self.instance_id
 
     def forget(self) -> None:

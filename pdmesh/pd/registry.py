@@ -18,8 +18,15 @@ from pdmesh.engine.outputs import KVLayout
 from pdmesh.errors import FailedPreconditionError, RequestNotFoundError
 from pdmesh.kv_transfer import ReceiverHandle
 from pdmesh.kv_transfer.base import backend_mismatch
+from pdmesh.kv_transfer.mooncake_transport import describe
 
 log = logging.getLogger(__name__)
+
+
+def transport_of(handle: ReceiverHandle) -> str:
+    """``mooncake tcp`` / ``mooncake rdma`` / ``cuda_ipc`` / ``grpc``: how writes reach it."""
+    transport = handle.transport or ("tcp" if handle.backend == "mooncake" else "")
+    return describe(handle.backend, transport)
 
 
 @dataclass(frozen=True)
@@ -79,12 +86,18 @@ class DecodeRegistry:
             )
         if peer.decode_id not in self._peers:
             log.info(
-                "decode %s registered (id %s), KV over %s",
+                "decode %s registered (id %s), KV over %s to %s",
                 peer.address,
                 peer.decode_id,
-                peer.receiver.backend,
+                transport_of(peer.receiver),
+                peer.receiver.address,
             )
         self._peers[peer.decode_id] = peer
+
+    def transport(self, decode_id: str) -> str:
+        """How KV goes to a registered decode ("mooncake tcp", "cuda_ipc", ...); "" unknown."""
+        peer = self._peers.get(decode_id)
+        return transport_of(peer.receiver) if peer is not None else ""
 
     def get(self, decode_id: str) -> DecodePeer:
         """Raises ``RequestNotFoundError`` (NOT_FOUND) for an unknown id: the decode must

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from pdmesh.config import flag
 from pdmesh.kv_transfer import DEFAULT_BACKEND, backend_names
+from pdmesh.kv_transfer.mooncake_transport import DEFAULT_PROTOCOL, PROTOCOLS
 from pdmesh.rpc.server import LOG_LEVELS
 
 DEFAULT_PORT = 50053
@@ -69,6 +70,22 @@ class WorkerServiceConfig:
         "are unsent (its last ones at once), as SGLang's --stream-interval; 1 = every step. "
         "Larger values cost fewer messages per token and coarser streaming",
     )
+    kv_transfer_protocol: str = flag(
+        DEFAULT_PROTOCOL,
+        "--mode decode: transport of this decode's Mooncake engine (--kv-transfer-backend mooncake or auto): "
+        "'rdma', 'tcp', or 'auto' (rdma where the kernel lists an RDMA device in "
+        "/sys/class/infiniband, all of --disaggregation-ib-device's when it names some; else "
+        "tcp). Where Mooncake finds no usable RDMA device it falls back to tcp, which the log "
+        "and the Consul meta kv_protocol report; a prefill and a decode pair up only on the same "
+        "transport",
+        env="PDMESH_KV_TRANSFER_PROTOCOL",
+    )
+    disaggregation_ib_device: str = flag(
+        "",
+        "--mode decode: RDMA devices Mooncake may use, comma-separated (SGLang's flag), e.g. mlx5_0 or "
+        "mlx5_0,mlx5_1: the NICs next to this worker's GPU; empty: every device Mooncake finds",
+        env="PDMESH_DISAGGREGATION_IB_DEVICE",
+    )
     log_level: str = flag("info", f"log verbosity: {', '.join(LOG_LEVELS)}")
     grace_period: float = flag(
         30.0,
@@ -97,6 +114,11 @@ class WorkerServiceConfig:
             raise ValueError(
                 f"--host={self.host} is a wildcard: set --kv-transfer-host to the address "
                 "prefill workers reach this worker at"
+            )
+        if self.kv_transfer_protocol not in PROTOCOLS:
+            raise ValueError(
+                f"--kv-transfer-protocol={self.kv_transfer_protocol!r}; choose "
+                f"{', '.join(PROTOCOLS)}"
             )
         if self.log_level.lower() not in LOG_LEVELS:
             raise ValueError(f"--log-level={self.log_level!r}; choose {', '.join(LOG_LEVELS)}")

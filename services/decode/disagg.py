@@ -16,6 +16,7 @@ import uuid
 from pdmesh.engine import AsyncEngine
 from pdmesh.kv_transfer import KVReceiver, get_backend
 from pdmesh.kv_transfer.grpc_backend import GrpcReceiver
+from pdmesh.kv_transfer.mooncake_transport import MOONCAKE_BACKENDS, describe
 from pdmesh.pd import wire
 from pdmesh.pd.decode import DisaggDecoder
 from pdmesh.pd.heartbeat import HeartbeatMonitor
@@ -59,7 +60,7 @@ class DecodeSide:
         log.info(
             "decode side ready: KV receiver %s (%s), decode id %s",
             handles[0].address,
-            ", ".join(h.backend for h in handles),
+            ", ".join(describe(h.backend, h.transport) for h in handles),
             self.decode_id,
         )
 
@@ -90,7 +91,13 @@ def open_decode_side(
         grpc_receiver.add_to_server(rpc.server)
         receiver = grpc_receiver
     else:
-        receiver = backend.receiver.open(llm.runner.kv_cache, layout, host)
+        options = {}
+        if backend.name in MOONCAKE_BACKENDS:
+            options = {
+                "protocol": config.kv_transfer_protocol,
+                "device_name": config.disaggregation_ib_device,
+            }
+        receiver = backend.receiver.open(llm.runner.kv_cache, layout, host, **options)
     peers = PrefillPeers(REGISTER_TIMEOUT_S, tls)
     monitor = HeartbeatMonitor(
         peers.ping,

@@ -21,7 +21,9 @@ from typing import cast
 import grpc.aio
 
 from pdmesh.discovery import (
+    META_IB_DEVICE,
     META_KV_BACKEND,
+    META_KV_PROTOCOL,
     META_MODEL,
     META_PAGE_SIZE,
     TAG_AGG,
@@ -198,6 +200,8 @@ async def serve(
         META_MODEL: model_info.model_name,
         META_PAGE_SIZE: model_info.page_size,
         META_KV_BACKEND: config.kv_transfer_backend if config.mode == "decode" else None,
+        META_KV_PROTOCOL: decode_side.receiver.transport if decode_side is not None else None,
+        META_IB_DEVICE: config.disaggregation_ib_device if decode_side is not None else None,
         **observed.meta(),
     }
     registration = registration_for(

@@ -27,7 +27,8 @@ class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServiceServicer):
         self, request: bootstrap_pb2.RegisterDecodeRequest, context: grpc.aio.ServicerContext
     ) -> bootstrap_pb2.RegisterDecodeResponse:
         instance_id = self._bootstrap.register(wire.registration_from_pb(request))
-        return bootstrap_pb2.RegisterDecodeResponse(instance_id=instance_id)
+        transport = self._bootstrap.decodes.transport(request.decode_id)
+        return bootstrap_pb2.RegisterDecodeResponse(instance_id=instance_id, transport=transport)
 
     async def Transfer(
         self, request: bootstrap_pb2.TransferRequest, context: grpc.aio.ServicerContext

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from pdmesh.config import flag
 from pdmesh.kv_transfer import DEFAULT_BACKEND, backend_names
+from pdmesh.kv_transfer.mooncake_transport import DEFAULT_PROTOCOL, PROTOCOLS
 from pdmesh.rpc.server import LOG_LEVELS
 
 DEFAULT_PORT = 50054
@@ -53,6 +54,22 @@ class PrefillServiceConfig:
         "address of this host for the KV transfer engine (the mooncake session host); empty = "
         "--host, which must then not be a wildcard",
     )
+    kv_transfer_protocol: str = flag(
+        DEFAULT_PROTOCOL,
+        "transport of this prefill's Mooncake engine (--kv-transfer-backend mooncake or auto): "
+        "'rdma', 'tcp', or 'auto' (rdma where the kernel lists an RDMA device in "
+        "/sys/class/infiniband, all of --disaggregation-ib-device's when it names some; else "
+        "tcp). Where Mooncake finds no usable RDMA device it falls back to tcp, which the log "
+        "and the Consul meta kv_protocol report; a prefill and a decode pair up only on the same "
+        "transport",
+        env="PDMESH_KV_TRANSFER_PROTOCOL",
+    )
+    disaggregation_ib_device: str = flag(
+        "",
+        "RDMA devices Mooncake may use, comma-separated (SGLang's flag), e.g. mlx5_0 or "
+        "mlx5_0,mlx5_1: the NICs next to this worker's GPU; empty: every device Mooncake finds",
+        env="PDMESH_DISAGGREGATION_IB_DEVICE",
+    )
     log_level: str = flag("info", f"log verbosity: {', '.join(LOG_LEVELS)}")
     grace_period: float = flag(
         30.0,
@@ -85,6 +102,11 @@ class PrefillServiceConfig:
         if (self.kv_transfer_host or self.host) in WILDCARDS:
             raise ValueError(
                 f"--host={self.host} is a wildcard: set --kv-transfer-host to this host's address"
+            )
+        if self.kv_transfer_protocol not in PROTOCOLS:
+            raise ValueError(
+                f"--kv-transfer-protocol={self.kv_transfer_protocol!r}; choose "
+                f"{', '.join(PROTOCOLS)}"
             )
         if self.log_level.lower() not in LOG_LEVELS:
             raise ValueError(f"--log-level={self.log_level!r}; choose {', '.join(LOG_LEVELS)}")

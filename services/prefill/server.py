@@ -15,7 +15,9 @@ import grpc.aio
 
 from pdmesh.discovery import (
     META_BOOTSTRAP_PORT,
+    META_IB_DEVICE,
     META_KV_BACKEND,
+    META_KV_PROTOCOL,
     META_MODEL,
     META_PAGE_SIZE,
     PREFILL,
@@ -27,6 +29,7 @@ from pdmesh.discovery import (
 from pdmesh.engine import AsyncEngine, InvalidRequestError, LLMEngine
 from pdmesh.errors import AbortedError
 from pdmesh.kv_transfer import get_backend
+from pdmesh.kv_transfer.mooncake_transport import MOONCAKE_BACKENDS, describe
 from pdmesh.pd.bootstrap import Bootstrap
 from pdmesh.pd.budget import OptimisticBudget
 from pdmesh.pd.prefill import PrefillRunner
@@ -118,7 +121,11 @@ async def serve(
     host = config.kv_transfer_host or config.host
     # the grpc backend dials decode workers' ports, which serve TLS when the mesh does
     # (mooncake's and cuda_ipc's transports have no TLS: see docs/architecture.md, Security)
-    options = {"tls": mesh.tls} if backend.name == "grpc" else {}
+    options: dict[str, object] = {"tls": mesh.tls} if backend.name == "grpc" else {}
+    if backend.name in MOONCAKE_BACKENDS:
+        options.update(
+            protocol=config.kv_transfer_protocol, device_name=config.disaggregation_ib_device
+        )
     sender = backend.sender.open(engine.runner.kv_cache, layout, host, **options)
     rooms = RoomTable(config.bootstrap_timeout)
     bootstrap = Bootstrap(rooms, DecodeRegistry(layout, sender.refusal))
@@ -151,7 +158,7 @@ async def serve(
         log.info(
             "%s (prefill, %s KV transfer) listening on %s:%d",
             SERVICE_NAME,
-            backend.name,
+            describe(backend.name, sender.transport),
             config.host,
             bound,
         )
@@ -159,6 +166,8 @@ async def serve(
             META_MODEL: model_info.model_name,
             META_PAGE_SIZE: model_info.page_size,
             META_KV_BACKEND: backend.name,
+            META_KV_PROTOCOL: sender.transport,
+            META_IB_DEVICE: config.disaggregation_ib_device if sender.transport else None,
             META_BOOTSTRAP_PORT: bootstrap_port,
             **observed.meta(),
         }
