@@ -10,7 +10,7 @@ FUZZ_EXAMPLES ?= 10000
 CHAOS ?= full
 SOAK_SECONDS ?= 300
 
-.PHONY: install protos run run-disagg test test-gpu lint typecheck model bench bench-kv bench-router fuzz chaos soak trace-ui clean help
+.PHONY: install protos run run-disagg test test-gpu test-multihost lint typecheck model bench bench-kv bench-router fuzz chaos soak trace-ui clean help
 
 help:
 	@echo "make install    create $(VENV) and install pdmesh with its dev tools"
@@ -19,6 +19,9 @@ help:
 	@echo "make run-disagg tokenizer + prefill + decode + router + gateway (PD; RUN_ARGS=...)"
 	@echo "make test       install if needed, then run the test suite (GPU tests skip without a GPU)"
 	@echo "make test-gpu   run only the GPU-marked tests"
+	@echo "make test-multihost the mesh across network-namespace hosts with host faults (root;"
+	@echo "                skipped with the reason where ip netns is not allowed); the default"
+	@echo "                suite runs a short share (python -m pdmesh.testbed: the bed alone)"
 	@echo "make lint       ruff"
 	@echo "make typecheck  mypy"
 	@echo "make model      fetch and convert the default model into the cache dir"
@@ -71,6 +74,11 @@ test: install
 
 test-gpu: install
 	$(PY) -m pytest -q -m gpu $(PYTEST_ARGS)
+
+# tests/multihost on pdmesh.testbed's three namespace hosts, the host faults included
+# (PDMESH_MULTIHOST=full); -rs names the reason when they skip (not root, no ip netns)
+test-multihost: install
+	PDMESH_MULTIHOST=full $(PY) -m pytest -q -s -rs -o timeout=1200 tests/multihost $(PYTEST_ARGS)
 
 lint: install
 	$(PY) -m ruff check pdmesh services tests

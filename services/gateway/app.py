@@ -45,6 +45,7 @@ from services.gateway.generation import GenerationError
 from services.gateway.middleware import REQUEST_ID_HEADER, GatewayMiddleware
 from services.gateway.routes import router
 from services.gateway.state import Gateway
+from services.gateway.tokenization import tokenization
 
 # FastAPI >= 0.16x traces and meters requests by itself once an OTel provider is installed:
 # a second HTTP span per request (beside TracingMiddleware's) and spans for dependency
@@ -137,6 +138,7 @@ def create_app(
     app.add_exception_handler(Exception, errors.internal_error_handler)
     app.include_router(router)
     app.include_router(admin)
+    app.include_router(tokenization)
     # a route, not a mount (which would redirect /metrics to /metrics/)
     app.add_route("/metrics", metrics.endpoint, include_in_schema=False)
     guarded: ASGIApp = GatewayMiddleware(

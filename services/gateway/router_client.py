@@ -19,6 +19,7 @@ import contextvars
 import itertools
 import logging
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -37,6 +38,8 @@ LOOKUP_TIMEOUT_S = 2.0  # health checks and ListWorkers: an answer or a quick "n
 # AddWorker answers after the router's first health check of the new worker (--rpc-timeout,
 # 10 s by default, per check call)
 ADMIN_TIMEOUT_S = 30.0
+# /tokenize and /detokenize: a tokenizer call (and a model-info look-up) at the router
+UNARY_TIMEOUT_S = 30.0
 
 
 class RouterClient:
@@ -162,6 +165,38 @@ class RouterClient:
                 if worker.model_name and worker.model_name not in names:
                     names.append(worker.model_name)
         return names
+
+    async def tokenize(
+        self, request: router_pb2.RouterTokenizeRequest
+    ) -> router_pb2.RouterTokenizeResponse:
+        """``/tokenize`` on the next router (round-robin; an UNAVAILABLE one passes it on)."""
+        reply: router_pb2.RouterTokenizeResponse = await self._unary("Tokenize", request)
+        return reply
+
+    async def detokenize(
+        self, request: router_pb2.RouterDetokenizeRequest
+    ) -> router_pb2.RouterDetokenizeResponse:
+        """``/detokenize`` on the next router, as ``tokenize``."""
+        reply: router_pb2.RouterDetokenizeResponse = await self._unary("Detokenize", request)
+        return reply
+
+    async def _unary(self, method: str, request: Any) -> Any:
+        """One unary call, deadline ``min(timeout, UNARY_TIMEOUT_S)``, on the routers in turn
+        from the next one round-robin until one is not UNAVAILABLE."""
+        links = list(self._links.values())
+        if not links:
+            raise router_errors.no_router()
+        first = next(self._turn)
+        timeout = min(self.timeout, UNARY_TIMEOUT_S)
+        for attempt in range(len(links)):
+            link = links[(first + attempt) % len(links)]
+            try:
+                return await getattr(link.stub, method)(request, timeout=timeout)
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE or attempt + 1 == len(links):
+                    raise
+                log.warning("router %s unavailable: %s", link.address, e.details())
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def add_worker(self, address: str, role: router_pb2.WorkerRole) -> router_pb2.Worker:
         """Add the worker on every router; the first router's view of it."""

@@ -48,6 +48,7 @@ from services.router.coalesce import Coalescer
 from services.router.config import RouterServiceConfig
 from services.router.generate import Generation
 from services.router.output_parsing import OutputParsers
+from services.router.tokenization import Tokenization
 from services.router.tokenizer_client import TokenizerClient
 from services.router.upstream import OutgoingCalls, UpstreamError
 from services.router.workers import WorkerSet
@@ -75,6 +76,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self._metrics = metrics
         self._stats = generation.metrics
         self._sessions: Sessions[ClientStream] = Sessions()
+        self._tokenization = Tokenization(generation.tokenizer, generation.workers)
 
     async def Generate(
         self, request: router_pb2.RouterGenerateRequest, context: grpc.aio.ServicerContext
@@ -208,6 +210,28 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         else:
             found = self._workers.remove(address=request.address)
         return router_pb2.RemoveWorkerResponse(found=found)
+
+    async def Tokenize(
+        self, request: router_pb2.RouterTokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.RouterTokenizeResponse:
+        try:
+            return await self._tokenization.tokenize(request, self._time_left(context))
+        except UpstreamError as e:
+            await e.abort(context)
+
+    async def Detokenize(
+        self, request: router_pb2.RouterDetokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.RouterDetokenizeResponse:
+        try:
+            return await self._tokenization.detokenize(request, self._time_left(context))
+        except UpstreamError as e:
+            await e.abort(context)
+
+    def _time_left(self, context: grpc.aio.ServicerContext) -> float:
+        """The client's deadline, capped by --request-timeout-secs (each upstream call is also
+        capped by --rpc-timeout)."""
+        remaining = context.time_remaining()
+        return self._request_timeout if remaining is None else min(remaining, self._request_timeout)
 
 
 async def serve(config: RouterServiceConfig, mesh: MeshOptions | None = None) -> None:

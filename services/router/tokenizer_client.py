@@ -29,7 +29,7 @@ from pdmesh.rpc.tls import PLAINTEXT, TLSConfig
 from pdmesh.telemetry import client_interceptors
 from pdmesh.tokenizer import StreamDelta
 from pdmesh.tokenizer.fast_detokenizer import FastDetokenizer
-from pdmesh.v1 import router_pb2, tokenizer_pb2, tokenizer_pb2_grpc
+from pdmesh.v1 import common_pb2, router_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 from services.router.upstream import OutgoingCalls, UpstreamError, calling
 
 log = logging.getLogger(__name__)
@@ -210,6 +210,53 @@ class TokenizerClient:
         if not ids:
             raise InvalidRequestError(kind, "the prompt must not be empty")
         return ids
+
+    async def tokenize(self, text: str, add_special_tokens: bool, timeout: float) -> list[int]:
+        """``text`` as token ids (the tokenizer service's Tokenize); ``timeout`` caps the call
+        (the client's remaining deadline), as do ``rpc_timeout``."""
+        tokenizer = self._pick()
+        with self._calling(tokenizer):
+            reply = await tokenizer.stub.Tokenize(
+                tokenizer_pb2.TokenizeRequest(text=text, add_special_tokens=add_special_tokens),
+                timeout=min(timeout, self._rpc_timeout),
+            )
+        return list(reply.token_ids)
+
+    async def render_chat(
+        self, chat: common_pb2.ChatRequest, timeout: float
+    ) -> tokenizer_pb2.ApplyChatTemplateResponse:
+        """``chat`` rendered with the model's chat template, and that text's token ids (no
+        special tokens added: the template placed them), as a chat generation's prompt."""
+        tokenizer = self._pick()
+        with self._calling(tokenizer):
+            rendered: tokenizer_pb2.ApplyChatTemplateResponse = (
+                await tokenizer.stub.ApplyChatTemplate(
+                    tokenizer_pb2.ApplyChatTemplateRequest(chat=chat),
+                    timeout=min(timeout, self._rpc_timeout),
+                )
+            )
+        return rendered
+
+    async def detokenize(
+        self, token_ids: Sequence[int], skip_special_tokens: bool | None, timeout: float
+    ) -> str:
+        """``token_ids`` as text (the tokenizer service's Detokenize, which refuses ids outside
+        the vocabulary with INVALID_ARGUMENT naming ``token_ids``)."""
+        request = tokenizer_pb2.DetokenizeRequest(token_ids=token_ids)
+        if skip_special_tokens is not None:
+            request.skip_special_tokens = skip_special_tokens
+        tokenizer = self._pick()
+        with self._calling(tokenizer):
+            reply = await tokenizer.stub.Detokenize(
+                request, timeout=min(timeout, self._rpc_timeout)
+            )
+        return reply.text
+
+    async def token_strings(self, token_ids: Sequence[int], timeout: float) -> list[str]:
+        """Each id's string in the vocabulary (transformers' ``convert_ids_to_tokens``), from
+        the tokenizer this router detokenizes with (fetched within ``timeout`` if not yet)."""
+        backend = (self._local or await self.local_tokenizer_within(timeout)).backend
+        return [backend.id_to_token(t) or "" for t in token_ids]
 
     async def open_detokenizer(
         self,
