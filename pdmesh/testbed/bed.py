@@ -12,8 +12,8 @@ Hosts (``netns.Network``: addresses only inside the namespaces, torn down on any
 | host | address | runs |
 | --- | --- | --- |
 | a | 10.77.0.1 | Consul server, tokenizer, router-a, gateway |
-| b | 10.77.0.2 | Consul client agent, prefill (bootstrap :8998) |
-| c | 10.77.0.3 | Consul client agent, decode, router-c |
+| b | 10.77.0.2 | Consul client agent, prefill (bootstrap :8998); with ``pairs`` a decode too |
+| c | 10.77.0.3 | Consul client agent, decode, router-c; with ``pairs`` a prefill too |
 
 Each host's Consul agent binds its gossip address (10.77.1.x) and joins A's server with
 ``retry_join`` (real serf gossip); its HTTP API listens on the host's own loopback, where that
@@ -175,6 +175,9 @@ class BedConfig:
     decode_protocol: str = "rdma"  # --kv-transfer-protocol of the decode (falls back here)
     ib_device: str = "mlx5_0"  # its --disaggregation-ib-device
     consul: str = "consul"
+    # a prefill and a decode on each of B and C (the host faults need a pair to survive one
+    # host); False: B's prefill and C's decode only (the default suite's short bed)
+    pairs: bool = False
     extra_args: dict[str, list[str]] = field(default_factory=dict)  # by service name
 
 
@@ -211,10 +214,18 @@ class MultiHostBed:
             "--disaggregation-ib-device", c.ib_device,
         ]  # fmt: skip
         gateway = [*grace, "--request-timeout", str(c.deadline_s)]
-        return [
-            ("tokenizer", "tokenizer", "a", "services.tokenizer", 50051, grace),
+        workers = [
             ("prefill", "prefill-b", "b", "services.prefill", 50054, prefill),
             ("decode", "decode-c", "c", "services.decode", 50053, decode),
+        ]
+        if c.pairs:
+            workers += [
+                ("decode", "decode-b", "b", "services.decode", 50053, decode),
+                ("prefill", "prefill-c", "c", "services.prefill", 50054, prefill),
+            ]
+        return [
+            ("tokenizer", "tokenizer", "a", "services.tokenizer", 50051, grace),
+            *workers,
             ("router", "router-a", "a", "services.router", 50052, router),
             ("router", "router-c", "c", "services.router", 50052, router),
             ("gateway", "gateway", "a", "services.gateway", 8080, gateway),
