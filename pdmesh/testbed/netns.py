@@ -20,7 +20,7 @@ runs side by side never collide; a run that died without tearing down (SIGKILL) 
 namespaces whose pid is gone, and the next ``Network`` removes them (``reap_stale``) first.
 Teardown kills whatever still runs inside a host, then deletes every namespace; it runs on
 leaving the ``with`` block, on ``close()``, at interpreter exit, and on SIGTERM (turned into
-``SystemExit`` while a network is open, so ``finally`` blocks run).
+``KeyboardInterrupt`` while a network is open, so ``finally`` blocks run; pytest stops after its teardowns).
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def reap_stale() -> list[str]:
 
 
 class _SigtermGuard:
-    """While any ``Network`` is open (in the main thread): SIGTERM raises ``SystemExit(143)``
+    """While any ``Network`` is open (in the main thread): SIGTERM raises ``KeyboardInterrupt``
     so the ``finally`` blocks that tear networks down run; the old handler is put back after."""
 
     _lock = threading.Lock()
@@ -161,7 +161,9 @@ class _SigtermGuard:
 
     @staticmethod
     def _handler(signum: int, frame: FrameType | None) -> None:
-        raise SystemExit(128 + signum)
+        # KeyboardInterrupt, not SystemExit: pytest then stops the session after running
+        # every fixture's teardown (a SystemExit would fail one test and go on)
+        raise KeyboardInterrupt(f"signal {signum}: tearing the network namespaces down")
 
 
 class Network:
