@@ -33,6 +33,13 @@ log = logging.getLogger("pdmesh.launcher")
 MODES = ("agg", "disagg")
 # pdmesh.kv_transfer's backend names (not imported here: it loads torch)
 KV_BACKENDS = ("auto", "mooncake", "grpc", "cuda_ipc")
+DEFAULT_MODEL = "smollm2-135m-instruct"
+# what "auto" picks for the default model: its own template ignores tools, so the built-in
+# one adds them in the Hermes <tool_call> form, which qwen25 parses (other models: their own
+# template and no parser unless given)
+DEFAULT_MODEL_CHAT_TEMPLATE = "smollm2-tools"
+DEFAULT_MODEL_TOOL_CALL_PARSER = "qwen25"
+AUTO = "auto"
 
 
 @dataclass(frozen=True)
@@ -43,7 +50,7 @@ class LauncherConfig:
         "one decode worker (the router sends each prompt's prefill to the first and streams "
         "from the second)",
     )
-    model: str = flag("smollm2-135m-instruct", "model spec served by the workers and tokenizer")
+    model: str = flag(DEFAULT_MODEL, "model spec served by the workers and tokenizer")
     host: str = flag("127.0.0.1", "address every service binds to (loopback by default)")
     gateway_port: int = flag(8000, "HTTP port of the OpenAI-compatible gateway")
     router_port: int = flag(
@@ -68,6 +75,19 @@ class LauncherConfig:
         "auto",
         f"disagg: how KV moves from prefill to decode: {', '.join(KV_BACKENDS)} (auto: cuda_ipc "
         "between GPUs of one host, else mooncake)",
+    )
+    chat_template: str = flag(
+        AUTO,
+        "the tokenizer's --chat-template (a Jinja file or built-in name; empty: the model's "
+        f"own); auto: {DEFAULT_MODEL_CHAT_TEMPLATE} for {DEFAULT_MODEL}, else the model's own",
+    )
+    tool_call_parser: str = flag(
+        AUTO,
+        "the routers' --tool-call-parser (tool_choice auto); empty: none; auto: "
+        f"{DEFAULT_MODEL_TOOL_CALL_PARSER} for {DEFAULT_MODEL}, else none",
+    )
+    reasoning_parser: str = flag(
+        "", "the routers' --reasoning-parser (deepseek-r1, qwen3); empty: none"
     )
     startup_timeout: float = flag(600.0, "seconds to wait for every service to become healthy")
     grace_period: float = flag(10.0, "seconds each service may drain on shutdown before SIGKILL")
@@ -95,7 +115,7 @@ class Child:
 def main(argv: list[str] | None = None) -> int:
     cfg, tls, worker_extra = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s launcher %(message)s")
-    if cfg.model == "smollm2-135m-instruct":
+    if cfg.model == DEFAULT_MODEL:
         from pdmesh.models.fetch import ensure_default_model
 
         ensure_default_model()  # once here, with a progress bar, before two services want it
@@ -169,7 +189,8 @@ def plan(
     model = ["--model", cfg.model]
     tokenizer: Service = (
         "tokenizer", "services.tokenizer",
-        [*common, "--port", str(cfg.tokenizer_port), *model], f"grpc://{tok}",
+        [*common, "--port", str(cfg.tokenizer_port), *model, *template_flags(cfg)],
+        f"grpc://{tok}",
     )  # fmt: skip
     if cfg.mode == "agg":
         workers: list[Service] = [
@@ -191,7 +212,8 @@ def plan(
     ports = router_ports(cfg)
     routers: list[Service] = [
         (f"router-{i}" if len(ports) > 1 else "router", "services.router",
-         [*common, "--port", str(port), *routing, "--tokenizer", tok], f"grpc://{h}:{port}")
+         [*common, "--port", str(port), *routing, "--tokenizer", tok, *parser_flags(cfg)],
+         f"grpc://{h}:{port}")
         for i, port in enumerate(ports)
     ]  # fmt: skip
     routers_csv = ",".join(f"{h}:{port}" for port in ports)
@@ -203,6 +225,23 @@ def plan(
         routers,
         [("gateway", "services.gateway", gateway, f"http://{h}:{cfg.gateway_port}/health")],
     ]  # fmt: skip
+
+
+def template_flags(cfg: LauncherConfig) -> list[str]:
+    """The tokenizer's --chat-template, with auto resolved."""
+    spec = cfg.chat_template
+    if spec == AUTO:
+        spec = DEFAULT_MODEL_CHAT_TEMPLATE if cfg.model == DEFAULT_MODEL else ""
+    return ["--chat-template", spec] if spec else []
+
+
+def parser_flags(cfg: LauncherConfig) -> list[str]:
+    """The routers' --tool-call-parser and --reasoning-parser, with auto resolved."""
+    tools = cfg.tool_call_parser
+    if tools == AUTO:
+        tools = DEFAULT_MODEL_TOOL_CALL_PARSER if cfg.model == DEFAULT_MODEL else ""
+    flags = ["--tool-call-parser", tools] if tools else []
+    return flags + (["--reasoning-parser", cfg.reasoning_parser] if cfg.reasoning_parser else [])
 
 
 def router_ports(cfg: LauncherConfig) -> list[int]:

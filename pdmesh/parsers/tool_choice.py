@@ -76,11 +76,40 @@ def validate_tool_choice(
 
 def _parameters(tool: ToolSpec) -> dict[str, Any]:
     # a deep copy: the schema is handed to a grammar compiler and may be edited ($defs moved)
-    return (
+    params = (
         copy.deepcopy(dict(tool.parameters))
         if tool.parameters is not None
         else dict(_NO_PARAMETERS)
     )
+    return _closed(params)
+
+
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMAS = ("items", "additionalProperties", "not", "if", "then", "else")
+
+
+def _closed(schema: Any) -> Any:
+    """``schema`` with every object that declares ``properties`` but says nothing of
+    ``additionalProperties`` closed (false), in place. JSON Schema leaves such objects open,
+    and a grammar that allows any extra key lets a small model keep inventing keys until
+    max_tokens; the calls it still allows are the ones the function declares, all valid
+    against the original schema (OpenAI's strict mode requires the same)."""
+    if not isinstance(schema, dict):
+        return schema
+    if isinstance(schema.get("properties"), dict) and "additionalProperties" not in schema:
+        schema["additionalProperties"] = False
+    for key in _SUBSCHEMA_MAPS:  # name -> schema
+        if isinstance(schema.get(key), dict):
+            for sub in schema[key].values():
+                _closed(sub)
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(schema.get(key), list):
+            for sub in schema[key]:
+                _closed(sub)
+    for key in _SUBSCHEMAS:
+        _closed(schema.get(key))
+    return schema
 
 
 def required_tool_calls_schema(

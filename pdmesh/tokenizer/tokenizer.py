@@ -60,8 +60,11 @@ class Tokenizer:
         self.eos_token_ids = tuple(dict.fromkeys(t for t in eos if t is not None))
 
     @classmethod
-    def from_dir(cls, path: Path, name: str | None = None) -> Tokenizer:
-        """Load from a Hugging Face model directory (needs ``tokenizer.json``)."""
+    def from_dir(
+        cls, path: Path, name: str | None = None, chat_template: str | None = None
+    ) -> Tokenizer:
+        """Load from a Hugging Face model directory (needs ``tokenizer.json``);
+        ``chat_template``: template source used instead of the directory's (all of them)."""
         if not (path / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{path} has no tokenizer.json (only fast tokenizers load)")
         config = _read_json(path / "tokenizer_config.json")
@@ -74,7 +77,11 @@ class Tokenizer:
             tokenizers.Tokenizer.from_file(str(path / "tokenizer.json")),
             name or path.name,
             special_tokens=special,
-            chat_templates=_load_chat_templates(path, config),
+            chat_templates=(
+                {DEFAULT_TEMPLATE: chat_template}
+                if chat_template is not None
+                else _load_chat_templates(path, config)
+            ),
             extra_eos_token_ids=_config_eos_ids(path),
         )
         log.info("tokenizer %s: vocab %d, eos %s", tok.name, tok.vocab_size, tok.eos_token_ids)

@@ -101,12 +101,14 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> APIError:
 
 
 def from_validation_error(error: RequestValidationError) -> APIError:
-    """The first problem pydantic found, with ``param`` as a dotted path into the body."""
-    first = error.errors()[0] if error.errors() else {}
-    loc = list(first.get("loc", ()))
-    if loc and loc[0] in _LOCATIONS:
-        loc = loc[1:]
-    loc = [p for p in loc if not _is_union_tag(p)]
+    """The first problem pydantic found, with ``param`` as a dotted path into the body: of the
+    first field's problems, the deepest (a union like ``str | list[Item]`` reports "not a
+    string" first, while the client sent a list whose item is wrong)."""
+    found = [(e, _body_loc(e)) for e in error.errors()]
+    first, loc = found[0] if found else ({}, [])
+    if loc:
+        same_field = [(e, p) for e, p in found if p[:1] == loc[:1]]
+        first, loc = max(same_field, key=lambda f: len(f[1]))  # max keeps the first of ties
     kind = first.get("type", "")
     if kind == "json_invalid":
         ctx = first.get("ctx") or {}
@@ -121,6 +123,13 @@ def from_validation_error(error: RequestValidationError) -> APIError:
 
 
 _LOCATIONS = ("body", "query")  # pydantic's first loc part says where the field was
+
+
+def _body_loc(error: Any) -> list[Any]:
+    loc = list(error.get("loc", ()))
+    if loc and loc[0] in _LOCATIONS:
+        loc = loc[1:]
+    return [p for p in loc if not _is_union_tag(p)]
 
 
 def _is_union_tag(part: object) -> bool:
@@ -172,7 +181,41 @@ async def router_error_handler(request: Request, exc: Exception) -> JSONResponse
     """AioRpcError / GenerationError escaping a handler (before any response was sent)."""
     error = as_api_error(exc)
     assert error is not None
-    return error.response()
+    return in_body_terms(error, request.url.path).response()
+
+
+# The router and workers name the proto field (``sampling_params.json_schema``); a client of
+# the OpenAI routes should see the field of its own body. SGLang's /generate keeps the names:
+# its body has ``sampling_params``.
+_OPENAI_RENAMES = {"json_schema": "response_format", "max_new_tokens": "max_tokens"}
+_BODY_NAMES: dict[str, dict[str, str]] = {
+    "/v1/chat/completions": _OPENAI_RENAMES,
+    "/v1/completions": _OPENAI_RENAMES,
+    "/v1/responses": {
+        **_OPENAI_RENAMES,
+        "json_schema": "text.format",
+        "max_new_tokens": "max_output_tokens",
+    },
+}
+_WIRE_PREFIX = "sampling_params."
+_TOOLS_WIRE = "chat.tools_json"
+
+
+def in_body_terms(error: APIError, path: str) -> APIError:
+    """``error`` with a wire field name turned into the name the request body at ``path``
+    used (the message keeps both: it starts with the wire name)."""
+    renames = _BODY_NAMES.get(path)
+    param = error.param
+    if renames is None or not param:
+        return error
+    if param.startswith(_TOOLS_WIRE):  # the chat's tools travel as JSON text
+        param = "tools" + param[len(_TOOLS_WIRE) :]
+    elif param.startswith(_WIRE_PREFIX):
+        field, _, rest = param[len(_WIRE_PREFIX) :].partition(".")
+        param = renames.get(field, field) + (f".{rest}" if rest else "")
+    else:
+        return error
+    return APIError(error.status, error.message, param=param, code=error.code)
 
 
 async def internal_error_handler(request: Request, exc: Exception) -> JSONResponse:

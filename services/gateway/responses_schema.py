@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Discriminator, Field, Tag
 
 from services.gateway.openai_schema import (
     MAX_TOP_LOGPROBS,
@@ -75,9 +75,28 @@ class ReasoningItem(RequestModel):
     status: str | None = None
 
 
+# the union's tags are class names: pydantic puts the tag into an error's loc, and the
+# gateway's error paths leave capitalized parts out (errors._is_union_tag)
+_ITEM_TAGS = {
+    "message": "MessageItem",
+    "function_call": "FunctionCallItem",
+    "function_call_output": "FunctionCallOutputItem",
+    "reasoning": "ReasoningItem",
+}
+
+
+def _item_tag(item: Any) -> str | None:
+    # an "easy" input message ({"role", "content"}, what the Agents SDK sends) has no type
+    kind = item.get("type", "message") if isinstance(item, dict) else getattr(item, "type", None)
+    return _ITEM_TAGS.get(kind) if isinstance(kind, str) else None
+
+
 InputItem = Annotated[
-    MessageItem | FunctionCallItem | FunctionCallOutputItem | ReasoningItem,
-    Field(discriminator="type"),
+    Annotated[MessageItem, Tag("MessageItem")]
+    | Annotated[FunctionCallItem, Tag("FunctionCallItem")]
+    | Annotated[FunctionCallOutputItem, Tag("FunctionCallOutputItem")]
+    | Annotated[ReasoningItem, Tag("ReasoningItem")],
+    Discriminator(_item_tag),
 ]
 
 

@@ -91,7 +91,7 @@ def output_shaper(
     has_choice = request.HasField("tool_choice")
     if tools_json is None and has_choice:
         raise InvalidRequestError("tool_choice", "needs a chat request with tools")
-    tools = validate_tools(json.loads(tools_json)) if tools_json is not None else []
+    tools = validate_tools(_tools_of(tools_json), "chat.tools_json") if tools_json else []
     mode, name = _choice(request)
     tool_parser: ToolCallParser | None = None
     named = False
@@ -131,6 +131,13 @@ def output_shaper(
     if reasoning is None and tool_parser is None:
         return None
     return OutputShaper(reasoning, tool_parser, named)
+
+
+def _tools_of(tools_json: str) -> object:
+    try:
+        return json.loads(tools_json)
+    except (ValueError, RecursionError) as e:  # not JSON, or nested past the parser
+        raise InvalidRequestError("chat.tools_json", f"is not valid JSON: {e}") from e
 
 
 def _choice(request: router_pb2.RouterGenerateRequest) -> tuple[Any, str]:

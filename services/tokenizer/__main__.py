@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     config, mesh = parsed
     configure_logging(config.log_level)
     try:
-        loaded = load_tokenizer(config.model)
+        loaded = load_tokenizer(config.model, config.chat_template)
     except (ValueError, OSError, RuntimeError) as e:  # bad spec, missing files, failed fetch
         print(f"error: cannot load the tokenizer of {config.model!r}: {e}", file=sys.stderr)
         return 2

@@ -21,6 +21,12 @@ class TokenizerServiceConfig:
         "whose tokenizer to serve: 'smollm2-135m-instruct' (fetched and converted on first use) "
         "or a local Hugging Face directory with tokenizer.json (same spec as the workers')",
     )
+    chat_template: str = flag(
+        "",
+        "chat template instead of the model's own: a Jinja file, or a built-in name "
+        "(smollm2-tools: SmolLM2-Instruct's template plus tools in the Hermes <tool_call> form "
+        "that the router's --tool-call-parser qwen25 reads); empty: the model's",
+    )
     log_level: str = flag("info", f"log verbosity: {', '.join(LOG_LEVELS)}")
     grace_period: float = flag(
         5.0, "seconds in-flight calls get to finish after SIGTERM/SIGINT before they are cancelled"

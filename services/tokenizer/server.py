@@ -21,6 +21,7 @@ from pdmesh.discovery import META_MODEL, TOKENIZER, make_discovery, registration
 from pdmesh.errors import InvalidRequestError
 from pdmesh.rpc.server import RpcServer
 from pdmesh.tokenizer import StreamDetokenizer, Tokenizer
+from pdmesh.tokenizer.chat_template_spec import read_chat_template
 from pdmesh.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from services.mesh import MeshOptions, Observed
 from services.tokenizer import convert
@@ -133,8 +134,9 @@ def _skip_special_tokens(
     return DEFAULT_SKIP_SPECIAL_TOKENS
 
 
-def load_tokenizer(model: str) -> LoadedTokenizer:
-    """The tokenizer of a model spec, resolved as the workers resolve it."""
+def load_tokenizer(model: str, chat_template: str = "") -> LoadedTokenizer:
+    """The tokenizer of a model spec, resolved as the workers resolve it; ``chat_template``:
+    a --chat-template spec ("" for the model's own)."""
     from pdmesh.models import source as model_source
 
     source = model_source.resolve(model)
@@ -143,7 +145,10 @@ def load_tokenizer(model: str) -> LoadedTokenizer:
             f"model {model!r} has random weights and no tokenizer files; "
             "give the tokenizer service a Hugging Face directory"
         )
-    tokenizer = Tokenizer.from_dir(source.path, name=source.name)
+    template = read_chat_template(chat_template) if chat_template else None
+    tokenizer = Tokenizer.from_dir(source.path, name=source.name, chat_template=template)
+    if chat_template:
+        log.info("chat template: %s (--chat-template)", chat_template)
     # read as it was loaded: GetTokenizerFiles gives the same text to the router
     return LoadedTokenizer(tokenizer, (source.path / "tokenizer.json").read_text("utf-8"))
 

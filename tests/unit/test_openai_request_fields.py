@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from pdmesh.v1 import router_pb2
 from services.gateway import convert
-from services.gateway.errors import APIError, from_validation_error
+from services.gateway.errors import APIError, from_validation_error, in_body_terms
 from services.gateway.native_schema import GenerateRequest
 from services.gateway.openai_schema import ChatCompletionRequest, CompletionRequest
 
@@ -36,7 +36,7 @@ def error_of(model: type[Any], body: dict[str, Any]) -> APIError:
         model.model_validate(body)
     errors = info.value.errors()
     return from_validation_error(
-        RequestValidationError([{**errors[0], "loc": ("body", *errors[0]["loc"])}])
+        RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in errors])
     )
 
 
@@ -166,3 +166,49 @@ def test_tool_choice_becomes_the_routers_field() -> None:
         {"model": "m", "messages": MESSAGES, "tools": [{"type": "function", "function": {}}]},
     )
     assert error.param == "tools[0].function.name"
+
+
+@pytest.mark.parametrize(
+    ("path", "wire", "body"),
+    [
+        ("/v1/chat/completions", "sampling_params.json_schema", "response_format"),
+        ("/v1/chat/completions", "sampling_params.logit_bias", "logit_bias"),
+        ("/v1/chat/completions", "sampling_params.max_new_tokens", "max_tokens"),
+        ("/v1/responses", "sampling_params.json_schema", "text.format"),
+        ("/v1/responses", "sampling_params.max_new_tokens", "max_output_tokens"),
+        ("/v1/completions", "sampling_params.stop.0", "stop.0"),
+        ("/generate", "sampling_params.json_schema", "sampling_params.json_schema"),
+        ("/v1/chat/completions", "tool_choice", "tool_choice"),
+        ("/v1/chat/completions", "chat.tools_json[1].function.name", "tools[1].function.name"),
+    ],
+)
+def test_router_errors_name_the_field_of_the_body(path: str, wire: str, body: str) -> None:
+    error = in_body_terms(APIError(400, f"{wire}: bad", param=wire, code="invalid_argument"), path)
+    assert (error.status, error.param, error.code) == (400, body, "invalid_argument")
+
+
+def test_responses_input_items_with_and_without_type() -> None:
+    from services.gateway.responses_schema import (
+        FunctionCallOutputItem,
+        MessageItem,
+        ResponsesRequest,
+    )
+
+    # the Agents SDK sends "easy" messages: role and content, no type
+    body = ResponsesRequest.model_validate(
+        {
+            "model": "m",
+            "input": [
+                {"role": "user", "content": "hi"},
+                {"type": "message", "role": "assistant", "content": "hello"},
+                {"type": "function_call_output", "call_id": "c", "output": "ok"},
+            ],
+        }
+    )
+    assert isinstance(body.input, list)
+    kinds = [type(item) for item in body.input]
+    assert kinds == [MessageItem, MessageItem, FunctionCallOutputItem]
+    error = error_of(ResponsesRequest, {"model": "m", "input": [{"type": "web_search_call"}]})
+    assert error.status == 400 and error.param == "input[0]"
+    error = error_of(ResponsesRequest, {"model": "m", "input": [{"role": "user"}]})
+    assert error.param == "input[0].content"

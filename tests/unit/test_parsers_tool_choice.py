@@ -102,7 +102,11 @@ def test_required_schema_is_a_non_empty_array_of_calls() -> None:
     assert schema["$defs"] == {"Day": {"type": "string", "enum": ["today", "tomorrow"]}}
     assert "$defs" not in weather["properties"]["parameters"]
     assert "$defs" in WEATHER["function"]["parameters"]  # type: ignore[index]
-    assert time["properties"]["parameters"] == {"type": "object", "properties": {}}
+    assert time["properties"]["parameters"] == {
+        "type": "object",
+        "properties": {},
+        "additionalProperties": False,
+    }
     assert required_tool_calls_schema(TOOLS, parallel_tool_calls=False)["maxItems"] == 1
 
 
@@ -132,12 +136,11 @@ def test_conflicting_defs_name_the_tool() -> None:
 
 
 def test_named_schema_is_the_parameters() -> None:
-    assert named_tool_call_schema(TOOLS, "get_weather") == WEATHER["function"]["parameters"]  # type: ignore[index]
-    assert named_tool_call_schema(TOOLS, "get_time") == {"type": "object", "properties": {}}
-    assert tool_choice_schema(TOOLS, ToolChoice("function", "get_time")) == {
-        "type": "object",
-        "properties": {},
-    }
+    expected = {**WEATHER["function"]["parameters"], "additionalProperties": False}  # type: ignore[dict-item]
+    assert named_tool_call_schema(TOOLS, "get_weather") == expected
+    closed = {"type": "object", "properties": {}, "additionalProperties": False}
+    assert named_tool_call_schema(TOOLS, "get_time") == closed
+    assert tool_choice_schema(TOOLS, ToolChoice("function", "get_time")) == closed
 
 
 REQUIRED = [
@@ -196,3 +199,27 @@ def test_named_parser_sends_the_name_at_the_first_brace() -> None:
     assert isinstance(fragment, ToolCallDelta) and fragment.function.arguments == '{"ci'
     with pytest.raises(InvalidRequestError):
         NamedToolCallParser(TOOLS, function_name="nope")
+
+
+def test_constraint_closes_open_objects_only() -> None:
+    # JSON Schema leaves an object open unless it says otherwise; the grammar closes those
+    # (a small model otherwise invents keys until max_tokens), keeps an explicit choice, and
+    # never mistakes a property named "properties" for a keyword
+    params = {
+        "type": "object",
+        "properties": {
+            "where": {"type": "object", "properties": {"city": {"type": "string"}}},
+            "extra": {"type": "object", "properties": {}, "additionalProperties": True},
+            "properties": {"type": "string"},
+            "list": {"type": "array", "items": {"type": "object", "properties": {}}},
+        },
+    }
+    tool = {"type": "function", "function": {"name": "f", "parameters": params}}
+    schema = named_tool_call_schema(validate_tools([tool]), "f")
+    assert schema["additionalProperties"] is False
+    props = schema["properties"]
+    assert props["where"]["additionalProperties"] is False
+    assert props["extra"]["additionalProperties"] is True
+    assert props["properties"] == {"type": "string"}
+    assert props["list"]["items"]["additionalProperties"] is False
+    assert "additionalProperties" not in params  # the request's tools are left as given

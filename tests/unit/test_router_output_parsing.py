@@ -175,6 +175,12 @@ def test_separate_reasoning_false_keeps_thinking_in_text() -> None:
             OutputParsers("qwen25"),
             "sampling_params.detokenize",
         ),
+        (
+            router_pb2.RouterGenerateRequest(chat=common_pb2.ChatRequest(tools_json="[{not json")),
+            OutputParsers("qwen25"),
+            "chat.tools_json",
+        ),
+        (request([{"type": "function"}]), OutputParsers("qwen25"), "chat.tools_json[0].function"),
     ],
 )
 def test_unservable_requests_name_the_field(
