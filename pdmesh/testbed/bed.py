@@ -18,7 +18,9 @@ Hosts (``netns.Network``: addresses only inside the namespaces, torn down on any
 Each host's Consul agent binds its gossip address (10.77.1.x) and joins A's server with
 ``retry_join`` (real serf gossip); its HTTP API listens on the host's own loopback, where that
 host's services register (``--consul-addr 127.0.0.1:8500``), each with ``--host`` its service
-address, which is what it registers. Every host has its own port space, so ports are fixed.
+address, which is what it registers (router-c binds 0.0.0.0 and registers
+``--advertise-address``, the wildcard path). Every host has its own port space, so ports are
+fixed.
 Mooncake moves KV from B's prefill into C's decode over tcp across the veth links; the decode
 asks Mooncake for rdma on ``mlx5_0`` (``--kv-transfer-protocol rdma``), which no host here has,
 so it shows the fallback to tcp too.
@@ -69,6 +71,7 @@ SERVICE_OF_ROLE = {
     "prefill": PREFILL,
 }
 WORKER_ROLES = ("prefill", "decode")
+WILDCARD_BINDS = ("router-c",)  # bound to 0.0.0.0, registered with --advertise-address
 _PR_SET_PDEATHSIG = 1
 
 
@@ -158,6 +161,9 @@ class Service:
     local: str = ""  # 127.0.0.1:<p> in the caller's namespace, forwarded to ``address``
     proc: HostProc | None = None
     starts: int = 0
+    # listens on 0.0.0.0 and registers --advertise-address (the wildcard path); else --host is
+    # its host's address
+    bind_any: bool = False
 
     @property
     def alive(self) -> bool:
@@ -248,7 +254,12 @@ class MultiHostBed:
             for role, name, host, module, port, args in self._specs():
                 args = [*args, *self.config.extra_args.get(name, []), *self.consul_args()]
                 address = f"{self.net.address(host)}:{port}"
-                self.services[name] = Service(role, name, host, module, port, args, address)
+                bind_any = name in WILDCARD_BINDS
+                if bind_any:
+                    args += ["--advertise-address", self.net.address(host)]
+                self.services[name] = Service(
+                    role, name, host, module, port, args, address, bind_any=bind_any
+                )
             self._start_forwarders()
             for host in HOSTS:
                 self.start_agent(host)
@@ -312,7 +323,8 @@ class MultiHostBed:
         if s.proc is not None:
             s.proc.stop()  # reaps it, closes its log
         s.starts += 1
-        argv = [sys.executable, "-m", s.module, "--host", self.net.address(s.host)]
+        bind = "0.0.0.0" if s.bind_any else self.net.address(s.host)
+        argv = [sys.executable, "-m", s.module, "--host", bind]
         argv += ["--port", str(s.port), *s.args]
         label = s.name + (f".{s.starts}" if s.starts > 1 else "")
         s.proc = HostProc(self.net, s.host, label, argv, self.config.log_dir)

@@ -74,6 +74,8 @@ def test_every_service_registers_its_own_host_address_through_its_hosts_agent(
         node = mine[0]["Node"]
         assert node["Node"] == f"host-{s.host}", (s.name, node)  # type: ignore[index]
         assert node["Address"] == bed.net.gossip_address(s.host)  # type: ignore[index]
+    # router-c listens on the wildcard and registers its --advertise-address (checked above)
+    assert "listening on 0.0.0.0:50052" in bed.services["router-c"].proc.log  # type: ignore[union-attr]
     # no address of the bed in this test's own namespace
     own = subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True, check=True)
     assert "10.77." not in own.stdout
