@@ -34,6 +34,11 @@ class EngineConfig:
     max_running_requests: int = flag(64, "most requests decoding at once")
     max_num_batched_tokens: int = flag(512, "token budget of one step (prefill chunk size)")
     max_model_len: int = flag(0, "context length; 0 = the model's, capped at 32768")
+    default_max_tokens: int = flag(
+        0,
+        "most tokens a request that sets no max_tokens / max_new_tokens generates; 0 = what "
+        "is left of the context length (OpenAI's and vLLM's default)",
+    )
     enable_prefix_cache: bool = flag(True, "reuse KV of full pages shared with earlier prompts")
     seed: int = flag(0, "seed of the engine's generator for unseeded requests")
     disable_cuda_graph: bool = flag(
@@ -56,7 +61,7 @@ class EngineConfig:
         for name in ("page_size", "max_running_requests", "max_num_batched_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
-        for name in ("num_pages", "max_model_len", "cuda_graph_max_bs"):
+        for name in ("num_pages", "max_model_len", "cuda_graph_max_bs", "default_max_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.kv_cache_memory_gb < 0:

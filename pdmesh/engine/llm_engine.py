@@ -325,7 +325,14 @@ class LLMEngine:
         seq.stop_ids = frozenset(params.stop_token_ids) | (
             frozenset() if params.ignore_eos else self.eos_token_ids
         )
-        seq.max_num_tokens = min(n + params.max_new_tokens, self.max_model_len)
+        budget = params.max_new_tokens
+        if budget is None:  # the request set none: --default-max-tokens, 0 = the context's rest
+            default = self.config.default_max_tokens
+            # a migrated request's earlier output counts against the same budget
+            budget = (
+                max(default - params.resumed_output_tokens, 0) if default else self.max_model_len
+            )
+        seq.max_num_tokens = min(n + budget, self.max_model_len)
         return seq
 
     def _matcher(self, params: SamplingParams, prompt: list[int]) -> LLMatcher:

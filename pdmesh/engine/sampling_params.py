@@ -22,7 +22,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI-style: subtracts count × penalty (output tokens)
     presence_penalty: float = 0.0  # OpenAI-style: subtracts penalty once per seen output token
     seed: int | None = None  # same seed → same output, independent of batch neighbours
-    max_new_tokens: int = 128
+    # None: the engine's --default-max-tokens (0 there: up to the context length, OpenAI's and
+    # vLLM's default for a request that sets no max_tokens)
+    max_new_tokens: int | None = 128
     min_new_tokens: int = 0
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
@@ -75,10 +77,14 @@ class SamplingParams:
         for name in ("frequency_penalty", "presence_penalty"):
             v = getattr(self, name)
             _check(_finite(v) and -2 <= v <= 2, name, "must be in [-2, 2]")
-        _check(self.max_new_tokens >= 0, "max_new_tokens", "must be >= 0")
+        _check(
+            self.max_new_tokens is None or self.max_new_tokens >= 0,
+            "max_new_tokens",
+            "must be >= 0",
+        )
         _check(self.min_new_tokens >= 0, "min_new_tokens", "must be >= 0")
         _check(
-            self.min_new_tokens <= self.max_new_tokens,
+            self.max_new_tokens is None or self.min_new_tokens <= self.max_new_tokens,
             "min_new_tokens",
             "must be <= max_new_tokens",
         )

@@ -1,7 +1,8 @@
 """Proto ↔ ``pdmesh.engine`` values, for the worker service's edge only.
 
 Sampling fields honour proto3 explicit presence: an unset field takes ``SamplingParams``'s
-default (temperature 1.0, max_new_tokens 128, ...), never proto3's zero. Validation stays in the
+default (temperature 1.0, ...), never proto3's zero; an unset max_new_tokens is None, the
+engine's --default-max-tokens (the rest of the context by default). Validation stays in the
 engine (``SamplingParams.validate``), which names the offending field.
 """
 
@@ -60,6 +61,7 @@ def sampling_params_from_pb(
     kwargs: dict[str, Any] = {
         name: getattr(pb, name) for name in _SCALAR_FIELDS if pb.HasField(name)
     }
+    kwargs.setdefault("max_new_tokens", None)
     kwargs["stop_token_ids"] = tuple(pb.stop_token_ids)
     # sorted: the same bias map gives the same (hashable, comparable) params
     kwargs["logit_bias"] = tuple(sorted(pb.logit_bias.items()))

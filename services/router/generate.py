@@ -57,9 +57,6 @@ from services.router.workers import GENERATING_ROLES, GenerationCall, WorkerHand
 
 log = logging.getLogger(__name__)
 
-# the engine's max_new_tokens when a request leaves it unset (pdmesh.engine.SamplingParams): a
-# migrated request's budget is what is left of it
-ENGINE_MAX_NEW_TOKENS = 128
 
 
 @dataclass
@@ -208,14 +205,14 @@ class Generation:
         worker would constrain the continuation from the grammar's start)."""
         params = common_pb2.SamplingParams()
         params.CopyFrom(request.sampling_params)
-        wanted = (
-            params.max_new_tokens if params.HasField("max_new_tokens") else ENGINE_MAX_NEW_TOKENS
-        )
-        params.max_new_tokens = max(wanted - len(sent), 0)
+        # unset max_new_tokens stays unset: the new worker's default budget counts the
+        # resumed_output_tokens already streamed
+        if params.HasField("max_new_tokens"):
+            params.max_new_tokens = max(params.max_new_tokens - len(sent), 0)
         if params.HasField("min_new_tokens"):
-            params.min_new_tokens = max(
-                min(params.min_new_tokens - len(sent), params.max_new_tokens), 0
-            )
+            left = max(params.min_new_tokens - len(sent), 0)
+            has_max = params.HasField("max_new_tokens")
+            params.min_new_tokens = min(left, params.max_new_tokens) if has_max else left
         moved = worker_pb2.GenerateRequest(
             request_id=request.request_id,
             token_ids=[*prompt, *sent],

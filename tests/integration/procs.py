@@ -30,7 +30,12 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 180.0  # the first start may fetch and convert the default model
 STOP_TIMEOUT_S = 30.0
 # a small KV pool and context keep a worker's memory and startup small on 2-core CI machines
-WORKER_ARGS = ["--device", "cpu", "--num-pages", "256", "--max-model-len", "2048"]
+# --default-max-tokens 128: a request without max_tokens stops there, not at the context length
+# (2-core CI; tests/integration/test_default_max_tokens.py checks the real default)
+WORKER_ARGS = [
+    *("--device", "cpu", "--num-pages", "256", "--max-model-len", "2048"),
+    *("--default-max-tokens", "128"),
+]
 
 
 def worker_args(*extra: str) -> list[str]:

@@ -139,9 +139,10 @@ def test_logprobs(stub: worker_pb2_grpc.WorkerServiceStub) -> None:
 
 
 def test_unset_fields_take_the_engine_defaults(stub: worker_pb2_grpc.WorkerServiceStub) -> None:
-    # unset max_new_tokens is the engine's 128, not proto3's 0
+    # unset max_new_tokens is the worker's --default-max-tokens (128 in WORKER_ARGS), not
+    # proto3's 0 (test_default_max_tokens.py: the real default, the context's rest)
     long = generate(stub, temperature=0, ignore_eos=True)
-    assert long[-1].usage.completion_tokens == SamplingParams().max_new_tokens
+    assert long[-1].usage.completion_tokens == 128
     # unset temperature is 1.0 (sampling), not proto3's 0 (greedy)
     unset = tokens(generate(stub, seed=7, max_new_tokens=8, ignore_eos=True))
     one = tokens(generate(stub, seed=7, temperature=1.0, max_new_tokens=8, ignore_eos=True))

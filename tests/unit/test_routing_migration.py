@@ -78,10 +78,13 @@ def test_migration_reissues_prompt_and_tokens_elsewhere_with_lower_budgets() -> 
     assert (p.max_new_tokens, p.min_new_tokens, p.seed) == (7, 2, 7)
 
 
-def test_migration_without_max_tokens_uses_the_engine_default() -> None:
-    _, sent = migrate(common_pb2.SamplingParams(), [3] * 8)
-    assert sent.sampling_params.max_new_tokens == 120
-    assert not sent.sampling_params.HasField("min_new_tokens")
+def test_migration_without_max_tokens_leaves_the_budget_to_the_new_worker() -> None:
+    # the new worker's default (--default-max-tokens, else the context's rest) counts the
+    # resumed_output_tokens itself (tests/integration/test_default_max_tokens.py)
+    _, sent = migrate(common_pb2.SamplingParams(min_new_tokens=10), [3] * 8)
+    assert not sent.sampling_params.HasField("max_new_tokens")
+    assert sent.sampling_params.min_new_tokens == 2
+    assert sent.resumed_output_tokens == 8
 
 
 def test_migration_limit_is_checked_per_request() -> None:

@@ -288,7 +288,8 @@ class SteppingEngine:
         # below min_new_tokens a real sampler never picks a stop id: here it just does not stop
         if token in p.stop_token_ids and req.num_completion_tokens >= p.min_new_tokens:
             return FinishReason.STOP
-        if req.num_completion_tokens >= p.max_new_tokens or req.num_tokens >= self.max_model_len:
+        budget = p.max_new_tokens if p.max_new_tokens is not None else self.max_model_len
+        if req.num_completion_tokens >= budget or req.num_tokens >= self.max_model_len:
             return FinishReason.LENGTH
         return None
 
