@@ -51,6 +51,8 @@ class ChatRequest:
     tools: tuple[dict[str, Any], ...] | None = None
     add_generation_prompt: bool = True
     template_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    # the last message stays open: the model continues it (a prefilled assistant answer)
+    continue_final_message: bool = False
 
     def validate(self) -> None:
         """Raise ``InvalidRequestError`` naming the first bad field."""
@@ -63,6 +65,18 @@ class ChatRequest:
                 )
             if m.content is None and not (m.role == "assistant" and m.tool_calls):
                 raise InvalidRequestError(f"messages[{i}].content", "is required")
+        if self.continue_final_message:
+            if self.add_generation_prompt:
+                raise InvalidRequestError(
+                    "continue_final_message",
+                    "cannot be combined with add_generation_prompt: the reply continues the "
+                    "last message instead of starting a new one",
+                )
+            if not self.messages[-1].content:
+                raise InvalidRequestError(
+                    f"messages[{len(self.messages) - 1}].content",
+                    "continue_final_message needs a last message with text to continue",
+                )
         reserved = RESERVED_KWARGS & set(self.template_kwargs)
         if reserved:
             raise InvalidRequestError(
@@ -86,7 +100,7 @@ class ChatTemplate:
         request.validate()
         variables = {**special_tokens, **request.template_kwargs}
         try:
-            return self._template.render(
+            text = self._template.render(
                 messages=[m.to_template() for m in request.messages],
                 tools=list(request.tools) if request.tools is not None else None,
                 documents=None,
@@ -95,6 +109,23 @@ class ChatTemplate:
             )
         except jinja2.TemplateError as e:
             raise InvalidRequestError("messages", f"chat template rejected them: {e}") from e
+        if request.continue_final_message:
+            return _open_final_message(text, request.messages[-1].content or "")
+        return text
+
+
+def _open_final_message(text: str, content: str) -> str:
+    # transformers' rule: cut right after the last occurrence of the final message's content
+    # (or of it stripped: templates often trim), dropping the end-of-turn the template wrote
+    for needle in (content, content.strip()):
+        end = text.rfind(needle)
+        if needle and end >= 0:
+            return text[: end + len(needle)]
+    raise InvalidRequestError(
+        "continue_final_message",
+        "the chat template does not write the final message's content as it is, so it "
+        "cannot be left open",
+    )
 
 
 def _arguments_as_dict(call: dict[str, Any]) -> dict[str, Any]:

@@ -60,6 +60,11 @@ def chat_requests(
         chat.tools_json = json.dumps([t.model_dump(exclude_none=True) for t in body.tools])
     if body.chat_template_kwargs is not None:
         chat.template_kwargs_json = json.dumps(body.chat_template_kwargs)
+    if body.continue_final_message:
+        chat.continue_final_message = True
+        chat.add_generation_prompt = False  # what continuing means; true is refused downstream
+    if body.add_generation_prompt is not None:
+        chat.add_generation_prompt = body.add_generation_prompt
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs: requires logprobs to be true", param="top_logprobs")
     params = openai_sampling(body, body.max_new_tokens)

@@ -203,6 +203,10 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # vLLM's extras: the assistant header at the end (default true), or the last message left
+    # open for the model to continue (a prefilled answer; implies add_generation_prompt false)
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
     # SGLang's extra: false keeps a reasoning model's thinking inside ``content``
     separate_reasoning: bool | None = None
     # text output only ("audio" is not served)

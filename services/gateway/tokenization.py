@@ -99,10 +99,10 @@ def tokenize_requests(body: TokenizeRequest) -> list[router_pb2.RouterTokenizeRe
             messages=body.messages,
             tools=body.tools,
             chat_template_kwargs=body.chat_template_kwargs,
+            add_generation_prompt=body.add_generation_prompt,
+            continue_final_message=body.continue_final_message,
         )
         chat = convert.chat_requests(chat_body, "tokenize")[0].chat
-        if body.add_generation_prompt is not None:
-            chat.add_generation_prompt = body.add_generation_prompt
         requests = [router_pb2.RouterTokenizeRequest(chat=chat, return_token_strs=strs)]
     if body.add_special_tokens is not None:
         for r in requests:

@@ -5,8 +5,8 @@ vLLM's and SGLang's shapes (the union of their fields, the same meaning where th
 
 - vLLM, text: ``{"model"?, "prompt": str, "add_special_tokens"?: true, "return_token_strs"?}``;
 - vLLM, chat: ``{"model"?, "messages", "add_generation_prompt"?: true, "add_special_tokens"?:
-  false, "tools"?, "chat_template_kwargs"?, "continue_final_message"?: false (only false is
-  served), "return_token_strs"?}``;
+  false, "tools"?, "chat_template_kwargs"?, "continue_final_message"?: false,
+  "return_token_strs"?}``;
 - SGLang: ``{"model"?, "prompt": str | [str, ...], "add_special_tokens"?: true}`` (a list is
   a batch: each answer field is then a list, one entry per prompt).
 
@@ -20,7 +20,7 @@ that only go with one of them, are checked in ``services.gateway.tokenization``.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field
 
@@ -38,7 +38,7 @@ class TokenizeRequest(RequestModel):
     add_special_tokens: bool | None = None
     # messages only
     add_generation_prompt: bool | None = None
-    continue_final_message: Literal[False] | None = None
+    continue_final_message: bool | None = None
     tools: list[Tool] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     # vLLM's: also answer each token's vocabulary string (``token_strs``)

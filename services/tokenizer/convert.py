@@ -29,6 +29,7 @@ def chat_from_pb(pb: common_pb2.ChatRequest) -> ChatRequest:
             pb.add_generation_prompt if pb.HasField("add_generation_prompt") else True
         ),
         template_kwargs=kwargs,
+        continue_final_message=pb.HasField("continue_final_message") and pb.continue_final_message,
     )
 
 

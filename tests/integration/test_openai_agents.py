@@ -368,3 +368,35 @@ def test_agents_sdk_runs_an_agent_with_a_function_tool(
     kinds = [type(i).__name__ for i in streamed.new_items]
     assert kinds[:2] == ["ToolCallItem", "ToolCallOutputItem"]
     assert kinds[-1] == "MessageOutputItem" and isinstance(streamed.final_output, str)
+
+
+def test_continue_final_message_prompt_is_transformers(client: openai.OpenAI) -> None:
+    from transformers import AutoTokenizer
+
+    from pdmesh.models.fetch import ensure_default_model
+
+    messages: Any = [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "The capital of France is"},
+    ]
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=3,
+        temperature=0,
+        extra_body={"continue_final_message": True},
+    )
+    hf = AutoTokenizer.from_pretrained(ensure_default_model(progress=False))
+    ids = hf.apply_chat_template(messages, continue_final_message=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # newer transformers: BatchEncoding
+        ids = ids["input_ids"]
+    assert r.usage is not None and r.usage.prompt_tokens == len(ids)
+    # both at once is refused naming the field, not one of them silently ignored
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            max_tokens=3,
+            extra_body={"continue_final_message": True, "add_generation_prompt": True},
+        )
+    assert info.value.body["param"] == "continue_final_message"  # type: ignore[index]

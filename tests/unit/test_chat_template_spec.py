@@ -83,3 +83,23 @@ def test_smollm2_tools_renders_tools_calls_and_results(model_path: Path) -> None
     )
     assert "<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>" in text
     assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_continue_final_message_cuts_after_the_last_content() -> None:
+    from pdmesh.errors import InvalidRequestError
+    from pdmesh.tokenizer.chat import ChatTemplate
+
+    chatml = ChatTemplate(read_chat_template("smollm2-tools"))
+    messages = (ChatMessage("user", "Hi"), ChatMessage("assistant", "Hello, I am"))
+    open_ = ChatRequest(messages, add_generation_prompt=False, continue_final_message=True)
+    assert chatml.render(open_, {}).endswith("<|im_start|>assistant\nHello, I am")
+    closed = chatml.render(ChatRequest(messages, add_generation_prompt=False), {})
+    assert closed.endswith("Hello, I am<|im_end|>\n")
+    with pytest.raises(InvalidRequestError) as info:
+        chatml.render(ChatRequest(messages, continue_final_message=True), {})
+    assert info.value.field == "continue_final_message"
+    # a template that does not write the content verbatim cannot be left open
+    shouting = ChatTemplate("{% for m in messages %}{{ m['content'] | upper }}{% endfor %}")
+    with pytest.raises(InvalidRequestError) as info:
+        shouting.render(open_, {})
+    assert info.value.field == "continue_final_message"

@@ -66,10 +66,6 @@ def test_explicit_nulls_mean_not_given() -> None:
     ("body", "param"),
     [
         ({"model": "m", "messages": MESSAGES, "functions": []}, "functions"),
-        (
-            {"model": "m", "messages": MESSAGES, "continue_final_message": True},
-            "continue_final_message",
-        ),
         ({"model": "m", "messages": MESSAGES, "audio": {}}, "audio"),
         ({"model": "m", "messages": MESSAGES, "store": True}, "store"),
         ({"model": "m", "messages": MESSAGES, "modalities": ["audio"]}, "modalities[0]"),
@@ -212,3 +208,17 @@ def test_responses_input_items_with_and_without_type() -> None:
     assert error.status == 400 and error.param == "input[0]"
     error = error_of(ResponsesRequest, {"model": "m", "input": [{"role": "user"}]})
     assert error.param == "input[0].content"
+
+
+def test_continue_final_message_leaves_the_last_message_open() -> None:
+    messages = [*MESSAGES, {"role": "assistant", "content": "The answer is"}]
+    (request,) = convert.chat_requests(chat(messages=messages, continue_final_message=True), "r")
+    assert request.chat.continue_final_message and not request.chat.add_generation_prompt
+    # both true is the tokenizer's 400 (continue_final_message), not silently one of them
+    both = chat(messages=messages, continue_final_message=True, add_generation_prompt=True)
+    (request,) = convert.chat_requests(both, "r")
+    assert request.chat.continue_final_message and request.chat.add_generation_prompt
+    (plain,) = convert.chat_requests(chat(add_generation_prompt=False), "r")
+    assert not plain.chat.add_generation_prompt and not plain.chat.HasField(
+        "continue_final_message"
+    )
