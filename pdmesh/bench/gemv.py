@@ -1,4 +1,4 @@
-"""``python -m pdmesh.bench.gemv``: the batch-1 GEMV kernels (``pdmesh/models/gemv.py``)
+"""``python -m pdmesh.bench.gemv``: the batch-1 GEMV kernels (``pdmesh/layers/gemv.py``)
 against cuBLAS on one model's weight shapes.
 
 Each product is timed the way a decode step runs it: one CUDA graph replays it over
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pdmesh.config import add_dataclass_args, flag, from_args
-from pdmesh.models import cuda_ops, gemv
+from pdmesh.layers import cuda_ops, gemv
 from pdmesh.models.source import resolve
 
 Config = tuple[int, int, int, int]

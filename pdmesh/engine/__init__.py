@@ -7,8 +7,9 @@
 
 from pdmesh.engine.async_engine import AsyncEngine
 from pdmesh.engine.config import EngineConfig
+from pdmesh.engine.kv_cache import KVLayout
 from pdmesh.engine.llm_engine import LLMEngine
-from pdmesh.engine.outputs import EngineLoad, KVLayout, RequestOutput
+from pdmesh.engine.outputs import EngineLoad, RequestOutput
 from pdmesh.engine.sampling_params import SamplingParams
 from pdmesh.engine.sequence import FinishReason, TokenLogprob
 from pdmesh.errors import (

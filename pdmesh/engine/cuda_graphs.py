@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from pdmesh.engine.attention import AttentionMetadata
+from pdmesh.layers.attention import AttentionMetadata
 
 if TYPE_CHECKING:
     from pdmesh.engine.model_runner import ModelRunner

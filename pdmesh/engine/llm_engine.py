@@ -51,8 +51,9 @@ import torch
 from pdmesh.engine.block_manager import BlockManager
 from pdmesh.engine.config import EngineConfig
 from pdmesh.engine.grammar import GrammarCompiler
+from pdmesh.engine.kv_cache import KVLayout
 from pdmesh.engine.model_runner import Launched, ModelRunner
-from pdmesh.engine.outputs import EngineLoad, KVLayout, RequestOutput
+from pdmesh.engine.outputs import EngineLoad, RequestOutput
 from pdmesh.engine.sampling_params import SamplingParams
 from pdmesh.engine.scheduler import ScheduledBatch, Scheduler
 from pdmesh.engine.sequence import FinishReason, Sequence, SequenceStatus, TokenLogprob

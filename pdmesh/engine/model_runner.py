@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pdmesh.engine.attention import AttentionMetadata, PrefillSegment, rows_per_page
 from pdmesh.engine.cuda_graphs import (
     DecodeGraphs,
     TransferFence,
@@ -28,12 +27,11 @@ from pdmesh.engine.cuda_graphs import (
     use_kernels,
 )
 from pdmesh.engine.grammar import MaskFiller
-from pdmesh.engine.kv_memory import allocate_kv_cache
+from pdmesh.engine.kv_cache import allocate_kv_cache
 from pdmesh.engine.sampler import RowMasks, Sampled, Sampler, SampleRow
 from pdmesh.engine.scheduler import ScheduledBatch
 from pdmesh.engine.sequence import Sequence, TokenLogprob
-
-# a module import: pdmesh.models.llama imports pdmesh.engine.attention, which loads this package
+from pdmesh.layers.attention import AttentionMetadata, PrefillSegment, rows_per_page
 from pdmesh.models import llama
 from pdmesh.models.config import ModelConfig
 

@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from pdmesh.engine.outputs import KVLayout
+from pdmesh.engine.kv_cache import KVLayout
 from pdmesh.kv_transfer.coalesce import Block, coalesce
 from pdmesh.kv_transfer.errors import KVTransferError
 from pdmesh.kv_transfer.handle import ReceiverHandle, TransferStats

@@ -9,7 +9,7 @@ segment header in the grpc stream, so fewer, longer blocks move faster.
 
 from __future__ import annotations
 
-from pdmesh.engine.outputs import KVLayout
+from pdmesh.engine.kv_cache import KVLayout
 
 Block = tuple[int, int, int]  # (src byte offset, dst byte offset, length), from each base
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pdmesh.engine.outputs import KVLayout
+from pdmesh.engine.kv_cache import KVLayout
 from pdmesh.kv_transfer.handle import ReceiverHandle
 from pdmesh.v1 import kv_transfer_pb2
 

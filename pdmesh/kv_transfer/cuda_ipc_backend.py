@@ -9,7 +9,7 @@ host, no NIC is involved: it runs at the link's speed (390 GB/s between two H200
 between two GPUs of one process), where Mooncake's tcp transport stages every byte through host
 memory and sockets (~2 GB/s).
 
-The link's speed needs the cache in cuMem memory (``pdmesh.engine.kv_memory``), shared as a
+The link's speed needs the cache in cuMem memory (``pdmesh.engine.kv_cache``), shared as a
 POSIX file descriptor that the mapping process takes with ``pidfd_getfd``: legacy
 ``cudaMalloc`` IPC handles measured 40 GB/s on the same machine. The receiver therefore lets
 any process of its user take that descriptor where the Yama LSM would only allow its ancestors
@@ -35,8 +35,7 @@ from typing import Any
 
 import torch
 
-from pdmesh.engine.kv_memory import in_expandable_segment
-from pdmesh.engine.outputs import KVLayout
+from pdmesh.engine.kv_cache import KVLayout, in_expandable_segment
 from pdmesh.kv_transfer import page_copy
 from pdmesh.kv_transfer.base import DEFAULT_TIMEOUT_S, KVReceiver, KVSender
 from pdmesh.kv_transfer.errors import KVTransferError

@@ -23,7 +23,7 @@ import grpc.aio
 import numpy as np
 import torch
 
-from pdmesh.engine.outputs import KVLayout
+from pdmesh.engine.kv_cache import KVLayout
 from pdmesh.kv_transfer.base import DEFAULT_TIMEOUT_S, KVReceiver, KVSender
 from pdmesh.kv_transfer.coalesce import Block
 from pdmesh.kv_transfer.errors import KVTransferError

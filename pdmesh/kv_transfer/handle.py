@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pdmesh.engine.outputs import KVLayout
+from pdmesh.engine.kv_cache import KVLayout
 
 
 @dataclass(frozen=True)

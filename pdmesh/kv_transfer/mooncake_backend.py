@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from pdmesh.engine.outputs import KVLayout
+from pdmesh.engine.kv_cache import KVLayout
 from pdmesh.kv_transfer.base import DEFAULT_TIMEOUT_S, KVReceiver, KVSender
 from pdmesh.kv_transfer.errors import KVTransferError
 from pdmesh.kv_transfer.handle import ReceiverHandle, TransferStats, check_cache

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from pdmesh.engine.kv_memory import allocate_kv_cache
+from pdmesh.engine.kv_cache import allocate_kv_cache
 from pdmesh.kv_transfer.handle import ReceiverHandle, layout_of
 
 _START_TIMEOUT_S = 120.0  # a spawned child imports torch first: seconds on a loaded 2-core box

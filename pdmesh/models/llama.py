@@ -2,7 +2,7 @@
 
 Parameter names follow Hugging Face checkpoints so ``load_state_dict`` takes them as they are.
 The forward runs over a flat batch of tokens from many sequences; attention goes through the
-paged KV cache (``pdmesh.engine.attention``).
+paged KV cache (``pdmesh.layers.attention``).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pdmesh.engine.attention import AttentionMetadata, layer_rows, paged_attention
-from pdmesh.models import cuda_ops, gemv
+from pdmesh.layers import cuda_ops, gemv
+from pdmesh.layers.attention import AttentionMetadata, layer_rows, paged_attention
 from pdmesh.models.config import ModelConfig
 
 

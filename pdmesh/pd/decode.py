@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 from pdmesh.engine import AsyncEngine
-from pdmesh.engine.outputs import KVLayout, RequestOutput
+from pdmesh.engine.kv_cache import KVLayout
+from pdmesh.engine.outputs import RequestOutput
 from pdmesh.engine.sampling_params import SamplingParams
 from pdmesh.errors import AbortedError, DeadlineExceededError, ResourceExhaustedError
 from pdmesh.pd.heartbeat import HeartbeatMonitor, Watch

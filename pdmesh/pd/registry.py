@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pdmesh.engine.outputs import KVLayout
+from pdmesh.engine.kv_cache import KVLayout
 from pdmesh.errors import FailedPreconditionError, RequestNotFoundError
 from pdmesh.kv_transfer import ReceiverHandle
 from pdmesh.kv_transfer.base import backend_mismatch

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pdmesh.engine.kv_memory import allocate_kv_cache, in_expandable_segment
-from pdmesh.models import gemv
+from pdmesh.engine.kv_cache import allocate_kv_cache, in_expandable_segment
+from pdmesh.layers import gemv
 
 pytestmark = pytest.mark.gpu
 

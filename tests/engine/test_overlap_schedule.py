@@ -22,9 +22,9 @@ from pdmesh.engine import (
     RequestOutput,
     SamplingParams,
 )
-from pdmesh.engine.attention import AttentionMetadata
 from pdmesh.engine.cuda_graphs import graph_batch_sizes
 from pdmesh.engine.model_runner import ModelRunner
+from pdmesh.layers.attention import AttentionMetadata
 from tests.engine.conftest import EngineFactory, assert_all_pages_free, run_all, tokens_of
 from tests.engine.test_engine_tiny import RANDOM_WORKLOADS, Workload, run_random_workload
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pdmesh.engine.attention import layer_rows, rows_per_page
+from pdmesh.layers.attention import layer_rows, rows_per_page
 
 pytestmark = pytest.mark.gpu
 
@@ -47,7 +47,7 @@ def reference(
 def test_decode_attention_matches_sdpa(
     dtype: torch.dtype, heads: int, kv_heads: int, dim: int
 ) -> None:
-    from pdmesh.engine import triton_attention as kernels
+    from pdmesh.layers import triton_attention as kernels
 
     torch.manual_seed(0)
     dev = torch.device("cuda")
@@ -78,7 +78,7 @@ def test_decode_attention_matches_sdpa(
 
 
 def test_store_kv_writes_the_slots_and_skips_negative_ones() -> None:
-    from pdmesh.engine import triton_attention as kernels
+    from pdmesh.layers import triton_attention as kernels
 
     dev = torch.device("cuda")
     cache = torch.zeros(8, LAYERS, 2, PAGE, 2, 16, device=dev)
@@ -95,7 +95,7 @@ def test_store_kv_writes_the_slots_and_skips_negative_ones() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_ops_round_like_the_torch_path(dtype: torch.dtype) -> None:
-    from pdmesh.models import cuda_ops
+    from pdmesh.layers import cuda_ops
     from pdmesh.models.llama import RMSNorm, apply_rope
 
     torch.manual_seed(1)

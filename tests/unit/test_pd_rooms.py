@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from pdmesh.engine.outputs import KVLayout
+from pdmesh.engine.kv_cache import KVLayout
 from pdmesh.errors import (
     AbortedError,
     DeadlineExceededError,

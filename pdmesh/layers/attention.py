@@ -64,7 +64,7 @@ def paged_attention(
 ) -> torch.Tensor:  # [T, num_heads, head_dim]
     out = torch.empty_like(q)
     if meta.block_table is not None:  # CUDA: kernels that read the pages in place
-        from pdmesh.engine import triton_attention as kernels  # triton: only where it exists
+        from pdmesh.layers import triton_attention as kernels  # triton: only where it exists
 
         kernels.store_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         if meta.num_decode:
