@@ -232,12 +232,13 @@ FOUND_BY_FUZZING: list[tuple[str, str, str | None]] = [
     ("/v1/chat/completions", json.dumps(_chat(top_k=2**40)), "top_k"),
     ("/v1/chat/completions", json.dumps(_chat(min_tokens=2**40)), "min_tokens"),
     ("/v1/chat/completions", json.dumps(_chat(stop_token_ids=[2**40])), "stop_token_ids[0]"),
-    ("/v1/completions", json.dumps(_completion(prompt=[2**40])), "prompt"),
+    ("/v1/completions", json.dumps(_completion(prompt=[2**40])), "prompt[0]"),
     ("/generate", json.dumps({"text": "hi", "sampling_params": {"max_new_tokens": 2**40}}),
      "sampling_params.max_new_tokens"),
     # a stop string's cost grew with the square of its length: it held the tokenizer (a
     # timeout rather than a 500, but every other request waited behind it)
-    ("/v1/completions", json.dumps(_completion(stop=["x" * 100_000])), "sampling_params.stop[0]"),
+    # (the router names sampling_params.stop[0]; the gateway gives the body's name)
+    ("/v1/completions", json.dumps(_completion(stop=["x" * 100_000])), "stop[0]"),
 ]  # fmt: skip
 
 

@@ -100,7 +100,7 @@ def test_open_streams_are_limited_per_key(gateway: Guarded) -> None:
         ("/v1/chat/completions", chat(max_tokens=2**31), "max_tokens"),
         ("/v1/chat/completions", chat(max_completion_tokens=2**40), "max_completion_tokens"),
         ("/v1/chat/completions", chat(stop_token_ids=[2**31]), "stop_token_ids[0]"),
-        ("/v1/completions", {"model": MODEL, "prompt": [2**31], "max_tokens": 2}, "prompt"),
+        ("/v1/completions", {"model": MODEL, "prompt": [2**31], "max_tokens": 2}, "prompt[0]"),
         ("/v1/completions", {"model": MODEL, "prompt": ["a"] * 5, "n": 64}, "n"),
         ("/generate", {"text": "hi", "sampling_params": {"max_new_tokens": 2**31}}, None),
         ("/generate", {"input_ids": [[1]] * 257}, "n"),
