@@ -170,7 +170,8 @@ def test_two_worker_processes_serve_one_port(router_proc: ServiceProc, tmp_path:
         while httpx.get(f"{base}/health", timeout=10).status_code != 200:
             assert time.monotonic() < deadline, svc.log
             time.sleep(0.2)
-        body = {"model": MODEL, "messages": GREETING, "max_tokens": 4}
+        # greedy: a sampled 4-token answer can end in EOS ("stop"), which made this flaky
+        body = {"model": MODEL, "messages": GREETING, "max_tokens": 4, "temperature": 0}
         for _ in range(4):  # a new connection each: the kernel picks a process
             response = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60)
             assert response.status_code == 200, response.text
