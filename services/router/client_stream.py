@@ -2,8 +2,10 @@
 long-lived stream.
 
 Each ``generate`` message starts a task that runs the generation exactly as ``Generate`` does
-(``RouterServicer.replies``: admission, deadline, retries, migration, metrics). Its replies
-are merged per request into ``_pending`` (text concatenated, ids and logprobs appended), and the
+(``RouterServicer.replies``: admission, deadline, retries, migration, metrics). Its replies are
+emitted as they are made (most of them by the worker stream's reader, in its pass over each
+engine step's message: the task wakes for a request's first output and its end only) and
+merged per request into ``_pending`` (text concatenated, ids and logprobs appended), and the
 handler's loop sends everything pending in one message whenever the previous write is done: a
 gateway that reads slowly gets fewer, larger entries, and no request waits for another
 (``coalesce.Coalescer``).
@@ -92,15 +94,24 @@ class ClientStream(MultiplexSession[router_pb2.RouterStreamResponse]):
             SPAN_NAME, message.trace_context, SpanKind.SERVER, attributes=SPAN_ATTRIBUTES
         )
 
+        me = asyncio.current_task()
+        pending = self._pending
+
         def remaining() -> float | None:
             return None if deadline is None else deadline - loop.time()
 
+        def emit(reply: router_pb2.RouterGenerateResponse) -> None:
+            # from the worker stream's reader: nothing once the request was cancelled (its tag
+            # may be in use again by then)
+            if self._tasks.get(tag) is me:
+                reply.tag = tag
+                pending.put(tag, reply)
+
         try:
             with current_span(span):
-                replies = self._servicer.replies(message.generate, remaining, calls, ticket)
+                replies = self._servicer.replies(message.generate, remaining, calls, ticket, emit)
                 async for reply in replies:
-                    reply.tag = tag
-                    self._put(tag, reply)
+                    emit(reply)
         except asyncio.CancelledError:
             raise
         except UpstreamError as e:

@@ -9,11 +9,15 @@ worker, which prefills it itself (conditional disaggregation: no prefill, no fai
 NOTE: every worker message (the request's tokens of one engine step, from the router's shared
 ``WorkerService.Stream`` to that worker) goes through the request's in-process detokenizer and
 is answered by exactly one router message carrying the worker's token ids, their logprobs and
-the text the detokenizer released for them. When the detokenizer reports a stop string, the
-tokens after the one that completed it are dropped, the worker call is cancelled (the worker aborts the request
-and frees its pages) and the last message says FINISH_REASON_STOP. Usage then counts the
-completion tokens up to the stop; the worker's prefix-cache figure is not known at that point
-(it arrives with the worker's last message, which is never read), so ``cached_tokens`` is 0.
+the text the detokenizer released for them. With an ``emit`` (what ``RouterService.Stream`` and
+``Generate`` pass), that work runs in the stream reader's own pass over the step's message
+(``_Relay``, the call's listener): the request's task, and its chain of generators, wakes for
+its first output and its end, not once per token. When the detokenizer reports a stop string,
+the tokens after the one that completed it are dropped, the worker call is cancelled (the
+worker aborts the request and frees its pages) and the last message says FINISH_REASON_STOP.
+Usage then counts the completion tokens up to the stop; the worker's prefix-cache figure is not
+known at that point (it arrives with the worker's last message, which is never read), so
+``cached_tokens`` is 0.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import grpc
 import grpc.aio
@@ -53,10 +58,15 @@ from services.router.ids_only import TokenIdsOnly, wants_ids_only
 from services.router.output_parsing import OutputParsers, OutputShaper, output_shaper
 from services.router.tokenizer_client import Detokenizer, TokenizerClient
 from services.router.upstream import OutgoingCalls, UpstreamError
+from services.router.worker_stream import StreamCall
 from services.router.workers import GENERATING_ROLES, GenerationCall, WorkerHandle, WorkerSet
 
 log = logging.getLogger(__name__)
 
+_UNFINISHED = common_pb2.FINISH_REASON_UNSPECIFIED
+
+# where a request's outgoing messages go, in order, as they are made (``Generation.generate``)
+Emit = Callable[[router_pb2.RouterGenerateResponse], None]
 
 
 @dataclass
@@ -87,10 +97,17 @@ class Generation:
         return [self.policy, self.prefill_policy, self.decode_policy or self.policy]
 
     async def generate(
-        self, request: router_pb2.RouterGenerateRequest, timeout: float, calls: OutgoingCalls
+        self,
+        request: router_pb2.RouterGenerateRequest,
+        timeout: float,
+        calls: OutgoingCalls,
+        emit: Emit | None = None,
     ) -> AsyncIterator[router_pb2.RouterGenerateResponse]:
         """Stream the request's output. ``timeout``: seconds left for the whole generation;
-        ``calls``: where every outgoing call is registered, so the caller can cancel them."""
+        ``calls``: where every outgoing call is registered, so the caller can cancel them;
+        ``emit``: given, every message goes to it instead of being yielded, most of them from
+        the worker stream's reader (synchronously, in order; it must not raise), and the
+        generator ends when the request does."""
         admitted = time.perf_counter()
         request_id = request.request_id or uuid.uuid4().hex
         params = request.sampling_params
@@ -134,7 +151,9 @@ class Generation:
         try:
             while True:
                 try:
-                    stream = self._stream(detok, call, worker, reply, len(prompt), sent, shaper)
+                    stream = self._stream(
+                        detok, call, worker, reply, len(prompt), sent, shaper, emit
+                    )
                     async for out in stream:
                         yield out
                     self.breakers.record_success(worker.id)
@@ -323,40 +342,51 @@ class Generation:
         num_prompt_tokens: int,
         sent: list[int],
         shaper: OutputShaper | None = None,
+        emit: Emit | None = None,
     ) -> AsyncIterator[router_pb2.RouterGenerateResponse]:
         """Pass ``call``'s tokens on; ``sent``: the completion tokens already passed on (by
         earlier workers, when the request migrated), extended with each message's;
-        ``shaper``: the request's reasoning / tool-call parsing, which rewrites each message."""
-        num_before = len(sent)  # completion tokens earlier workers produced
-        while True:
-            final = reply.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
-            delta = detok.push(reply.token_ids, final)
-            if delta.stopped:
-                call.cancel()
-                out = _stopped(delta, reply, worker, len(sent), num_prompt_tokens)
-                if shaper is not None:
-                    shaper.shape(out, final=True)
-                yield out
-                detok.close()
-                return
-            out = _passed_on(delta, reply, worker, num_prompt_tokens, num_before)
-            if shaper is not None:
-                shaper.shape(out, final)
-            yield out
-            if final:
-                # after the client has its last message. Traced: read both streams' ends, so
-                # their client spans end with the request. Untraced, the worker call's status
-                # comes in by itself: reading its end would cost every request one more round
-                # through grpc's completion queue before the client's stream can end (about
-                # 0.3 ms and 13% of the router's CPU per request, python -m pdmesh.bench
-                # router-overhead)
-                detok.close()
-                if tracing_installed():
-                    with contextlib.suppress(grpc.aio.AioRpcError):
-                        await call.read()
-                return
-            sent.extend(reply.token_ids)
-            reply = await _next(call, worker)
+        ``shaper``: the request's reasoning / tool-call parsing, which rewrites each message;
+        ``emit``: see ``generate`` (on a shared worker stream the reader then relays every
+        output after the first; errors still come through the call's ``read``)."""
+        relay = _Relay(detok, call, worker, num_prompt_tokens, sent, shaper, emit)
+        try:
+            while True:
+                out = relay.handle(reply, reply.finish_reason != _UNFINISHED)
+                if emit is None:
+                    yield out
+                else:
+                    emit(out)
+                if relay.done:
+                    break
+                if emit is not None and not relay.listening and isinstance(call, StreamCall):
+                    relay.listening = call.listen(relay.step)  # queued outputs go to it now
+                    if relay.done:
+                        break
+                try:
+                    reply = await _next(call, worker)
+                except WorkerFailed:
+                    # the relay's stop cancelled the call, or its last output ended it
+                    if not relay.done:
+                        raise
+                if relay.error is not None:
+                    raise relay.error
+                if relay.done:
+                    break
+                # an output nobody relayed (no listener: a Generate call): handled here
+        finally:
+            if relay.listening:
+                cast(StreamCall, call).listen(None)
+        detok.close()
+        if relay.finished and tracing_installed():
+            # after the client has its last message. Traced: read both streams' ends, so
+            # their client spans end with the request. Untraced, the worker call's status
+            # comes in by itself: reading its end would cost every request one more round
+            # through grpc's completion queue before the client's stream can end (about
+            # 0.3 ms and 13% of the router's CPU per request, python -m pdmesh.bench
+            # router-overhead)
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await call.read()
 
     async def _start_on_a_worker(
         self,
@@ -404,6 +434,88 @@ class Generation:
 
 class WorkerFailed(UpstreamError):
     """The generating worker's stream failed (as opposed to, e.g., the detokenizer's)."""
+
+
+class _Relay:
+    """One request's outputs on one worker call, each turned into the message for the client:
+    through the detokenizer (stop strings: the call is cancelled, the tokens after the stop
+    dropped), ``_passed_on`` / ``_stopped`` and the shaper. ``handle`` is the work of one
+    output; ``step`` is the call's listener, run by the worker stream's reader, which hands the
+    message to ``emit`` without waking the request's task (a failure is kept in ``error`` and
+    the output declined, so the task wakes and raises it)."""
+
+    __slots__ = (
+        "_detok",
+        "_call",
+        "_worker",
+        "_num_prompt_tokens",
+        "_sent",
+        "_num_before",
+        "_shaper",
+        "_emit",
+        "done",
+        "finished",
+        "listening",
+        "error",
+    )
+
+    def __init__(
+        self,
+        detok: Detokenizer | TokenIdsOnly,
+        call: GenerationCall,
+        worker: WorkerHandle,
+        num_prompt_tokens: int,
+        sent: list[int],
+        shaper: OutputShaper | None,
+        emit: Emit | None,
+    ) -> None:
+        self._detok = detok
+        self._call = call
+        self._worker = worker
+        self._num_prompt_tokens = num_prompt_tokens
+        self._sent = sent
+        self._num_before = len(sent)  # completion tokens earlier workers produced
+        self._shaper = shaper
+        self._emit = emit
+        self.done = False  # the request's last message was made (finished or stopped)
+        self.finished = False  # ... for the worker's last output (not a stop string)
+        self.listening = False
+        self.error: Exception | None = None
+
+    def handle(
+        self, reply: worker_pb2.GenerateResponse, final: bool
+    ) -> router_pb2.RouterGenerateResponse:
+        delta = self._detok.push(reply.token_ids, final)
+        shaper = self._shaper
+        if delta.stopped:
+            self._call.cancel()
+            self.done = True
+            out = _stopped(delta, reply, self._worker, len(self._sent), self._num_prompt_tokens)
+            if shaper is not None:
+                shaper.shape(out, final=True)
+            return out
+        out = _passed_on(
+            delta, reply, self._worker, self._num_prompt_tokens, self._num_before, final
+        )
+        if shaper is not None:
+            shaper.shape(out, final)
+        if final:
+            self.done = self.finished = True
+        else:
+            self._sent.extend(reply.token_ids)
+        return out
+
+    def step(self, reply: worker_pb2.GenerateResponse, final: bool) -> bool:
+        """The listener: True when ``reply`` was handled and emitted."""
+        if self.done or self.error is not None:
+            return False
+        try:
+            out = self.handle(reply, final)
+            self._emit(out)  # type: ignore[misc]  # (listening only with an emit)
+        except Exception as e:  # raised in the request's task, which its read() wakes
+            self.error = e
+            return False
+        return True
 
 
 async def _next(
@@ -470,17 +582,20 @@ def _passed_on(
     worker: WorkerHandle,
     num_prompt_tokens: int,
     num_before: int = 0,
+    final: bool = True,
 ) -> router_pb2.RouterGenerateResponse:
     """``reply`` for the client; ``num_before``: completion tokens of the workers the request
     migrated from, which the worker counted as prompt: usage is corrected to the client's
-    view (its own prompt, every completion token)."""
+    view (its own prompt, every completion token); ``final``: whether it is the worker's last
+    (only that one has usage or an error)."""
     out = router_pb2.RouterGenerateResponse(
-        text=delta.text,
-        token_ids=reply.token_ids,
-        logprobs=reply.logprobs,
-        finish_reason=reply.finish_reason,
-        worker_id=worker.id,
+        text=delta.text, token_ids=reply.token_ids, worker_id=worker.id
     )
+    if reply.logprobs:
+        out.logprobs.extend(reply.logprobs)
+    if not final:
+        return out
+    out.finish_reason = reply.finish_reason
     if reply.HasField("usage"):
         out.usage.CopyFrom(reply.usage)
         if num_before:

@@ -46,7 +46,7 @@ from services.router import convert
 from services.router.client_stream import ClientStream
 from services.router.coalesce import Coalescer
 from services.router.config import RouterServiceConfig
-from services.router.generate import Generation
+from services.router.generate import Emit, Generation
 from services.router.output_parsing import OutputParsers
 from services.router.tokenization import Tokenization
 from services.router.tokenizer_client import TokenizerClient
@@ -89,10 +89,14 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         failure: list[BaseException] = []
         finished = asyncio.Event()
 
+        def emit(reply: router_pb2.RouterGenerateResponse) -> None:
+            pending.put(0, reply)
+
         async def produce() -> None:
             try:
-                async for reply in self.replies(request, context.time_remaining, calls, ticket):
-                    pending.put(0, reply)
+                replies = self.replies(request, context.time_remaining, calls, ticket, emit)
+                async for reply in replies:
+                    emit(reply)
             except Exception as e:
                 failure.append(e)
             finally:
@@ -146,10 +150,12 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         time_remaining: Callable[[], float | None],
         calls: OutgoingCalls,
         ticket: Ticket,
+        emit: Emit | None = None,
     ) -> AsyncIterator[router_pb2.RouterGenerateResponse]:
         """One generation as both ``Generate`` and ``Stream`` run it: admission, the request
         timeout, metrics; errors are counted and raised. ``time_remaining``: seconds left of
-        the client's own deadline (None: it set none), asked once admitted."""
+        the client's own deadline (None: it set none), asked once admitted; ``emit``: where
+        the replies go as they are made, instead of being yielded (``Generation.generate``)."""
         timer = self._metrics.token_timer()  # from arrival: the queue is part of the TTFT
         try:
             await ticket.acquire()
@@ -164,8 +170,16 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         remaining = time_remaining()
         timeout = self._request_timeout if remaining is None else remaining
         timeout = min(self._request_timeout, timeout)
+        counted: Emit | None = None
+        if emit is not None:
+            sink = emit
+
+            def counted(reply: router_pb2.RouterGenerateResponse) -> None:
+                timer.tokens(len(reply.token_ids))
+                sink(reply)
+
         try:
-            async for reply in self._generation.generate(request, timeout, calls):
+            async for reply in self._generation.generate(request, timeout, calls, counted):
                 timer.tokens(len(reply.token_ids))
                 yield reply
         except UpstreamError as e:

@@ -5,8 +5,12 @@ A ``StreamCall`` reads like the ``Generate`` call it replaces (``read()`` gives 
 next ``GenerateResponse``, then ``grpc.aio.EOF``; a failure raises ``grpc.aio.AioRpcError``;
 ``cancel()`` stops it), so retries, breakers, migration and PD pairing treat both alike. Per
 engine step the worker sends one message for all of this router's requests there; the reader
-task hands each entry to its request, which costs one future resolution per request, not a
-gRPC message.
+task hands each entry to its request. A request that is streaming has a listener on its call
+(``listen``: the router's per-request relay, ``generate._Relay``), which the reader calls with
+the entry right there, in the same pass over the step's message: detokenized, shaped and handed
+to the client's stream without waking the request's task. Without a listener (the request's
+first output, a worker without ``Stream``) an entry is queued for ``read()``, which costs a
+future resolution and a wake-up of the request's task.
 
 The stream opens on first use and again after it ended: when it breaks (the worker died, its
 connection dropped — keepalive pings find a hung one in seconds) every request open on it fails
@@ -23,6 +27,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import TypeAlias
 
 import grpc
@@ -35,6 +40,10 @@ from pdmesh.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 log = logging.getLogger(__name__)
 
 _UNFINISHED = common_pb2.FINISH_REASON_UNSPECIFIED
+
+# a request's output as the stream's reader hands it over: (the output, whether it is the last);
+# True when the listener took it (nothing is queued for ``read()``)
+Listener: TypeAlias = Callable[[worker_pb2.GenerateResponse, bool], bool]
 
 BidiCall: TypeAlias = (
     "grpc.aio.StreamStreamCall[worker_pb2.WorkerStreamRequest, worker_pb2.WorkerStreamResponse]"
@@ -64,6 +73,23 @@ class StreamCall:
         self._error: grpc.aio.AioRpcError | None = None
         self._ended = False  # its last output (or error) arrived
         self._timer: asyncio.TimerHandle | None = None
+        self._listener: Listener | None = None
+
+    def listen(self, listener: Listener | None) -> bool:
+        """From now on hand each output to ``listener`` as it arrives (None: stop); outputs
+        already queued go to it first, in order. An output it declines (returns False) is
+        queued for ``read()`` and wakes the reader; errors and the end come through ``read()``
+        as always. False (and nothing set) when the request reads its own Generate call."""
+        if self._fallback is not None:
+            return False
+        self._listener = listener
+        outputs = self._outputs
+        while listener is not None and outputs:
+            output = outputs[0]
+            if not listener(output, output.finish_reason != _UNFINISHED):
+                break
+            outputs.popleft()
+        return True
 
     async def read(self) -> worker_pb2.GenerateResponse | grpc.aio.EOFType:
         while True:
@@ -100,9 +126,15 @@ class StreamCall:
         if output.HasField("status"):
             self._finish(_status_error(output.status))
             return
-        self._outputs.append(output)
-        if output.finish_reason != _UNFINISHED:
-            self._finish(None)
+        final = output.finish_reason != _UNFINISHED
+        listener = self._listener
+        if listener is None or not listener(output, final):
+            self._outputs.append(output)
+        elif not final:
+            return  # taken: nothing to wake
+        if final:
+            if not self._ended:  # (a listener may have cancelled the call)
+                self._finish(None)
         else:
             self._wake()  # (_finish wakes too)
 
@@ -116,6 +148,7 @@ class StreamCall:
         if self._timer is not None:
             self._timer.cancel()
         self._fallback = call
+        self._listener = None  # the task reads the call itself from now on
         self._wake()
 
     def expire(self) -> None:
