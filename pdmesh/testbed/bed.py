@@ -57,6 +57,7 @@ from pdmesh.testbed.netns import Network
 REPO_ROOT = Path(__file__).resolve().parents[2]  # services/ lives beside pdmesh/
 HOSTS = ("a", "b", "c")
 CONSUL_HTTP_PORT = 8500
+BOOTSTRAP_PORT = 8998  # the prefill's Mooncake bootstrap server
 STARTUP_TIMEOUT_S = 180.0  # the first start may convert the default model
 STOP_TIMEOUT_S = 30.0
 RPC_TIMEOUT_S = 5.0
@@ -191,7 +192,9 @@ class MultiHostBed:
     def __init__(self, config: BedConfig) -> None:
         self.config = config
         config.log_dir.mkdir(parents=True, exist_ok=True)
-        self.net = Network(HOSTS)
+        # every port a service listens on, so no outgoing connection inside a host takes one
+        ports = [port for *_, port, _ in self._specs()]
+        self.net = Network(HOSTS, reserved_ports=[*ports, BOOTSTRAP_PORT, CONSUL_HTTP_PORT])
         self.services: dict[str, Service] = {}
         self.agents: dict[str, HostProc] = {}
         self.forwarders: dict[str, HostProc] = {}
@@ -210,7 +213,7 @@ class MultiHostBed:
             "--rpc-timeout", "3",
             "--disagg-min-prompt-tokens", str(c.disagg_min_prompt_tokens),
         ]  # fmt: skip
-        prefill = [*WORKER_ARGS, *STEP, *grace, "--bootstrap-port", "8998"]
+        prefill = [*WORKER_ARGS, *STEP, *grace, "--bootstrap-port", str(BOOTSTRAP_PORT)]
         decode = [
             *WORKER_ARGS, *STEP, *grace,
             "--mode", "decode", "--migration-limit", "3",

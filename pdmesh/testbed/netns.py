@@ -14,6 +14,9 @@ pair whose other end is a port of a bridge (``br0``, ``br1``) in a switch namesp
 run's own. Interfaces are created straight inside the namespaces, so nothing, no address and
 no link, ever appears in the namespace the caller runs in; hosts reach each other only over
 the bridges, and a port set down cuts a host off both ways (NO-CARRIER on its side).
+``reserved_ports`` go into each host's ``net.ipv4.ip_local_reserved_ports`` (a per-namespace
+sysctl): services listen on fixed ports inside the ephemeral range (50051..), and an outgoing
+connection that the kernel gave such a port first would make the service's bind fail.
 
 Names carry the creating process's pid and a random token (``pdmt<pid>-<token>-<host>``), so
 runs side by side never collide; a run that died without tearing down (SIGKILL) leaves
@@ -167,15 +170,18 @@ class _SigtermGuard:
 
 
 class Network:
-    def __init__(self, hosts: Sequence[str]) -> None:
+    def __init__(self, hosts: Sequence[str], reserved_ports: Iterable[int] = ()) -> None:
         """``hosts``: short names (letters, digits), one namespace each, addressed .1, .2 ...
-        in the order given."""
+        in the order given; ``reserved_ports``: never handed out as ephemeral ports there."""
         if not hosts or len(set(hosts)) != len(hosts) or len(hosts) > 200:
             raise ValueError(f"hosts {hosts!r}: 1 to 200 distinct names")
         for h in hosts:
             if not re.fullmatch(r"[a-z0-9]{1,8}", h):
                 raise ValueError(f"host name {h!r}: 1-8 lower-case letters or digits")
         self.hosts = tuple(hosts)
+        self.reserved_ports = tuple(sorted(set(reserved_ports)))
+        if any(not 0 < p < 65536 for p in self.reserved_ports):
+            raise ValueError(f"reserved_ports {self.reserved_ports!r}: 1 to 65535")
         self.run_id = f"{PREFIX}{os.getpid()}-{secrets.token_hex(3)}"
         self.switch = f"{self.run_id}-switch"
         self._ns = {h: f"{self.run_id}-{h}" for h in self.hosts}
@@ -219,6 +225,8 @@ class Network:
                 ns = self._ns[host]
                 self._add_ns(ns)
                 _ip("-n", ns, "link", "set", "lo", "up")
+                if self.reserved_ports:
+                    self._reserve_ports(ns)
                 for net in NETS:
                     port = self._port(host, net)
                     _ip(
@@ -239,6 +247,16 @@ class Network:
     def _add_ns(self, ns: str) -> None:
         _ip("netns", "add", ns)
         self._created.append(ns)
+
+    def _reserve_ports(self, ns: str) -> None:
+        ports = ",".join(map(str, self.reserved_ports))
+        sysctl = f"net.ipv4.ip_local_reserved_ports={ports}"
+        done = subprocess.run(
+            ["ip", "netns", "exec", ns, "sysctl", "-q", "-w", sysctl],
+            capture_output=True, text=True, timeout=IP_TIMEOUT_S, check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"sysctl -w {sysctl} in {ns}: {done.stderr.strip()}")
 
     def _port(self, host: str, net: str) -> str:
         return f"p{self.hosts.index(host)}{net[0]}"  # the switch's end of host's veth

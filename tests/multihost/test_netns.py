@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -108,3 +109,21 @@ def test_a_killed_runs_namespaces_are_reaped_by_the_next() -> None:
         time.sleep(0.05)
     assert set(names) <= set(reap_stale())
     assert not set(names) & set(list_namespaces())
+
+
+def test_reserved_ports_are_never_ephemeral_inside_a_host_and_only_there() -> None:
+    sysctl = Path("/proc/sys/net/ipv4/ip_local_reserved_ports")
+    outside = sysctl.read_text()
+    with Network(["x"], reserved_ports=[50054, 50051, 8998]) as net:
+        read = [
+            sys.executable,
+            "-c",
+            "print(open('/proc/sys/net/ipv4/ip_local_reserved_ports').read())",
+        ]
+        inside = subprocess.run(
+            net.command("x", read), capture_output=True, text=True, timeout=TIMEOUT_S, check=True
+        )
+        assert inside.stdout.strip() == "8998,50051,50054"
+    assert sysctl.read_text() == outside
+    with pytest.raises(ValueError, match="reserved_ports"):
+        Network(["x"], reserved_ports=[0])
