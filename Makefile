@@ -72,6 +72,10 @@ run-disagg: install
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# the benchmark harnesses' own tests, which the default suite skips (tests/conftest.py)
+test-bench: install
+	PDMESH_BENCH_TESTS=1 $(PY) -m pytest -q -m bench $(PYTEST_ARGS)
+
 test-gpu: install
 	$(PY) -m pytest -q -m gpu $(PYTEST_ARGS)
 

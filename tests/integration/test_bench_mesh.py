@@ -15,7 +15,10 @@ from pdmesh.bench import __main__ as bench
 from pdmesh.bench.mesh.cpu import LOADGEN
 from pdmesh.bench.mesh.procs import PATHS
 
-pytestmark = pytest.mark.model  # the default model's tokenizer (converted once into the cache)
+pytestmark = [
+    pytest.mark.model,
+    pytest.mark.bench,
+]  # the default model's tokenizer (converted once into the cache)
 
 CONCURRENCY, OUTPUT_LEN, REQUESTS = 4, 16, 8
 PDMESH_ARMS = ("direct", "router-ids", "router-text", "gateway")

@@ -11,9 +11,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from pdmesh.bench.pd_vs_agg.main import main
 from pdmesh.bench.pd_vs_agg.report import ROWS
 from pdmesh.bench.pd_vs_agg.workload import WARMUP_REQUESTS
+
+pytestmark = pytest.mark.bench
 
 STREAMS = 2
 LONGS = 3

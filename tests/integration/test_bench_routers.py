@@ -27,6 +27,8 @@ from pdmesh.bench.routers.quality_config import QualityConfig
 from pdmesh.bench.routers.stats import median
 from pdmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 
+pytestmark = pytest.mark.bench
+
 TINY_OVERHEAD = oc.OverheadConfig(
     workers=2,
     latency_requests=20,

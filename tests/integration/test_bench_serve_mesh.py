@@ -14,7 +14,7 @@ import pytest
 from pdmesh.bench.serve.__main__ import main
 from tests.integration.procs import ServiceProc
 
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.bench]
 
 
 def test_bench_serve_grpc_on_the_mesh(router_proc: ServiceProc, tmp_path: Path) -> None:

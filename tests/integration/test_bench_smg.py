@@ -13,7 +13,7 @@ from pdmesh.bench.serve.tokenizer import BenchTokenizer
 from pdmesh.bench.smg_config import SmgBenchConfig
 from pdmesh.models.fetch import ensure_default_model
 
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.bench]
 
 TENANTS, PER_TENANT = 2, 3
 
