@@ -26,6 +26,10 @@ class InvalidRequestError(EngineError, ValueError):
         self.field = field
         self.message = message
 
+    def __reduce__(self) -> tuple[type[InvalidRequestError], tuple[str, str]]:
+        # pickled across the engine process's pipe: rebuilt from both arguments, not ``args``
+        return type(self), (self.field, self.message)
+
 
 class ResourceExhaustedError(EngineError):
     """The request can never fit (e.g. it needs more KV pages than the pool holds)."""

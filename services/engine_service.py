@@ -6,6 +6,9 @@ engine or Consul refused)."""
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import signal
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, TypeVar, cast
@@ -13,9 +16,12 @@ from typing import Any, Protocol, TypeVar, cast
 from pdmesh.config import add_dataclass_args, from_args
 from pdmesh.engine import LLMEngine
 from pdmesh.engine.config import EngineConfig
+from pdmesh.engine.engine_process import EngineProcess
 from pdmesh.kv_transfer import KVTransferError
 from pdmesh.rpc.server import configure_logging
 from services.mesh import MeshOptions, add_mesh_args, parse_configs, run_service
+
+log = logging.getLogger(__name__)
 
 
 class ServiceConfig(Protocol):
@@ -24,7 +30,30 @@ class ServiceConfig(Protocol):
 
 
 C = TypeVar("C", bound=ServiceConfig)
-Serve = Callable[[C, LLMEngine, MeshOptions], Coroutine[Any, Any, None]]
+E = TypeVar("E", LLMEngine, "LLMEngine | EngineProcess")
+Serve = Callable[[C, E, MeshOptions], Coroutine[Any, Any, None]]
+
+
+def load_engine(config: ServiceConfig, engine_config: EngineConfig) -> LLMEngine:
+    """The engine in this process (raises what ``LLMEngine`` raises on a bad model)."""
+    return LLMEngine(engine_config)
+
+
+def load_worker_engine(config: Any, engine_config: EngineConfig) -> LLMEngine | EngineProcess:
+    """A worker's engine: in this process, or with ``--engine-process`` in its own (loaded
+    before this returns; a child that cannot load raises ``RuntimeError`` with its reason)."""
+    if not getattr(config, "engine_process", False):
+        return LLMEngine(engine_config)
+    engine = EngineProcess(engine_config, on_death=_stop_worker)
+    engine.launch()
+    return engine
+
+
+def _stop_worker(error: BaseException) -> None:
+    # the worker cannot serve without its engine: stop as on SIGTERM, so it deregisters and
+    # its process supervisor restarts it (the router migrates what was streaming)
+    log.error("%s: stopping the worker", error)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def add_engine_service_args(
@@ -43,8 +72,9 @@ def add_engine_service_args(
 def run_engine_service(
     parser: argparse.ArgumentParser,
     config_cls: type[C],
-    serve: Serve[C],
+    serve: Serve[C, E],
     argv: list[str] | None = None,
+    load: Callable[[C, EngineConfig], E] = load_engine,  # type: ignore[assignment]
 ) -> int:
     parsed = parse_configs(
         parser,
@@ -56,7 +86,7 @@ def run_engine_service(
     config, engine_config, mesh = parsed
     configure_logging(config.log_level)
     try:
-        engine = LLMEngine(engine_config)
+        engine = load(config, engine_config)
     except (ValueError, OSError, RuntimeError) as e:  # bad model spec, missing files, no memory
         print(f"error: cannot load the engine for {engine_config.model!r}: {e}", file=sys.stderr)
         return 2

@@ -7,6 +7,12 @@ one ``call_soon_threadsafe`` per step and are fanned out to per-request queues, 
 list per step, to the ``OutputSink`` a request was started into (``start_into``: what a stream
 that carries many requests uses, so a step costs it one call, not one wake-up per request).
 
+Everything asked of the engine is a ``Command``: an ``LLMEngine`` method's name and its
+arguments. Here they run on the engine thread; ``EngineProcess`` (``engine_process``) sends the
+same commands to an engine in a process of its own. A command that starts a request (``STARTS``)
+has its first output emitted like a step's, so it reaches the request's queue or sink ahead of
+every later one whichever way the engine runs.
+
 A request with a grammar has it compiled on this class's own small thread pool before the
 request reaches the engine thread (``prepare``): compiling takes ~1 ms for a JSON schema but can
 take 100s of ms for a large grammar (and the first one builds llguidance's tokenizer, ~0.7 s),
@@ -24,18 +30,43 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
+from pdmesh.engine.config import EngineConfig
+from pdmesh.engine.kv_cache import KVLayout
 from pdmesh.engine.llm_engine import LLMEngine
 from pdmesh.engine.outputs import EngineLoad, RequestOutput
 from pdmesh.engine.sampling_params import SamplingParams
 from pdmesh.engine.sequence import TokenLogprob
 from pdmesh.errors import EngineDeadError, InvalidRequestError
+from pdmesh.models.source import ModelSource
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# an LLMEngine method's name and its positional arguments
+Command = tuple[str, tuple[Any, ...]]
+# the commands that start a request: their result is its first output (or None)
+STARTS = frozenset({"add_request", "start_decode"})
+
 _IDLE_WAIT_S = 0.05  # how long the idle engine thread sleeps on its command queue
+
+
+class EngineInfo(Protocol):
+    """The facts of a loaded engine the services read once at startup (``LLMEngine`` has
+    them; ``EngineProcess`` has a copy sent by its engine process)."""
+
+    @property
+    def source(self) -> ModelSource: ...
+    @property
+    def config(self) -> EngineConfig: ...
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def max_model_len(self) -> int: ...
+    @property
+    def eos_token_ids(self) -> frozenset[int]: ...
+    def kv_layout(self) -> KVLayout: ...
 
 
 class OutputSink(Protocol):
@@ -96,7 +127,10 @@ class AsyncEngine:
     ) -> list[int]:
         """PD decode side: ``LLMEngine.allocate_incoming`` with the grammar compiled first."""
         await self.prepare(params)
-        return await self.call(self.engine.allocate_incoming, request_id, prompt_token_ids, params)
+        return cast(
+            "list[int]",
+            await self._command("allocate_incoming", request_id, prompt_token_ids, params),
+        )
 
     # -- public API -----------------------------------------------------------------------
 
@@ -112,9 +146,7 @@ class AsyncEngine:
         Raises the engine's typed errors (``InvalidRequestError``…) before the first output.
         """
         await self.prepare(params)
-        start = functools.partial(
-            self.engine.add_request, request_id, prompt_token_ids, params, prefill_only
-        )
+        start = ("add_request", (request_id, prompt_token_ids, params, prefill_only))
         async for out in self._stream(request_id, start):
             yield out
 
@@ -123,13 +155,11 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """PD decode side: ``start_decode`` a request whose pages ``allocate_incoming`` reserved
         and whose KV has arrived, then stream its outputs, the first token first."""
-        start = functools.partial(self.engine.start_decode, request_id, first_token, logprob)
+        start = ("start_decode", (request_id, first_token, logprob))
         async for out in self._stream(request_id, start):
             yield out
 
-    async def _stream(
-        self, request_id: str, start: Callable[[], RequestOutput | None]
-    ) -> AsyncIterator[RequestOutput]:
+    async def _stream(self, request_id: str, start: Command) -> AsyncIterator[RequestOutput]:
         # the queue is registered before ``start`` runs: the engine thread may step, and
         # dispatch this request's next outputs, before the event loop resumes this coroutine
         if request_id in self._streams:  # the live request's outputs would go to this caller
@@ -138,10 +168,7 @@ class AsyncEngine:
         self._streams[request_id] = stream
         finished = False
         try:
-            first = await self.call(start)
-            if first is not None:
-                finished = first.finished
-                yield first
+            await asyncio.wrap_future(self._send(start))  # its first output is in ``stream``
             while not finished:
                 item = await stream.get()
                 if isinstance(item, BaseException):
@@ -167,9 +194,7 @@ class AsyncEngine:
         if request_id in self._streams or request_id in self._sinks:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
         self._sinks[request_id] = sink
-        start = functools.partial(
-            self.engine.add_request, request_id, prompt_token_ids, params, False
-        )
+        start: Command = ("add_request", (request_id, prompt_token_ids, params, False))
         compile_now = self._compile_job(params)
         if compile_now is None:
             self._start_sink(request_id, start)
@@ -177,12 +202,7 @@ class AsyncEngine:
         compiling = asyncio.wrap_future(self._compile_pool.submit(compile_now))
         compiling.add_done_callback(lambda f: self._compiled(request_id, start, f))
 
-    def _compiled(
-        self,
-        request_id: str,
-        start: Callable[[], RequestOutput | None],
-        future: asyncio.Future[object],
-    ) -> None:
+    def _compiled(self, request_id: str, start: Command, future: asyncio.Future[object]) -> None:
         # on the loop: a bad grammar fails the sink; a good one starts the request unless it
         # was detached meanwhile (its abort ran before the request existed)
         error = EngineDeadError("engine shut down") if future.cancelled() else future.exception()
@@ -191,20 +211,14 @@ class AsyncEngine:
         elif request_id in self._sinks:
             self._start_sink(request_id, start)
 
-    def _start_sink(self, request_id: str, start: Callable[[], RequestOutput | None]) -> None:
-        # the first output is emitted from the engine thread, so it reaches the sink before
-        # any step's (both travel by call_soon_threadsafe, in the engine thread's order)
-        future = self._submit(lambda: self._emit_first(start()))
+    def _start_sink(self, request_id: str, start: Command) -> None:
+        future = self._send(start)
         future.add_done_callback(lambda f: self._started(request_id, f))
 
     def detach(self, request_id: str) -> None:
         """Stop a request started with ``start_into``: no more outputs, its pages freed."""
         if self._sinks.pop(request_id, None) is not None:
             self.abort_soon(request_id)
-
-    def _emit_first(self, first: RequestOutput | None) -> None:
-        if first is not None:
-            self._emit([first])
 
     def _started(self, request_id: str, future: concurrent.futures.Future[Any]) -> None:
         # on the engine thread (or the caller's, when the engine is dead)
@@ -221,13 +235,35 @@ class AsyncEngine:
         """Abort ``request_id`` without waiting (from callbacks and cancelled tasks); a no-op
         for an unknown or finished request."""
         if self._dead is None:
-            self._submit(lambda: self.engine.abort(request_id))
+            self._send(("abort", (request_id,)))
 
     async def abort(self, request_id: str) -> bool:
-        return await self.call(self.engine.abort, request_id)
+        return cast(bool, await self._command("abort", request_id))
 
     async def load(self) -> EngineLoad:
-        return await self.call(self.engine.load)
+        return cast(EngineLoad, await self._command("load"))
+
+    @property
+    def info(self) -> EngineInfo:
+        """What the engine serves (model, vocabulary, context, KV layout): fixed once loaded."""
+        return self.engine
+
+    async def _command(self, name: str, *args: Any) -> Any:
+        return await asyncio.wrap_future(self._send((name, args)))
+
+    def _send(self, command: Command) -> concurrent.futures.Future[Any]:
+        """Queue ``command`` for the engine; a start's first output is emitted, not returned
+        (the engine thread emits it before any later step's: both travel by
+        call_soon_threadsafe, in that thread's order)."""
+        name, args = command
+        method = getattr(self.engine, name)
+        if name in STARTS:
+            return self._submit(lambda: self._emit_first(method(*args)))
+        return self._submit(lambda: method(*args))
+
+    def _emit_first(self, first: RequestOutput | None) -> None:
+        if first is not None:
+            self._emit([first])
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` on the engine thread between steps and return its result."""

@@ -31,7 +31,12 @@ from pdmesh.engine.kv_cache import allocate_kv_cache
 from pdmesh.engine.sampler import RowMasks, Sampled, Sampler, SampleRow
 from pdmesh.engine.scheduler import ScheduledBatch
 from pdmesh.engine.sequence import Sequence, TokenLogprob
-from pdmesh.layers.attention import AttentionMetadata, PrefillSegment, rows_per_page
+from pdmesh.layers.attention import (
+    AttentionMetadata,
+    PrefillSegment,
+    rows_per_page,
+    varlen_prefill,
+)
 from pdmesh.models import llama
 from pdmesh.models.config import ModelConfig
 
@@ -295,6 +300,8 @@ class ModelRunner:
         meta = step.meta
         meta.slot_mapping = buf[r_slots]
         meta.prefills = [self._segment(r0, st, n, buf[r]) for r0, st, n, r in prefills]
+        if self.kernels and self.dtype in (torch.float16, torch.bfloat16):  # flash: 16-bit
+            meta.prefill_varlen = varlen_prefill(meta.prefills, self.device)
         if nd:
             meta.num_decode = nd
             width = int(pos.max()) + 1  # the longest context, known here without the device

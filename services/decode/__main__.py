@@ -14,7 +14,11 @@ import sys
 
 from services.decode.config import WorkerServiceConfig
 from services.decode.server import serve
-from services.engine_service import add_engine_service_args, run_engine_service
+from services.engine_service import (
+    add_engine_service_args,
+    load_worker_engine,
+    run_engine_service,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_engine_service(build_parser(), WorkerServiceConfig, serve, argv)
+    return run_engine_service(
+        build_parser(), WorkerServiceConfig, serve, argv, load=load_worker_engine
+    )
 
 
 if __name__ == "__main__":

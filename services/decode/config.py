@@ -86,6 +86,13 @@ class WorkerServiceConfig:
         "mlx5_0,mlx5_1: the NICs next to this worker's GPU; empty: every device Mooncake finds",
         env="PDMESH_DISAGGREGATION_IB_DEVICE",
     )
+    engine_process: bool = flag(
+        False,
+        "run the engine in a process of its own (aggregated workers only): its step loop then "
+        "has a core and a GIL to itself, instead of sharing them with this process's gRPC "
+        "streams (what SGLang's scheduler and vLLM's EngineCore processes do); worth it on a "
+        "GPU at high batch, where the worker's Python, not the GPU, sets the step time",
+    )
     log_level: str = flag("info", f"log verbosity: {', '.join(LOG_LEVELS)}")
     grace_period: float = flag(
         30.0,
@@ -100,6 +107,11 @@ class WorkerServiceConfig:
             raise ValueError("--mode=prefill: prefill workers are python -m services.prefill")
         if self.mode not in MODES:
             raise ValueError(f"--mode={self.mode!r}; choose {', '.join(MODES)}")
+        if self.engine_process and self.mode != "aggregated":
+            raise ValueError(
+                "--engine-process: aggregated workers only (a PD decode's transfers use the "
+                "engine's KV memory in the worker's own process)"
+            )
         for name in ("waiting_timeout", "heartbeat_interval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be > 0")

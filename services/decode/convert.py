@@ -14,10 +14,10 @@ from pdmesh.engine import (
     EngineLoad,
     FinishReason,
     InvalidRequestError,
-    LLMEngine,
     RequestOutput,
     SamplingParams,
 )
+from pdmesh.engine.async_engine import EngineInfo
 from pdmesh.pd.values import RemotePrefill
 from pdmesh.pd.wire import logprob_to_pb
 from pdmesh.v1 import common_pb2, worker_pb2
@@ -131,7 +131,7 @@ def load_to_pb(load: EngineLoad) -> worker_pb2.GetLoadResponse:
 
 
 def model_info_to_pb(
-    engine: LLMEngine, role: str = "aggregated", bootstrap_port: int = 0, migration_limit: int = 0
+    engine: EngineInfo, role: str = "aggregated", bootstrap_port: int = 0, migration_limit: int = 0
 ) -> worker_pb2.GetModelInfoResponse:
     """What the worker serves; read once at startup (none of it changes while serving)."""
     layout = engine.kv_layout()

@@ -34,6 +34,7 @@ from pdmesh.discovery import (
     registration_for,
 )
 from pdmesh.engine import AsyncEngine, InvalidRequestError, LLMEngine, RequestOutput
+from pdmesh.engine.engine_process import EngineProcess
 from pdmesh.rpc.multiplex import Sessions
 from pdmesh.rpc.server import RpcServer, wait_for_signal
 from pdmesh.telemetry import Metrics, event, set_attributes, span
@@ -170,13 +171,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
 
 async def serve(
-    config: WorkerServiceConfig, engine: LLMEngine, mesh: MeshOptions | None = None
+    config: WorkerServiceConfig,
+    engine: LLMEngine | EngineProcess,
+    mesh: MeshOptions | None = None,
 ) -> None:
     """Serve ``engine`` until SIGTERM/SIGINT, registered (``--discovery consul``) while
     serving; on the signal it deregisters at once, then in-flight generations drain for the
     grace period (the engine keeps stepping meanwhile), then the engine thread stops."""
     mesh = mesh or MeshOptions()
-    async_engine = AsyncEngine(engine)
+    # with --engine-process the engine runs (already loaded) in a process of its own
+    async_engine = engine if isinstance(engine, EngineProcess) else AsyncEngine(engine)
     async_engine.start()
     observed = Observed.start("pdmesh-decode", config.host, mesh.telemetry)
     names = [SERVICE_NAME, sglang_grpc.SERVICE_NAME]  # SGLang's protocol beside ours
@@ -187,7 +191,7 @@ async def serve(
     if config.mode == "decode":
         decode_side = open_decode_side(config, async_engine, rpc, mesh.tls)
     model_info = convert.model_info_to_pb(
-        engine, role=config.mode, migration_limit=config.migration_limit
+        async_engine.info, role=config.mode, migration_limit=config.migration_limit
     )
     servicer = WorkerServicer(
         async_engine, model_info, decode_side, config.stream_interval, observed.metrics

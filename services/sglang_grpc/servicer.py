@@ -207,7 +207,7 @@ def add_to_server(
     """Serve SGLang's protocol on ``server`` beside ``worker`` (whose GetModelInfo reply is
     ``model_info``). Put ``SERVICE_NAME`` among the server's service names too, so health and
     reflection know it."""
-    llm = engine.engine
-    facts = WorkerFacts(model_info, llm.source, llm.config.max_running_requests)
+    info = engine.info
+    facts = WorkerFacts(model_info, info.source, info.config.max_running_requests)
     servicer = SglangSchedulerServicer(worker, engine, facts)
     sglang_scheduler_pb2_grpc.add_SglangSchedulerServicer_to_server(servicer, server)

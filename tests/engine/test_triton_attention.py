@@ -126,3 +126,31 @@ def test_fused_ops_round_like_the_torch_path(dtype: torch.dtype) -> None:
     # torch's float32 SiLU evaluates its own formula (an ulp apart); bf16 rounds identically
     tol = 1e-6 if dtype == torch.float32 else 0.0
     torch.testing.assert_close(cuda_ops.silu_mul(gu), want_act, atol=tol, rtol=tol)
+
+
+def test_varlen_prefill_matches_per_segment_sdpa() -> None:
+    from pdmesh.layers.attention import PrefillSegment, _flash_varlen, varlen_prefill
+
+    torch.manual_seed(0)
+    lens, heads, kv_heads, dim = [5, 17, 33, 1, 64], 9, 3, 64
+    total = sum(lens)
+    q = torch.randn(total, heads, dim, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(total, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(total, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
+    starts = [sum(lens[:i]) for i in range(len(lens))]
+    empty = torch.empty(0, dtype=torch.long, device="cuda")
+    segs = [PrefillSegment(s, n, n, empty, None) for s, n in zip(starts, lens)]
+    batch = varlen_prefill(segs, torch.device("cuda"))
+    assert batch is not None and batch.segments == range(len(lens)) and batch.max_len == 64
+    got = _flash_varlen(q, k, v, batch, dim**-0.5)
+    for s, n in zip(starts, lens):
+        rows = slice(s, s + n)
+        ref = F.scaled_dot_product_attention(
+            q[rows].transpose(0, 1).unsqueeze(0).float(),
+            k[rows].transpose(0, 1).unsqueeze(0).float(),
+            v[rows].transpose(0, 1).unsqueeze(0).float(),
+            is_causal=True,
+            scale=dim**-0.5,
+            enable_gqa=True,
+        )[0].transpose(0, 1)
+        torch.testing.assert_close(got[rows].float(), ref, atol=2e-2, rtol=2e-2)

@@ -24,8 +24,12 @@ def tokenizer_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service
 
 @pytest.fixture(scope="session")
 def worker_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProc]:
+    # the session's shared worker runs its engine in a process of its own (--engine-process):
+    # every router, gateway and worker test through it covers that path, and the tests that
+    # start workers of their own cover the engine thread
     log_dir = tmp_path_factory.mktemp("worker")
-    svc = start_service("services.decode", worker_args(), "worker", log_dir=log_dir)
+    args = worker_args("--engine-process")
+    svc = start_service("services.decode", args, "worker", log_dir=log_dir)
     yield svc
     svc.stop_and_check()
 
