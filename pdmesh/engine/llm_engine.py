@@ -26,14 +26,16 @@ What that takes:
 - pages are hashed into the prefix cache at resolve time, up to what that step computed, as
   without the overlap; a request admitted while that step is in flight sees those pages only
   once it resolves (one step later than without the overlap).
-- penalties need the previous tokens on the host: while a request with penalties is in the
-  step in flight, that step resolves before the next is scheduled (no overlap for that batch).
-  So does a grammar (constrained decoding, grammar.py): the mask of step N+1 is what the matcher
-  allows after step N's token, which only the host's matcher can compute, and a step cannot be
-  sampled without it. Guessing instead (a mask per possible token, or sampling unmasked and
-  rolling back) would cost more than it saves; the mask is still filled while the GPU runs that
-  step's forward (model_runner.py), so what the rule costs a constrained batch is the
-  host's scheduling and input building, which no longer overlap the GPU.
+- penalties need the previous tokens on the host, and so does a grammar (constrained decoding,
+  grammar.py): the mask of step N+1 is what the matcher allows after step N's token, which only
+  the host's matcher can compute. Such a step N+1 is scheduled and its forward launched while
+  step N is in flight, as any other; only its sampling waits: ``step()`` launches N+1's
+  forward, resolves N (its tokens reach the matchers), then fills N+1's masks and queues its
+  sampling (``ModelRunner.sample_deferred``) while the GPU runs N+1's forward. So the host's
+  scheduling, input building, output building and mask filling all overlap the GPU; the GPU
+  waits only when they take longer than a forward. Guessing instead (a mask per possible
+  token, or sampling unmasked and rolling back) would cost more than it saves. A row whose
+  request ended at step N samples unmasked (its token is dropped, as below).
   Seeds (keyed by position) and min_new_tokens (by count) need only lengths, which placeholders
   keep. Unseeded random rows draw from the engine's generator in batch order; the dropped extra
   rows take draws too, so their tokens differ between overlap on and off (they are not
@@ -81,7 +83,6 @@ class _InFlight:
     # per sampled row: the sequence and the index of its placeholder in token_ids
     sampled: list[tuple[Sequence, int]]
     retired: list[Sequence]  # sampled their last token: out of the schedule already
-    needs_host_tokens: bool  # a row has penalties: resolve before scheduling the next step
     # finished while this step ran, with a row in it: their pages are freed when it resolves,
     # since it still writes KV into them (a KV transfer from another process into a page given
     # out again meanwhile would race with that write; local users come after it on the stream)
@@ -193,17 +194,18 @@ class LLMEngine:
         """Launch the next step and return the outputs of the one before it (module NOTE);
         without the overlap, of this one."""
         outputs, self._pending = self._pending, []
-        if self._inflight is not None and self._inflight.needs_host_tokens:
-            inflight, self._inflight = self._inflight, None
-            outputs += self._resolve(inflight)
         batch = self.scheduler.schedule()
-        launched = None if batch.is_empty else self._launch(batch)
-        previous, self._inflight = self._inflight, launched
+        previous = self._inflight
+        launched = None if batch.is_empty else self._launch(batch, defer=previous is not None)
+        self._inflight = launched
         if previous is not None:
             outputs += self._resolve(previous)
-        if launched is not None and not self.overlap:
-            self._inflight = None
-            outputs += self._resolve(launched)
+        if launched is not None:
+            if launched.launched.deferred is not None:  # host tokens known now (module NOTE)
+                self.runner.sample_deferred(launched.launched)
+            if not self.overlap:
+                self._inflight = None
+                outputs += self._resolve(launched)
         self._stalled = batch.is_empty and previous is None and not outputs
         return outputs
 
@@ -355,10 +357,11 @@ class LLMEngine:
             )
         return matcher
 
-    def _launch(self, batch: ScheduledBatch) -> _InFlight:
+    def _launch(self, batch: ScheduledBatch, defer: bool) -> _InFlight:
         """Queue the step on the device, then advance the host state as if it had run: the
-        computed counts, a placeholder per sampled token, the ends that are certain."""
-        return self._advance(batch, self.runner.launch(batch))
+        computed counts, a placeholder per sampled token, the ends that are certain.
+        ``defer``: a step is in flight, so rows that need its tokens sample later."""
+        return self._advance(batch, self.runner.launch(batch, defer))
 
     def _advance(self, batch: ScheduledBatch, launched: Launched) -> _InFlight:
         seqs = batch.seqs
@@ -375,9 +378,6 @@ class LLMEngine:
                 retired.append(seq)
         if retired:
             self.scheduler.retire(retired)
-        needs_host_tokens = not launched.plain_greedy and any(
-            s.needs_host_tokens for s, _ in sampled
-        )
         hashing = self.blocks.enable_prefix_cache  # only the prefix cache reads these two
         return _InFlight(
             batch,
@@ -386,7 +386,6 @@ class LLMEngine:
             [s.block_table for s in seqs] if hashing else [],
             sampled,
             retired,
-            needs_host_tokens,
         )
 
     def _resolve(self, step: _InFlight) -> list[RequestOutput]:

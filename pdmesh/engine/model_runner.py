@@ -56,6 +56,18 @@ class Launched:
     # the end of the step's work when nothing samples (else the sampled copies' event): a
     # resolved step has written all its KV, so its pages may be handed to a KV transfer
     done: TransferFence | None = None
+    # its sampling waits for the previous step's tokens on the host (``launch(defer=True)``)
+    deferred: _DeferredSample | None = None
+
+
+@dataclass
+class _DeferredSample:
+    """A launched forward whose rows need the previous step's tokens on the host to sample
+    (penalties count them; a grammar's mask follows them): sampled by ``sample_deferred``."""
+
+    logits: torch.Tensor
+    seqs: list[Sequence]
+    rows: list[SampleRow]  # built at launch: lengths before this step's placeholders
 
 
 @dataclass
@@ -149,19 +161,32 @@ class ModelRunner:
             with _on(device):
                 self.graphs = DecodeGraphs(self, cuda_graph_max_batch)
 
-    def launch(self, batch: ScheduledBatch) -> Launched:
+    def launch(self, batch: ScheduledBatch, defer: bool = False) -> Launched:
         """Queue the batch's forward and sampling on the device; nothing here waits for it.
 
         A row's input token may be a placeholder (``sequence.placeholder``) for a token that
         the previous launch sampled: it is read from that launch's token tensor on the device.
+        ``defer``: the previous launch is still in flight, so a batch with rows that need host
+        tokens (``Sequence.needs_host_tokens``) queues only its forward; ``sample_deferred``
+        samples it once the caller has resolved that launch (llm_engine.py NOTE).
         """
         # the current device is per thread and the engine steps on its own thread: without it
         # triton kernels and graphs of an engine on cuda:1 would launch on cuda:0
         with _on(self.device):
-            return self._launch(batch)
+            return self._launch(batch, defer)
+
+    @torch.inference_mode()
+    def sample_deferred(self, launched: Launched) -> None:
+        """Sample a ``launch(defer=True)`` that deferred: the grammar masks are filled now,
+        while the device runs its forward."""
+        pending, launched.deferred = launched.deferred, None
+        assert pending is not None
+        with _on(self.device):
+            launched.sampled = self._sample_rows(pending.logits, pending.seqs, pending.rows)
 
     def fetch(self, launched: Launched) -> list[tuple[int, TokenLogprob | None]]:
         """The sampled (token, logprob) of each of ``launched.sample_index``; waits for them."""
+        assert launched.deferred is None, "a deferred sample not taken yet"
         if launched.sampled is None:
             if launched.done is not None:
                 launched.done.wait()
@@ -180,10 +205,10 @@ class ModelRunner:
         return results
 
     @torch.inference_mode()
-    def _launch(self, batch: ScheduledBatch) -> Launched:
+    def _launch(self, batch: ScheduledBatch, defer: bool) -> Launched:
         step = self._prepare(batch)
-        rows = step.sample_index
-        seqs = batch.seqs if len(rows) == len(batch.seqs) else [batch.seqs[i] for i in rows]
+        index = step.sample_index
+        seqs = batch.seqs if len(index) == len(batch.seqs) else [batch.seqs[i] for i in index]
         self._last_tokens = None
         if step.graph_rows is not None:
             assert self.graphs is not None and step.graph_table is not None
@@ -197,25 +222,35 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden) if seqs else hidden
         if not seqs:  # mid-prefill chunks only
             return Launched([], None, plain_greedy=True, done=record_fence(self.device))
-        plain = all(map(_PLAIN_GREEDY, seqs))
-        sampled = self._sample(logits, seqs, plain)
+        if all(map(_PLAIN_GREEDY, seqs)):  # the usual batch: one argmax, no per-row objects
+            return Launched(index, self._started(self.sampler.greedy(logits)), plain_greedy=True)
+        rows = [self._sample_row(s) for s in seqs]
+        if defer and any(s.needs_host_tokens for s in seqs):
+            pending = _DeferredSample(logits, seqs, rows)
+            return Launched(index, None, plain_greedy=False, deferred=pending)
+        return Launched(index, self._sample_rows(logits, seqs, rows), plain_greedy=False)
+
+    def _sample_rows(
+        self, logits: torch.Tensor, seqs: list[Sequence], rows: list[SampleRow]
+    ) -> Sampled:
+        return self._started(self.sampler.sample(logits, rows, self._masks(seqs)))
+
+    def _started(self, sampled: Sampled) -> Sampled:
+        """``sampled`` on its way to the host, and what the next launch's placeholders read."""
         sampled.start_copy()
         self._last_tokens = sampled.tokens
-        return Launched(step.sample_index, sampled, plain)
-
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], plain: bool) -> Sampled:
-        if plain:  # the usual batch: one argmax, no per-row objects
-            return self.sampler.greedy(logits)
-        return self.sampler.sample(logits, [self._sample_row(s) for s in seqs], self._masks(seqs))
+        return sampled
 
     def _masks(self, seqs: list[Sequence]) -> RowMasks | None:
         """The grammar masks of the constrained rows, filled on the host.
 
-        Called once the forward is queued: on CUDA the masks are computed while the GPU runs
-        it (every constrained row's last token is on the host by now: llm_engine.py resolves
-        a step that samples one before scheduling the next).
+        Called once the forward is queued, and (overlap) once the step before it resolved, so
+        every constrained row's last token is on the host: on CUDA the masks are computed while
+        the GPU runs the forward. A row whose request ended at the step before (its grammar
+        complete, or a stop id) is left unmasked: its token is dropped (llm_engine.py NOTE),
+        and a stopped matcher's mask may allow nothing.
         """
-        rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
+        rows = [i for i, s in enumerate(seqs) if s.grammar is not None and not s.is_finished]
         if not rows:
             return None
         matchers = [seqs[i].grammar for i in rows]
@@ -391,7 +426,7 @@ class ModelRunner:
         banned: tuple[int, ...] = ()
         if seq.num_completion_tokens < p.min_new_tokens:
             banned = p.stop_token_ids + (() if p.ignore_eos else self.eos_token_ids)
-        return SampleRow(p, seq.token_ids, seq.num_prompt_tokens, banned)
+        return SampleRow(p, seq.token_ids, seq.num_prompt_tokens, banned, seq.num_tokens)
 
 
 def _on(device: torch.device) -> contextlib.AbstractContextManager[object]:

@@ -31,6 +31,13 @@ class SampleRow:
     num_prompt_tokens: int
     # tokens that may not be sampled now: EOS and stop ids until min_new_tokens is reached
     banned_ids: tuple[int, ...] = ()
+    # the row's length when its step launched: a deferred sample (model_runner.py) runs after
+    # the engine has appended this step's placeholder to ``token_ids``, which is not context
+    num_tokens: int = -1
+
+    def __post_init__(self) -> None:
+        if self.num_tokens < 0:
+            self.num_tokens = len(self.token_ids)
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -38,7 +45,7 @@ class SampleRow:
 
     @property
     def output_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
+        return self.token_ids[self.num_prompt_tokens : self.num_tokens]
 
 
 @dataclass
@@ -199,7 +206,7 @@ class Sampler:
             noise.exponential_(generator=self._gen)
         for i, r in enumerate(rows):
             if r.params.seed is not None:
-                pos = len(r.token_ids)
+                pos = r.num_tokens
                 self._seeded.manual_seed(hash((r.params.seed, pos)) & (2**63 - 1))
                 noise[i].exponential_(generator=self._seeded)
         return noise

@@ -84,7 +84,7 @@ class Sequence:
     # or min_new_tokens): a batch of only such rows samples with one argmax (sampler.py)
     plain_greedy: bool = field(init=False)
     # its next step needs its last token on the host (penalties count it, a grammar's mask
-    # follows it): a step that samples it is resolved before the next is scheduled (overlap)
+    # follows it): with the overlap, that step's sampling waits for the step before to resolve
     needs_host_tokens: bool = field(init=False)
     # constrained decoding: the grammar's matcher, advanced with every token this sequence
     # gets (sampled here or, PD, by the prefill; replayed for a migrated request), never

@@ -1,11 +1,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
 from pdmesh.engine import EngineConfig, LLMEngine, RequestOutput, SamplingParams
+from pdmesh.engine.model_runner import Launched
+from pdmesh.engine.scheduler import ScheduledBatch
 from pdmesh.models import loader
 
 
@@ -75,3 +78,32 @@ def assert_all_pages_free(engine: LLMEngine) -> None:
     assert load.num_free_pages == load.num_total_pages, load
     assert all(rc == 0 for rc in engine.blocks.ref_counts)
     assert load.num_running == load.num_waiting == load.num_awaiting_kv == load.num_held == 0
+
+
+@dataclass
+class OverlapProbe:
+    """How an engine's steps overlapped: schedules made while a step was in flight, and
+    samplings that waited for it (``ModelRunner.sample_deferred``)."""
+
+    schedules: int = 0
+    in_flight: int = 0
+    deferred: int = 0
+
+
+def probe_overlap(engine: LLMEngine) -> OverlapProbe:
+    """Count on ``engine`` what ``OverlapProbe`` says (wraps two of its objects' methods)."""
+    probe = OverlapProbe()
+    schedule, sample_deferred = engine.scheduler.schedule, engine.runner.sample_deferred
+
+    def counting_schedule() -> ScheduledBatch:
+        probe.schedules += 1
+        probe.in_flight += engine._inflight is not None
+        return schedule()
+
+    def counting_sample_deferred(launched: Launched) -> None:
+        probe.deferred += 1
+        sample_deferred(launched)
+
+    engine.scheduler.schedule = counting_schedule  # type: ignore[method-assign]
+    engine.runner.sample_deferred = counting_sample_deferred  # type: ignore[method-assign]
+    return probe

@@ -11,7 +11,13 @@ import pytest
 from pdmesh.engine import FinishReason, InvalidRequestError, LLMEngine, SamplingParams
 from pdmesh.models import loader
 from pdmesh.tokenizer.tokenizer import Tokenizer
-from tests.engine.conftest import EngineFactory, assert_all_pages_free, run_all, tokens_of
+from tests.engine.conftest import (
+    EngineFactory,
+    assert_all_pages_free,
+    probe_overlap,
+    run_all,
+    tokens_of,
+)
 
 pytestmark = pytest.mark.model
 
@@ -126,9 +132,10 @@ def test_mixed_batch_free_rows_equal_the_unconstrained_run(
     constrained = greedy(max_new_tokens=10, json_schema=json.dumps(PERSON))
     prompts = [chat(tok, q) for q in QUESTIONS]
     alone = run(engine, {f"f{i}": (p, free) for i, p in enumerate(prompts)})
-    # CPU engines run without the overlap by default; forced on, a batch with constrained rows
-    # is resolved before the next step, a free-only one overlapped
+    # CPU engines run without the overlap by default; forced on, a step with constrained rows
+    # is launched while the step before is in flight, and samples once that one resolved
     mixed_engine = make_engine(disable_overlap_schedule=False) if overlap else engine
+    probe = probe_overlap(mixed_engine)
     reqs = {f"f{i}": (p, free) for i, p in enumerate(prompts)}
     reqs |= {f"c{i}": (p, constrained) for i, p in enumerate(prompts)}
     mixed = run(mixed_engine, reqs)
@@ -137,6 +144,10 @@ def test_mixed_batch_free_rows_equal_the_unconstrained_run(
         text = tok.decode(tokens_of(mixed[f"c{i}"]))
         assert text.startswith('{"name": "'), text
     assert_all_pages_free(mixed_engine)
+    if overlap:
+        assert probe.in_flight == probe.schedules - 1 and probe.deferred >= 9, probe
+    else:
+        assert probe.in_flight == probe.deferred == 0, probe
 
 
 @pytest.mark.parametrize(

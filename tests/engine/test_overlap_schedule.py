@@ -25,7 +25,13 @@ from pdmesh.engine import (
 from pdmesh.engine.cuda_graphs import graph_batch_sizes
 from pdmesh.engine.model_runner import ModelRunner
 from pdmesh.layers.attention import AttentionMetadata
-from tests.engine.conftest import EngineFactory, assert_all_pages_free, run_all, tokens_of
+from tests.engine.conftest import (
+    EngineFactory,
+    assert_all_pages_free,
+    probe_overlap,
+    run_all,
+    tokens_of,
+)
 from tests.engine.test_engine_tiny import RANDOM_WORKLOADS, Workload, run_random_workload
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True)
@@ -175,7 +181,8 @@ def test_mixed_batches_match_without_overlap(
 
 
 def test_penalties_match_without_overlap(make_tiny_engine: EngineFactory) -> None:
-    # a row with penalties needs the previous tokens on the host: that step is not overlapped
+    # a row with penalties needs the previous tokens on the host: its sampling waits for the
+    # step before, but the step is scheduled and launched while that one is in flight
     s = Script()
     s.add(0, "plain", [1, 2, 3], GREEDY)
     s.add(
@@ -192,7 +199,14 @@ def test_penalties_match_without_overlap(make_tiny_engine: EngineFactory) -> Non
         [4, 4, 4],
         SamplingParams(temperature=0.8, presence_penalty=1.0, seed=3, max_new_tokens=8),
     )
-    both(make_tiny_engine, s)
+    expected, _ = both(make_tiny_engine, s)
+    on = make_tiny_engine(disable_overlap_schedule=False)
+    probe = probe_overlap(on)
+    assert_same(drive(on, s), expected)
+    # every schedule but the first (nothing in flight yet) is made while a step is in
+    # flight; the penalised rows' 9 later tokens each sampled late
+    assert probe.in_flight == probe.schedules - 1, probe
+    assert probe.deferred >= 9, probe
 
 
 def test_preemption_under_a_small_page_pool_matches(make_tiny_engine: EngineFactory) -> None:
