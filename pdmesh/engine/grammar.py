@@ -176,8 +176,9 @@ class MaskFiller:
         if self._executor is None:
             self._executor = llguidance.LLExecutor()
         out = self._buffer[:n]
-        # NOTE: a buffer reused across steps: the previous step's upload of it finished, since
-        # constrained steps resolve (sync) before the next is scheduled (llm_engine.py)
+        # NOTE: a buffer reused across steps: the previous upload of it has finished, since
+        # masks are filled only once the step before has resolved (llm_engine.py NOTE: its
+        # tokens' copy is queued after the sampling that read the upload)
         fill_next_token_bitmask_par(self._executor, list(zip(matchers, range(n))), out)
         return out
 
