@@ -17,6 +17,14 @@ NOTE on the tokenizer: llguidance's ``LLTokenizer`` is built from the model dire
 tokenizer, without making transformers a worker dependency), with the model's vocabulary size
 (the logits' width, which may exceed the tokenizer's: ids past it are never allowed) and its
 EOS ids. It takes ~0.7 s, so it is built once, on first use.
+
+NOTE on slices: llguidance computes a mask faster where it can take whole precomputed token
+sets ("slices", e.g. every token that fits inside a JSON string) instead of walking the token
+trie. The slices are a property of the tokenizer object, and only change speed, never which
+tokens are allowed. JSON grammars get ``json_slices()``: 64 rows of the bench's schema without
+``maxLength`` fill in 0.76 ms instead of 2.40 ms with the general slices (2 CPU cores); regex
+and ebnf keep the general ones. A bounded string (``maxLength``, ``{0,40}`` in a regex) defeats
+both: the same 64 rows take ~13 ms either way, so such schemas cost real CPU per token.
 """
 
 from __future__ import annotations
@@ -88,6 +96,7 @@ class GrammarCompiler:
         self._cache: OrderedDict[tuple[str, str], CompiledGrammar | _Failure] = OrderedDict()
         self._lock = threading.Lock()
         self._tokenizer: llguidance.LLTokenizer | None = None
+        self._json_tokenizer: llguidance.LLTokenizer | None = None
         self._tokenizer_lock = threading.Lock()
 
     def compile(self, kind: str, text: str) -> CompiledGrammar:
@@ -99,7 +108,7 @@ class GrammarCompiler:
             if hit is not None:
                 self._cache.move_to_end(key)
         if hit is None:
-            tokenizer = self.tokenizer()
+            tokenizer = self.tokenizer(json=kind == "json_schema")
             if tokenizer is None:
                 raise InvalidRequestError(
                     f"sampling_params.{kind}",
@@ -121,8 +130,9 @@ class GrammarCompiler:
         with self._lock:
             return (kind, text) in self._cache
 
-    def tokenizer(self) -> llguidance.LLTokenizer | None:
-        """llguidance's view of the model's tokenizer; None when the model has none."""
+    def tokenizer(self, json: bool = False) -> llguidance.LLTokenizer | None:
+        """llguidance's view of the model's tokenizer, with the JSON slices when ``json``
+        (module NOTE); None when the model has none."""
         with self._tokenizer_lock:
             if self._tokenizer is None:
                 path = self._dir / "tokenizer.json" if self._dir is not None else None
@@ -131,7 +141,12 @@ class GrammarCompiler:
                 self._tokenizer = llguidance.LLTokenizer(
                     path.read_text(), n_vocab=self._vocab_size, eos_token=list(self._eos)
                 )
-            return self._tokenizer
+            if not json:
+                return self._tokenizer
+            if self._json_tokenizer is None:
+                slices = llguidance.LLTokenizer.json_slices()
+                self._json_tokenizer = self._tokenizer.with_slices(slices)
+            return self._json_tokenizer
 
 
 def _compile(tokenizer: llguidance.LLTokenizer, kind: str, text: str) -> CompiledGrammar | _Failure:

@@ -6,9 +6,12 @@ import json
 import re
 
 import jsonschema
+import llguidance
 import pytest
+import torch
 
 from pdmesh.engine import FinishReason, InvalidRequestError, LLMEngine, SamplingParams
+from pdmesh.engine.grammar import JSON_LAYOUT, MaskFiller
 from pdmesh.models import loader
 from pdmesh.tokenizer.tokenizer import Tokenizer
 from tests.engine.conftest import (
@@ -246,3 +249,25 @@ def test_a_model_without_a_tokenizer_refuses_grammars(make_tiny_engine: EngineFa
     assert e.value.field == "sampling_params.regex"
     tiny.add_request("b", [1, 2, 3], greedy(max_new_tokens=3, logit_bias=((7, 100.0),)))
     assert tokens_of(run_all(tiny)["b"]) == [7, 7, 7]
+
+
+def test_json_slices_change_no_mask(engine: LLMEngine, tok: Tokenizer) -> None:
+    # JSON grammars are compiled against a tokenizer with llguidance's JSON slices (grammar.py
+    # NOTE): the masks along a greedy JSON output equal those of the general slices
+    schema = json.dumps({"type": "object", "properties": {"text": {"type": "string"}}})
+    grammars = engine.grammars
+    fast = grammars.compile("json_schema", schema).matcher()
+    general = grammars.tokenizer()
+    assert general is not None and general is not grammars.tokenizer(json=True)
+    reference = llguidance.LLMatcher(
+        general, llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT)
+    )
+    outs = run(
+        engine,
+        {"json": (chat(tok, QUESTIONS[1]), greedy(max_new_tokens=24, json_schema=schema))},
+    )
+    filler = MaskFiller(engine.runner.model.config.vocab_size)
+    for token in tokens_of(outs["json"]):
+        a, b = filler.fill([fast]).clone(), filler.fill([reference]).clone()
+        assert torch.equal(a, b), token
+        assert fast.consume_token(token) and reference.consume_token(token)
