@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from pdmesh.distributed import TPGroup
 from pdmesh.engine.block_manager import BlockManager
 from pdmesh.engine.config import EngineConfig
 from pdmesh.engine.grammar import GrammarCompiler
@@ -61,6 +62,7 @@ from pdmesh.engine.scheduler import ScheduledBatch, Scheduler
 from pdmesh.engine.sequence import FinishReason, Sequence, SequenceStatus, TokenLogprob
 from pdmesh.errors import InvalidRequestError, RequestNotFoundError, ResourceExhaustedError
 from pdmesh.models import loader
+from pdmesh.models.sharding import TPShard
 
 if TYPE_CHECKING:
     from llguidance import LLMatcher
@@ -96,8 +98,16 @@ class _InFlight:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, source: loader.ModelSource | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        source: loader.ModelSource | None = None,
+        tp: TPGroup | None = None,
+    ) -> None:
+        """``tp``: this process's rank of a tensor-parallel worker (None: the whole model here).
+        Every rank builds the same engine and must be fed the same calls in the same order."""
         self.config = config
+        self.tp = tp or TPGroup.single()
         self.source = source or loader.resolve(config.model)
         mcfg = self.source.config
         self.device = config.torch_device()
@@ -107,7 +117,7 @@ class LLMEngine:
         self.max_model_len = config.max_model_len or min(
             mcfg.max_position_embeddings, _MAX_DEFAULT_CONTEXT
         )
-        model = loader.load_model(self.source, self.dtype, self.device)
+        model = loader.load_model(self.source, self.dtype, self.device, self.tp)
         self.grammars = GrammarCompiler(
             self.source.path, self.vocab_size, sorted(self.eos_token_ids)
         )
@@ -258,7 +268,7 @@ class LLMEngine:
             num_layers=mcfg.num_layers,
             num_pages=self.blocks.num_pages,
             page_size=self.blocks.page_size,
-            num_kv_heads=mcfg.num_kv_heads,
+            num_kv_heads=self.runner.model.shard.num_kv_heads,
             head_dim=mcfg.head_dim,
             dtype=str(self.dtype).removeprefix("torch."),
             device=str(self.device),
@@ -524,7 +534,7 @@ class LLMEngine:
             mcfg.num_layers
             * 2
             * self.config.page_size
-            * mcfg.num_kv_heads
+            * TPShard.of(mcfg, self.tp.rank, self.tp.size).num_kv_heads
             * mcfg.head_dim
             * torch.tensor([], dtype=self.dtype).element_size()
         )

@@ -141,7 +141,7 @@ class ModelRunner:
         self.page_stride = rows_per_page(cfg.num_layers, page_size)
         self.eos_token_ids = eos_token_ids
         self.kv_cache = allocate_kv_cache(
-            (num_pages, cfg.num_layers, 2, page_size, cfg.num_kv_heads, cfg.head_dim),
+            (num_pages, cfg.num_layers, 2, page_size, model.shard.num_kv_heads, cfg.head_dim),
             dtype,
             device,
         )

@@ -3,6 +3,12 @@
 Parameter names follow Hugging Face checkpoints so ``load_state_dict`` takes them as they are.
 The forward runs over a flat batch of tokens from many sequences; attention goes through the
 paged KV cache (``pdmesh.layers.attention``).
+
+Under tensor parallelism every module is built at its rank's shard (``TPShard``: heads, KV heads,
+FFN rows, vocabulary rows) and the forward adds the collectives of Megatron-style sharding: one
+all-reduce after o_proj and one after down_proj, one after the vocabulary-parallel embedding,
+and one all-gather of the logits. At TP size 1 the shard is the whole model and every
+collective is the identity.
 """
 
 from __future__ import annotations
@@ -13,9 +19,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pdmesh.distributed import TPGroup
 from pdmesh.layers import cuda_ops, gemv
 from pdmesh.layers.attention import AttentionMetadata, layer_rows, paged_attention
 from pdmesh.models.config import ModelConfig
+from pdmesh.models.sharding import TPShard
 
 
 class RMSNorm(nn.Module):
@@ -102,18 +110,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, shard: TPShard, tp: TPGroup) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (
-            cfg.num_heads,
-            cfg.num_kv_heads,
+            shard.num_heads,
+            shard.num_kv_heads,
             cfg.head_dim,
         )
+        self.tp = tp
         h, hd, bias = cfg.hidden_size, cfg.head_dim, cfg.attention_bias
-        self.q_proj = nn.Linear(h, cfg.num_heads * hd, bias=bias)
-        self.k_proj = nn.Linear(h, cfg.num_kv_heads * hd, bias=bias)
-        self.v_proj = nn.Linear(h, cfg.num_kv_heads * hd, bias=bias)
-        self.o_proj = nn.Linear(cfg.num_heads * hd, h, bias=False)
+        self.q_proj = nn.Linear(h, self.num_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * hd, bias=bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * hd, bias=bias)
+        # row-parallel: no bias (it would be added once per rank by the all-reduce)
+        self.o_proj = nn.Linear(self.num_heads * hd, h, bias=False)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
@@ -163,15 +173,17 @@ class Attention(nn.Module):
         else:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o = paged_attention(q, k, v, kv[0], kv[1], meta, self.scale)
-        return _linear(o.reshape(t, -1), self.o_proj.weight, self.o_proj.bias)
+        return self.tp.all_reduce(_linear(o.reshape(t, -1), self.o_proj.weight))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, shard: TPShard, tp: TPGroup) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        ffn = len(shard.ffn)
+        self.tp = tp
+        self.gate_proj = nn.Linear(cfg.hidden_size, ffn, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, ffn, bias=False)
+        self.down_proj = nn.Linear(ffn, cfg.hidden_size, bias=False)
 
         self.gate_up: torch.Tensor | None = None  # fuse_projections()
 
@@ -184,15 +196,15 @@ class MLP(nn.Module):
                 h = gemv.silu_mul_linear(x, self.gate_up)
             else:
                 h = cuda_ops.silu_mul(F.linear(x, self.gate_up))
-            return _linear(h, self.down_proj.weight)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return self.tp.all_reduce(_linear(h, self.down_proj.weight))
+        return self.tp.all_reduce(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, shard: TPShard, tp: TPGroup) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg)
-        self.mlp = MLP(cfg)
+        self.self_attn = Attention(cfg, shard, tp)
+        self.mlp = MLP(cfg, shard, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -218,19 +230,24 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, shard: TPShard, tp: TPGroup) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.embed_tokens = nn.Embedding(shard.vocab_rows, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, shard, tp) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(
+        self, cfg: ModelConfig, shard: TPShard | None = None, tp: TPGroup | None = None
+    ) -> None:
+        """``shard``/``tp``: this rank's part of the model and its group (None: all of it)."""
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tp = tp or TPGroup.single()
+        self.shard = shard or TPShard.of(cfg, self.tp.rank, self.tp.size)
+        self.model = LlamaModel(cfg, self.shard, self.tp)
+        self.lm_head = nn.Linear(cfg.hidden_size, self.shard.vocab_rows, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -242,12 +259,23 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
         rope: tuple[torch.Tensor, torch.Tensor],  # cos/sin tables [max_positions, head_dim]
     ) -> torch.Tensor:  # [T, hidden] after the final norm
-        x = self.model.embed_tokens(input_ids)
+        x = self._embed(input_ids)
         cos, sin = rope[0][positions].to(x.dtype), rope[1][positions].to(x.dtype)
         residual: torch.Tensor | None = None
         for i, layer in enumerate(self.model.layers):
             x, residual = layer(x, cos, sin, layer_rows(kv_cache, i), meta, residual)
         return self.model.norm(x, residual)
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return self.model.embed_tokens(input_ids)
+        # vocabulary-parallel: each rank looks up the ids in its rows, zeros for the others,
+        # and the all-reduce puts every token's row together
+        local = input_ids - self.shard.vocab.start
+        outside = (local < 0) | (local >= self.shard.vocab_rows)
+        x = self.model.embed_tokens(local.masked_fill(outside, 0))
+        x.masked_fill_(outside.unsqueeze(-1), 0.0)
+        return self.tp.all_reduce(x)
 
     def fuse_projections(self) -> None:
         """One GEMM for q/k/v and one for gate/up per layer (CUDA: fewer, larger launches)."""
@@ -257,4 +285,7 @@ class LlamaForCausalLM(nn.Module):
             layer.mlp.fuse_projections()
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return _linear(hidden, self.lm_head.weight).float()
+        logits = _linear(hidden, self.lm_head.weight)
+        if self.tp.size > 1:  # the vocabulary shards side by side, the padding dropped
+            logits = self.tp.all_gather_last(logits)[:, : self.config.vocab_size]
+        return logits.float()

@@ -1,0 +1,167 @@
+"""Tensor parallelism on the CPU: N real processes joined by gloo, each holding its shard.
+
+Every rank builds the same engine and gets the same requests, so each runs the same schedule;
+the shards' collectives (all-reduce after o_proj / down_proj / the embedding, all-gather of the
+logits) must then give the logits and greedy outputs of the unsharded model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing as mp
+import socket
+import traceback
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from pdmesh.distributed import TPGroup
+from pdmesh.engine import EngineConfig, LLMEngine, SamplingParams
+from pdmesh.models import loader
+from pdmesh.models.config import ModelConfig
+from pdmesh.models.presets import PRESETS
+from pdmesh.models.sharding import TPShard, shard_errors
+
+RANK_TIMEOUT_S = 240.0
+PROMPTS = [[1, 17, 300, 42, 9, 1000], [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [2000, 3]]
+NEW_TOKENS = 32
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _generate(source: loader.ModelSource, tp: TPGroup) -> dict[str, Any]:
+    """Greedy outputs of PROMPTS and the logits of every step (this rank's view)."""
+    cfg = EngineConfig(model=source.name, device="cpu", dtype="float32", num_pages=64)
+    engine = LLMEngine(cfg, source, tp)
+    logits: list[np.ndarray] = []  # numpy: a queue pickles it by value
+    model = engine.runner.model
+    compute = model.compute_logits
+
+    def recorded(hidden: torch.Tensor) -> torch.Tensor:
+        out = compute(hidden)
+        logits.append(out.numpy().copy())
+        return out
+
+    model.compute_logits = recorded  # type: ignore[method-assign]
+    params = SamplingParams(temperature=0.0, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(f"r{i}", [t % source.config.vocab_size for t in prompt], params)
+    tokens: dict[str, list[int]] = {}
+    for _ in range(1000):
+        if not engine.has_work:
+            break
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+    return {
+        "tokens": tokens,
+        "logits": logits,
+        "kv_heads": engine.kv_layout().num_kv_heads,
+        "free_pages": engine.blocks.num_free_pages,
+        "num_pages": engine.blocks.num_pages,
+    }
+
+
+def _rank(rank: int, size: int, port: int, source: loader.ModelSource, results: Any) -> None:
+    try:
+        tp = TPGroup.join(rank, size, f"tcp://127.0.0.1:{port}", torch.device("cpu"))
+        try:
+            results.put((rank, _generate(source, tp)))
+        finally:
+            tp.close()
+    except BaseException:
+        results.put((rank, traceback.format_exc()))
+
+
+def run_tp(source: loader.ModelSource, size: int) -> list[dict[str, Any]]:
+    """Every rank's result, in rank order; raises with a rank's traceback if it failed."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank, args=(r, size, port, source, results)) for r in range(size)]
+    for p in procs:
+        p.start()
+    try:
+        got = dict(results.get(timeout=RANK_TIMEOUT_S) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    for rank, value in sorted(got.items()):
+        if isinstance(value, str):
+            raise AssertionError(f"tp rank {rank} of {size} failed:\n{value}")
+    return [got[r] for r in range(size)]
+
+
+def _assert_equal_to_tp1(source: loader.ModelSource, size: int, kv_heads: int) -> None:
+    want = _generate(source, TPGroup.single())
+    ranks = run_tp(source, size)
+    for rank, got in enumerate(ranks):
+        assert got["tokens"] == want["tokens"], f"rank {rank}"
+        assert all(len(t) == NEW_TOKENS for t in got["tokens"].values())
+        assert len(got["logits"]) == len(want["logits"])
+        worst = max(float(np.abs(a - b).max()) for a, b in zip(got["logits"], want["logits"]))
+        # 1e-4, or 4 float32 ulps of the largest logit where that is more: random weights give
+        # logits near 700, where one ulp is 6e-5 and the shards' other summation order moves
+        # the last bits (the real model's logits stay below 64, where the bound is 1e-4)
+        scale = max(float(np.abs(w).max()) for w in want["logits"])
+        bound = max(1e-4, 4 * float(np.spacing(np.float32(scale))))
+        assert worst <= bound, f"rank {rank}: logits differ by {worst} (largest {scale})"
+        assert got["kv_heads"] == kv_heads
+        assert got["free_pages"] == got["num_pages"]  # every page back on every rank
+
+
+def _random(preset: str, **changes: Any) -> loader.ModelSource:
+    cfg = dataclasses.replace(ModelConfig.from_hf(PRESETS[preset]), **changes)
+    return loader.ModelSource(f"random:{preset}", cfg, None)
+
+
+def test_qwen3_shape_tp2_equals_tp1() -> None:
+    # Qwen3-0.6B's widths (16 heads, 8 KV heads, head_dim 128, vocab 151936, q/k norms, tied
+    # embeddings) with 2 of its 28 layers: every sharded path, a fraction of the CPU time
+    _assert_equal_to_tp1(_random("qwen3-0.6b", num_layers=2), 2, kv_heads=4)
+
+
+@pytest.mark.model
+def test_default_model_tp3_equals_tp1(default_source: loader.ModelSource) -> None:
+    # SmolLM2's 9 heads and 3 KV heads over 3 ranks: 3 query heads and 1 KV head each, weights
+    # read per shard from its safetensors
+    _assert_equal_to_tp1(default_source, 3, kv_heads=1)
+
+
+def test_replicated_kv_heads_and_padded_vocab_tp4() -> None:
+    # tiny: 4 heads, 2 KV heads over 4 ranks (each KV head on 2 ranks); vocab 510 does not
+    # divide by 4 (the last rank's rows are padding)
+    source = _random("tiny", vocab_size=510)
+    shards = [TPShard.of(source.config, r, 4) for r in range(4)]
+    assert [list(s.kv_heads) for s in shards] == [[0], [0], [1], [1]]
+    assert [s.vocab.start for s in shards] == [0, 128, 256, 384] and shards[3].vocab.stop == 512
+    _assert_equal_to_tp1(source, 4, kv_heads=1)
+
+
+def test_shapes_that_do_not_divide_are_refused() -> None:
+    smollm = ModelConfig.from_hf(PRESETS["smollm2-135m"])
+    assert shard_errors(smollm, 3) == []
+    assert shard_errors(smollm, 2) == [
+        "num_heads=9 is not divisible by --tp-size=2",
+        "num_kv_heads=3 is not divisible by --tp-size=2",
+    ]
+    assert shard_errors(smollm, 9) == ["intermediate_size=1536 is not divisible by --tp-size=9"]
+    tiny = ModelConfig.from_hf(PRESETS["tiny"])  # 4 heads, 2 KV heads
+    assert shard_errors(dataclasses.replace(tiny, num_heads=6, num_kv_heads=3), 6) == []
+    assert shard_errors(dataclasses.replace(tiny, num_heads=12, num_kv_heads=4), 6) == [
+        "num_kv_heads=4 is not divisible by --tp-size=6"
+    ]
+    assert shard_errors(dataclasses.replace(tiny, num_heads=16, num_kv_heads=2), 8) == []
+    assert shard_errors(dataclasses.replace(tiny, num_heads=12, num_kv_heads=3), 4) == [
+        "--tp-size=4 is not a multiple of num_kv_heads=3 "
+        "(each KV head is replicated on tp / num_kv_heads ranks)"
+    ]
+    with pytest.raises(ValueError, match="num_heads=9 is not divisible by --tp-size=2"):
+        TPShard.of(smollm, 0, 2)
