@@ -28,9 +28,11 @@ import grpc.aio
 from pdmesh.config import add_dataclass_args, from_args
 from pdmesh.discovery import (
     META_METRICS_PORT,
+    NO_HOOKS,
     ConsulError,
     Discovery,
     DiscoveryConfig,
+    ServeHooks,
     ServiceRegistration,
     serve_registered,
 )
@@ -118,10 +120,11 @@ class Observed:
         grace: float,
         discovery: Discovery,
         registration: ServiceRegistration,
+        hooks: ServeHooks = NO_HOOKS,
     ) -> None:
         """``serve_registered``, then the ``/metrics`` server stops too."""
         try:
-            await serve_registered(rpc, host, port, grace, discovery, registration)
+            await serve_registered(rpc, host, port, grace, discovery, registration, hooks)
         finally:
             self.close()
 
