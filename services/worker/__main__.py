@@ -17,7 +17,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import signal
@@ -164,21 +163,33 @@ def prefill_main(argv: list[str] | None = None) -> int:
     return run_engine_service(build_prefill_parser(), PrefillServiceConfig, serve, argv)
 
 
+def role_of(args: list[str]) -> str | None:
+    """The value of ``--mode`` in ``args`` (None without one, or a malformed one: the
+    worker's own parser then says what is wrong)."""
+    mode = argparse.ArgumentParser(add_help=False)
+    mode.add_argument("--mode")
+    try:
+        known, _ = mode.parse_known_args(args)
+    except SystemExit:
+        return None
+    return known.mode
+
+
 def worker_main(argv: list[str] | None = None) -> int:
     """``python -m services.worker``: ``--mode prefill`` picks the prefill command (its flags
     differ), any other mode the worker's."""
     args = list(sys.argv[1:] if argv is None else argv)
-    mode = argparse.ArgumentParser(add_help=False)
-    mode.add_argument("--mode")
-    with contextlib.suppress(SystemExit):
-        known, rest = mode.parse_known_args(args)
-        if known.mode == "prefill":
-            return run_engine_service(
-                build_prefill_parser("python -m services.worker --mode prefill"),
-                PrefillServiceConfig,
-                serve,
-                rest,
-            )
+    if role_of(args) == "prefill":
+        rest = [a for a in args if a not in ("--mode=prefill",)]
+        if "--mode" in rest:  # "--mode prefill": the prefill command has no --mode
+            at = rest.index("--mode")
+            del rest[at : at + 2]
+        return run_engine_service(
+            build_prefill_parser("python -m services.worker --mode prefill"),
+            PrefillServiceConfig,
+            serve,
+            rest,
+        )
     return run_engine_service(
         build_parser("python -m services.worker"),
         WorkerServiceConfig,

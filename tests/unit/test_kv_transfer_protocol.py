@@ -13,8 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from services.worker.config import WorkerServiceConfig
-from services.worker.config import PrefillServiceConfig
 
 from pdmesh.config import from_args
 from pdmesh.kv_transfer import get_backend, layout_of
@@ -28,6 +26,7 @@ from pdmesh.kv_transfer.mooncake_transport import (
 from pdmesh.pd.registry import DecodePeer, DecodeRegistry, transport_of
 from services.decode.__main__ import build_parser as decode_parser
 from services.prefill.__main__ import build_parser as prefill_parser
+from services.worker.config import PrefillServiceConfig, WorkerServiceConfig
 from services.worker.kv_convert import handle_from_pb, handle_to_pb
 from services.worker.pd_convert import registration_from_pb, registration_to_pb
 

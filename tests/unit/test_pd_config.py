@@ -4,14 +4,13 @@ overrides (the SGLang names with a PDMESH_ prefix), and refused values."""
 from __future__ import annotations
 
 import pytest
-from services.worker.config import WorkerServiceConfig
-from services.worker.config import PrefillServiceConfig
 
 from pdmesh.config import from_args
 from services.decode.__main__ import build_parser as decode_parser
 from services.prefill.__main__ import build_parser as prefill_parser
 from services.router.__main__ import build_parser as router_parser
 from services.router.config import RouterServiceConfig
+from services.worker.config import PrefillServiceConfig, WorkerServiceConfig
 
 
 def decode_config(*argv: str) -> WorkerServiceConfig:

@@ -16,14 +16,13 @@ import textwrap
 from dataclasses import dataclass
 from typing import cast
 
-from services.worker.config import DEFAULT_PORT, WorkerServiceConfig
-from services.worker.server import serve
-
 from pdmesh.bench.mesh.stepping_engine import SteppingEngine, SteppingEngineConfig
 from pdmesh.config import add_dataclass_args, flag, from_args
 from pdmesh.engine import LLMEngine
 from pdmesh.rpc.server import LOG_LEVELS, configure_logging
 from services.mesh import MeshOptions, add_mesh_args, parse_configs, run_service
+from services.worker.config import DEFAULT_PORT, WorkerServiceConfig
+from services.worker.server import serve
 
 PROG = "python -m pdmesh.bench.mesh.stepping_worker"
 
