@@ -68,6 +68,27 @@ def add_mesh_args(parser: argparse.ArgumentParser, telemetry: bool = True) -> No
         add_dataclass_args(cast(argparse.ArgumentParser, metrics), TelemetryConfig)
 
 
+def service_parser(
+    prog: str,
+    description: str,
+    *configs: type | tuple[str, type],
+    telemetry: bool = True,
+) -> argparse.ArgumentParser:
+    """Every service's command line: the flags of its config dataclasses (a ``(title, cls)``
+    pair gets a ``--help`` group of its own), then the mesh's (``add_mesh_args``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    for config in configs:
+        if isinstance(config, tuple):
+            title, cls = config
+            # argument groups share add_argument with the parser, which is all it uses
+            group = cast(argparse.ArgumentParser, parser.add_argument_group(title))
+            add_dataclass_args(group, cls)
+        else:
+            add_dataclass_args(parser, config)
+    add_mesh_args(parser, telemetry)
+    return parser
+
+
 @dataclass(frozen=True)
 class MeshOptions:
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)

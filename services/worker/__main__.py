@@ -22,15 +22,15 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, Protocol, TypeVar
 
-from pdmesh.config import add_dataclass_args, from_args
+from pdmesh.config import from_args
 from pdmesh.engine import LLMEngine
 from pdmesh.engine.config import EngineConfig
 from pdmesh.engine.engine_process import EngineProcess
 from pdmesh.kv_transfer import KVTransferError
 from pdmesh.rpc.server import configure_logging
-from services.mesh import MeshOptions, add_mesh_args, parse_configs, run_service
+from services.mesh import MeshOptions, parse_configs, run_service, service_parser
 from services.worker.config import PrefillServiceConfig, WorkerServiceConfig
 from services.worker.server import serve
 
@@ -67,19 +67,6 @@ def _stop_worker(error: BaseException) -> None:
     # its process supervisor restarts it (the router migrates what was streaming)
     log.error("%s: stopping the worker", error)
     os.kill(os.getpid(), signal.SIGTERM)
-
-
-def add_engine_service_args(
-    parser: argparse.ArgumentParser, title: str, config_cls: type
-) -> argparse.ArgumentParser:
-    """The service's own flags, the engine's and the mesh's, each in a ``--help`` group."""
-    # argument groups share add_argument with the parser, which is all add_dataclass_args uses
-    service = parser.add_argument_group(title)
-    add_dataclass_args(cast(argparse.ArgumentParser, service), config_cls)
-    engine = parser.add_argument_group("engine")
-    add_dataclass_args(cast(argparse.ArgumentParser, engine), EngineConfig)
-    add_mesh_args(parser)
-    return parser
 
 
 def run_engine_service(
@@ -140,14 +127,19 @@ PREFILL_DESCRIPTION = (
 
 def build_parser(prog: str = "python -m services.decode") -> argparse.ArgumentParser:
     """The aggregated and decode worker's command line (``--mode``)."""
-    parser = argparse.ArgumentParser(prog=prog, description=WORKER_DESCRIPTION)
-    return add_engine_service_args(parser, "worker", WorkerServiceConfig)
+    return service_parser(
+        prog, WORKER_DESCRIPTION, ("worker", WorkerServiceConfig), ("engine", EngineConfig)
+    )
 
 
 def build_prefill_parser(prog: str = "python -m services.prefill") -> argparse.ArgumentParser:
     """The prefill worker's command line."""
-    parser = argparse.ArgumentParser(prog=prog, description=PREFILL_DESCRIPTION)
-    return add_engine_service_args(parser, "prefill worker", PrefillServiceConfig)
+    return service_parser(
+        prog,
+        PREFILL_DESCRIPTION,
+        ("prefill worker", PrefillServiceConfig),
+        ("engine", EngineConfig),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
