@@ -6,6 +6,7 @@ default or help text (the flag keeps its name, so command lines do not change)."
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from pdmesh.config import flag
 from pdmesh.rpc.server import LOG_LEVELS
@@ -13,6 +14,13 @@ from pdmesh.rpc.server import LOG_LEVELS
 HOST_HELP = "address to listen on; 0.0.0.0 or :: to accept other hosts (no auth!)"
 PORT_HELP = "gRPC port; 0 picks a free one (the log line says which)"
 WILDCARDS = ("0.0.0.0", "::", "[::]")
+
+
+def grace_flag(default: float, what: str = "in-flight calls", then: str = "") -> Any:
+    """The ``--grace-period`` flag of a service whose drain waits for ``what``; ``then``: what
+    else happens meanwhile, in parentheses after the help text."""
+    help_text = f"seconds {what} get to finish after SIGTERM/SIGINT before they are cancelled"
+    return flag(default, f"{help_text} ({then})" if then else help_text)
 
 
 def check_port(name: str, value: int) -> None:
@@ -26,9 +34,7 @@ class ServerConfig:
     host: str = flag("127.0.0.1", HOST_HELP)
     port: int = flag(0, PORT_HELP)
     log_level: str = flag("info", f"log verbosity: {', '.join(LOG_LEVELS)}")
-    grace_period: float = flag(
-        30.0, "seconds in-flight calls get to finish after SIGTERM/SIGINT before they are cancelled"
-    )
+    grace_period: float = grace_flag(30.0)
 
     def __post_init__(self) -> None:
         check_port("port", self.port)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pdmesh.config import flag
-from pdmesh.rpc.config import ServerConfig
+from pdmesh.rpc.config import ServerConfig, grace_flag
 from services.gateway.api_keys import APIKeys
 
 DEFAULT_PORT = 8000
@@ -91,9 +91,7 @@ class GatewayConfig(ServerConfig):
         "https://app.example.com; * for any); empty: no CORS headers, so browsers on other "
         "origins cannot read responses",
     )
-    grace_period: float = flag(
-        5.0, "seconds open requests get to finish after SIGTERM/SIGINT before they are cancelled"
-    )
+    grace_period: float = grace_flag(5.0, "open requests")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -21,7 +21,7 @@ from pdmesh.routing import circuit_breaker as cb
 from pdmesh.routing import kv_cost as kv
 from pdmesh.routing import retry as rt
 from pdmesh.routing.admission import AdmissionConfig
-from pdmesh.rpc.config import PORT_HELP, ServerConfig
+from pdmesh.rpc.config import PORT_HELP, ServerConfig, grace_flag
 
 DEFAULT_PORT = 50051
 # SGLang router's --max-payload-size as its docs give it; a request message larger than this is
@@ -188,10 +188,8 @@ class RouterServiceConfig(ServerConfig):
         "seconds between health checks of each worker; unhealthy workers get no new requests "
         "while a healthy one exists",
     )
-    grace_period: float = flag(
-        30.0,
-        "seconds in-flight generations get to finish after SIGTERM/SIGINT before they are "
-        "cancelled (and with them their worker requests)",
+    grace_period: float = grace_flag(
+        30.0, "in-flight generations", "and with them their worker requests"
     )
 
     def __post_init__(self) -> None:

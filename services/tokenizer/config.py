@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pdmesh.config import flag
-from pdmesh.rpc.config import PORT_HELP, ServerConfig
+from pdmesh.rpc.config import PORT_HELP, ServerConfig, grace_flag
 
 DEFAULT_PORT = 50052
 
@@ -24,8 +24,6 @@ class TokenizerServiceConfig(ServerConfig):
         "(smollm2-tools: SmolLM2-Instruct's template plus tools in the Hermes <tool_call> form "
         "that the router's --tool-call-parser qwen25 reads); empty: the model's",
     )
-    grace_period: float = flag(
-        5.0, "seconds in-flight calls get to finish after SIGTERM/SIGINT before they are cancelled"
-    )
+    grace_period: float = grace_flag(5.0)
 
     # host, log level and grace period, and their checks: ServerConfig's

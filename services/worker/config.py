@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from pdmesh.config import flag
 from pdmesh.kv_transfer import DEFAULT_BACKEND, backend_names
 from pdmesh.kv_transfer.mooncake_transport import DEFAULT_PROTOCOL, PROTOCOLS
-from pdmesh.rpc.config import PORT_HELP, WILDCARDS, ServerConfig, check_port
+from pdmesh.rpc.config import PORT_HELP, WILDCARDS, ServerConfig, check_port, grace_flag
 
 DEFAULT_PORT = 50053
 DEFAULT_PREFILL_PORT = 50054
 DEFAULT_BOOTSTRAP_PORT = 8998  # SGLang's --disaggregation-bootstrap-port
 MODES = ("aggregated", "decode")
+NOT_SERVING_AT_ONCE = "health turns NOT_SERVING at once, so balancers stop sending"
 
 
 @dataclass(frozen=True)
@@ -131,11 +132,7 @@ class WorkerServiceConfig(PDServerConfig):
         "streams (what SGLang's scheduler and vLLM's EngineCore processes do); worth it on a "
         "GPU at high batch, where the worker's Python, not the GPU, sets the step time",
     )
-    grace_period: float = flag(
-        30.0,
-        "seconds in-flight generations get to finish after SIGTERM/SIGINT before they are "
-        "cancelled (health turns NOT_SERVING at once, so balancers stop sending)",
-    )
+    grace_period: float = grace_flag(30.0, "in-flight generations", NOT_SERVING_AT_ONCE)
 
     @property
     def transfers_kv(self) -> bool:
@@ -200,11 +197,7 @@ class PrefillServiceConfig(PDServerConfig):
         "address of this host for the KV transfer engine (the mooncake session host); empty = "
         "--host, which must then not be a wildcard",
     )
-    grace_period: float = flag(
-        30.0,
-        "seconds in-flight prefills get to finish after SIGTERM/SIGINT before they are "
-        "cancelled (health turns NOT_SERVING at once, so balancers stop sending)",
-    )
+    grace_period: float = grace_flag(30.0, "in-flight prefills", NOT_SERVING_AT_ONCE)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -7,10 +7,8 @@ in Consul (service, tag, meta)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import Protocol
-
-import grpc.aio
 
 from pdmesh.discovery import (
     META_BOOTSTRAP_PORT,
@@ -37,6 +35,7 @@ from pdmesh.rpc.server import RpcServer
 from pdmesh.rpc.tls import TLSConfig
 from pdmesh.telemetry import Metrics
 from pdmesh.v1 import bootstrap_pb2_grpc, kv_transfer_pb2, worker_pb2
+from services.sglang_grpc import servicer as sglang_grpc
 from services.worker.bootstrap import SERVICE_NAME as BOOTSTRAP_SERVICE
 from services.worker.bootstrap import BootstrapServicer
 from services.worker.config import PDServerConfig, PrefillServiceConfig, WorkerServiceConfig
@@ -60,17 +59,9 @@ def transfer_of(config: PDServerConfig) -> Transfer:
     )
 
 
-class WorkerHandlers(Protocol):
+class WorkerHandlers(sglang_grpc.WorkerHandlers, Protocol):
     """What the server does with a role's servicer: add it as ``WorkerService`` (and under
     SGLang's scheduler protocol), and drain it."""
-
-    def Generate(
-        self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[worker_pb2.GenerateResponse]: ...
-
-    async def Abort(
-        self, request: worker_pb2.AbortRequest, context: grpc.aio.ServicerContext
-    ) -> worker_pb2.AbortResponse: ...
 
     def drain(self) -> None: ...
 
