@@ -23,6 +23,7 @@ from pdmesh.discovery import (
 )
 from pdmesh.engine import AsyncEngine
 from pdmesh.kv_transfer.grpc_backend import GrpcReceiver
+from pdmesh.kv_transfer.mooncake_transport import describe
 from pdmesh.pd.sides import (
     DecodeSide,
     Heartbeat,
@@ -45,6 +46,7 @@ from services.worker.servicer import WorkerServicer
 
 log = logging.getLogger(__name__)
 
+WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
 KV_RECEIVER_SERVICE = kv_transfer_pb2.DESCRIPTOR.services_by_name["KVReceiverService"].full_name
 REGISTER_TIMEOUT_S = 10.0  # deadline of a RegisterDecode call (also bounded by --waiting-timeout)
 BOOTSTRAP_DRAIN_S = 5.0  # after the worker drained: in-flight Transfer calls end with their rooms
@@ -131,6 +133,7 @@ class AggregatedRole:
 
     def started(self, bound: int) -> None:
         """The worker's server is bound; nothing is registered yet."""
+        log.info("%s (%s) listening on %s:%d", WORKER_SERVICE, self.name, self.config.host, bound)
 
     async def drained(self) -> None:
         """The worker's server stopped (its grace period is over)."""
@@ -187,6 +190,7 @@ class DecodeRole(AggregatedRole):
     def started(self, bound: int) -> None:
         assert self.side is not None
         self.side.started(self.config.kv_transfer_host or self.config.host, bound)
+        super().started(bound)
 
     async def close(self) -> None:
         if self.side is not None:
@@ -256,7 +260,14 @@ class PrefillRole:
         }
 
     def started(self, bound: int) -> None:
-        pass
+        assert self.side is not None
+        log.info(
+            "%s (prefill, %s KV transfer) listening on %s:%d",
+            WORKER_SERVICE,
+            describe(self.config.kv_transfer_backend, self.side.transport),
+            self.config.host,
+            bound,
+        )
 
     async def drained(self) -> None:
         if self.side is not None:
