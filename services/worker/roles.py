@@ -85,6 +85,9 @@ class Role(Protocol):
     @property
     def bootstrap_port(self) -> int: ...
 
+    @property
+    def migration_limit(self) -> int: ...
+
     def servicer(
         self, engine: AsyncEngine, model_info: worker_pb2.GetModelInfoResponse, metrics: Metrics
     ) -> WorkerHandlers: ...
@@ -121,6 +124,11 @@ class AggregatedRole:
     @property
     def bootstrap_port(self) -> int:
         return 0
+
+    @property
+    def migration_limit(self) -> int:
+        """Advertised in GetModelInfo: how often the router may move a broken stream on."""
+        return self.config.migration_limit
 
     def servicer(
         self, engine: AsyncEngine, model_info: worker_pb2.GetModelInfoResponse, metrics: Metrics
@@ -217,6 +225,10 @@ class PrefillRole:
     @property
     def bootstrap_port(self) -> int:
         return self._bootstrap_port
+
+    @property
+    def migration_limit(self) -> int:
+        return 0  # a prefill streams nothing to migrate: it answers with one message
 
     async def open(
         self, engine: AsyncEngine, rpc: RpcServer, tls: TLSConfig, metrics: Metrics

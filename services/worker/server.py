@@ -52,7 +52,7 @@ async def serve(
             async_engine.info,
             role=role.name,
             bootstrap_port=role.bootstrap_port,
-            migration_limit=getattr(config, "migration_limit", 0),
+            migration_limit=role.migration_limit,
         )
         servicer = role.servicer(async_engine, model_info, observed.metrics)
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, rpc.server)

@@ -83,3 +83,9 @@ def test_the_aliases_build_the_same_command_lines() -> None:
     assert decode.build_parser is worker.build_parser and decode.main is worker.main
     assert prefill.build_parser is worker.build_prefill_parser
     assert prefill.main is worker.prefill_main
+
+
+def test_only_streaming_roles_advertise_a_migration_limit() -> None:
+    assert AggregatedRole(WorkerServiceConfig(migration_limit=3)).migration_limit == 3
+    assert DecodeRole(WorkerServiceConfig(mode="decode", migration_limit=2)).migration_limit == 2
+    assert PrefillRole(PrefillServiceConfig()).migration_limit == 0
