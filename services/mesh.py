@@ -28,9 +28,11 @@ import grpc.aio
 from pdmesh.config import add_dataclass_args, from_args
 from pdmesh.discovery import (
     META_METRICS_PORT,
+    NO_HOOKS,
     ConsulError,
     Discovery,
     DiscoveryConfig,
+    ServeHooks,
     ServiceRegistration,
     serve_registered,
 )
@@ -64,6 +66,27 @@ def add_mesh_args(parser: argparse.ArgumentParser, telemetry: bool = True) -> No
             "telemetry (tracing follows the standard OTEL_* environment variables)"
         )
         add_dataclass_args(cast(argparse.ArgumentParser, metrics), TelemetryConfig)
+
+
+def service_parser(
+    prog: str,
+    description: str,
+    *configs: type | tuple[str, type],
+    telemetry: bool = True,
+) -> argparse.ArgumentParser:
+    """Every service's command line: the flags of its config dataclasses (a ``(title, cls)``
+    pair gets a ``--help`` group of its own), then the mesh's (``add_mesh_args``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    for config in configs:
+        if isinstance(config, tuple):
+            title, cls = config
+            # argument groups share add_argument with the parser, which is all it uses
+            group = cast(argparse.ArgumentParser, parser.add_argument_group(title))
+            add_dataclass_args(group, cls)
+        else:
+            add_dataclass_args(parser, config)
+    add_mesh_args(parser, telemetry)
+    return parser
 
 
 @dataclass(frozen=True)
@@ -118,10 +141,11 @@ class Observed:
         grace: float,
         discovery: Discovery,
         registration: ServiceRegistration,
+        hooks: ServeHooks = NO_HOOKS,
     ) -> None:
         """``serve_registered``, then the ``/metrics`` server stops too."""
         try:
-            await serve_registered(rpc, host, port, grace, discovery, registration)
+            await serve_registered(rpc, host, port, grace, discovery, registration, hooks)
         finally:
             self.close()
 

@@ -25,7 +25,9 @@ from pdmesh.discovery.config import DiscoveryConfig
 from pdmesh.discovery.consul import ConsulDiscovery
 from pdmesh.discovery.consul_api import ConsulError, ConsulUnavailable
 from pdmesh.discovery.lifecycle import (
+    NO_HOOKS,
     Registered,
+    ServeHooks,
     make_discovery,
     registered,
     registration_for,
@@ -88,4 +90,6 @@ __all__ = [
     "registered",
     "registration_for",
     "serve_registered",
+    "NO_HOOKS",
+    "ServeHooks",
 ]

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 from pdmesh.discovery.base import Discovery
 from pdmesh.discovery.config import DiscoveryConfig
@@ -103,6 +104,20 @@ class Registered:
             await self.discovery.deregister(self.registration)
 
 
+@dataclass(frozen=True)
+class ServeHooks:
+    """What a service does at the steps of ``serve_registered`` beyond serving: ``started``
+    (the port is bound, nothing is registered yet: a PD decode learns its address here, before
+    a router can send it work), ``drained`` (the server stopped after its grace period: fail
+    what is left, stop side servers). Every service's ``serve()`` is then: build, serve, close."""
+
+    started: Callable[[int], None] = lambda bound: None
+    drained: Callable[[], Awaitable[None]] | None = None
+
+
+NO_HOOKS = ServeHooks()
+
+
 async def serve_registered(
     rpc: RpcServer,
     host: str,
@@ -110,14 +125,17 @@ async def serve_registered(
     grace: float,
     discovery: Discovery,
     registration: ServiceRegistration,
+    hooks: ServeHooks | None = None,
 ) -> None:
     """``serve_until_signal`` plus discovery: start ``rpc`` on ``host:port``, register (at the
     bound port when ``registration.port`` is 0), serve until SIGTERM/SIGINT, deregister at once,
     then drain for ``grace`` seconds and stop. Closes ``discovery`` at the end. A refused
     registration (``ConsulError``: bad ACL token…) stops the server and propagates."""
+    hooks = hooks or NO_HOOKS
     bound = await rpc.start(host, port)
     log.info("%s listening on %s:%d", ", ".join(rpc.service_names), host, bound)
     try:
+        hooks.started(bound)
         if registration.port == 0:
             registration = registration.with_port(bound)
         async with registered(discovery, registration) as handle:
@@ -130,5 +148,7 @@ async def serve_registered(
             await handle.deregister()
     finally:
         await rpc.stop(grace)
+        if hooks.drained is not None:
+            await hooks.drained()
         await discovery.close()
     log.info("stopped")

@@ -1,19 +1,21 @@
 """Moving KV pages between processes (PD disaggregation).
 
 The decode worker opens a receiver on its KV cache and hands its ``ReceiverHandle`` to each
-prefill worker (``convert.handle_to_pb`` puts it on the wire); the prefill worker opens one
-sender on its own cache and pushes pages straight into the decode's:
+prefill worker (the worker service puts it on the wire: ``services.worker.kv_convert``); the
+prefill worker opens one sender on its own cache and pushes pages straight into the decode's:
 
     receiver = get_backend("mooncake").receiver.open(kv_cache, engine.kv_layout(), host)
     handle = receiver.handle                                  # → prefill, at registration
     sender = get_backend(handle.backend).sender.open(kv_cache, engine.kv_layout(), host)
     stats = await sender.write(handle, src_pages, dst_pages, timeout=30)  # TransferStats
 
-Backends: ``mooncake`` (default; Mooncake transfer engine, tcp or rdma, GPU memory registered
-directly on CUDA hosts) and ``grpc`` (bytes streamed to ``pdmesh.v1.KVReceiverService``, for
-hosts without Mooncake). Both coalesce pages that are consecutive on both sides into one block
-per (layer, K/V) (``coalesce``), and raise ``KVTransferError`` naming the peer on failure or
-deadline. ``raw_socket`` is a plain-TCP copy of the same bytes, only for the benchmark
+Backends: ``auto`` (the default: offers ``cuda_ipc`` when the cache is on a GPU, then
+``mooncake``, and the sender takes the first it can use), ``cuda_ipc`` (GPU to GPU on one
+host), ``mooncake`` (Mooncake transfer engine, tcp or rdma, GPU memory registered directly on
+CUDA hosts) and ``grpc`` (bytes streamed to ``pdmesh.v1.KVReceiverService``, for hosts without
+Mooncake). They coalesce pages that are consecutive on both sides into one block per (layer,
+K/V) (``coalesce``), and raise ``KVTransferError`` naming the peer on failure or deadline.
+``raw_socket`` is a plain-TCP copy of the same bytes, only for the benchmark
 (``python -m pdmesh.bench.kv_transfer``).
 """
 

@@ -6,11 +6,13 @@ bootstrap timeout), ``registry`` (registered decode workers, KV layout checks), 
 be prefilled before the decode is ready), ``prefill`` (one request: prefill, wait for the
 decode's pages, write the KV, hand over the first token).
 
-Decode side: ``peers`` (the gRPC client of prefill bootstrap servers: register once per prefill,
-transfer, ping), ``heartbeat`` (fails every room of a prefill that stops answering or restarts),
+Decode side: ``peers`` (Python protocols for the prefill workers a decode registers with once,
+transfers from and pings; the gRPC implementation is ``services.worker.peers``), ``heartbeat`` (fails every room of a prefill that stops answering or restarts),
 ``decode`` (one request: allocate pages, get the KV and first token, then decode locally
 through ``AsyncEngine.decode_incoming``).
 
-``values``: what flows between them (``FirstToken``, ``RemotePrefill``). Proto types appear only
-in ``peers``, ``wire`` (conversions both sides share) and the services' ``convert`` modules.
+``sides``: both sides wired up on a worker's engine (what the worker's roles open).
+
+``values``: what flows between them (``FirstToken``, ``RemotePrefill``). No proto type appears
+here: the conversions are the worker service's (``services.worker.pd_convert``).
 """

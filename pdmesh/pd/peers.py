@@ -1,83 +1,34 @@
-"""``PrefillPeers``: the decode worker's client of prefill bootstrap servers.
+"""What the decode side needs from the prefill workers it takes KV from, as Python protocols;
+the gRPC implementation (``BootstrapService`` calls) is the worker service's
+(``services.worker.peers.GrpcPrefillPeers``), so ``pdmesh.pd`` holds no proto type.
 
-One ``PrefillPeer`` per prefill address, created on first use, with one channel. It registers
-this decode once (``RegisterDecode``: KV layout + transfer handle) and caches the prefill's
-instance id; the registration is redone when the heartbeat reports the prefill lost or
-restarted (``forget``) or a Transfer answers NOT_FOUND (the prefill does not know us).
-
-Failed calls become typed errors naming the prefill, so the decode's Generate fails with a
-message that says which prefill and why: FAILED_PRECONDITION / DEADLINE_EXCEEDED / ABORTED keep
-their code; anything else (UNAVAILABLE, a broken stream, ...) means the prefill is gone.
-"""
+A peer registers this decode once (KV layout + transfer handles) and caches the prefill's
+instance id; the registration is redone after ``forget`` (the heartbeat reports the prefill
+lost or restarted) or when the prefill answers that it does not know this decode. Failures are
+``pdmesh.errors`` types naming the prefill."""
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections.abc import Callable
+from typing import Protocol
 
-import grpc
-import grpc.aio
-
-from pdmesh.errors import (
-    AbortedError,
-    DeadlineExceededError,
-    FailedPreconditionError,
-    InvalidRequestError,
-    PeerUnavailableError,
-)
-from pdmesh.pd import wire
+from pdmesh.pd.registry import DecodePeer
 from pdmesh.pd.values import FirstToken
-from pdmesh.rpc.server import MAX_MESSAGE_BYTES
-from pdmesh.rpc.tls import PLAINTEXT, TLSConfig
-from pdmesh.v1 import bootstrap_pb2, bootstrap_pb2_grpc
-
-log = logging.getLogger(__name__)
-
-CHANNEL_OPTIONS = (
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-)
 
 
-class PrefillPeer:
-    def __init__(
-        self,
-        address: str,
-        registration: Callable[[], bootstrap_pb2.RegisterDecodeRequest],
-        rpc_timeout: float,
-        tls: TLSConfig = PLAINTEXT,
-    ) -> None:
-        self.address = address
-        self.instance_id: str | None = None  # set once registered
-        self._registration = registration
-        self._rpc_timeout = rpc_timeout
-        self._channel = tls.channel(address, options=CHANNEL_OPTIONS)
-        self._stub = bootstrap_pb2_grpc.BootstrapServiceStub(self._channel)
-        self._lock = asyncio.Lock()  # concurrent rooms register once
+class PrefillPeer(Protocol):
+    @property
+    def instance_id(self) -> str | None:
+        """The prefill instance this decode is registered with; None until registered."""
+        ...
 
     async def ensure_registered(self) -> str:
         """Register with the prefill unless done already; returns its instance id."""
-        async with self._lock:
-            if self.instance_id is None:
-                try:
-                    reply = await self._stub.RegisterDecode(
-                        self._registration(), timeout=self._rpc_timeout
-                    )
-                except grpc.aio.AioRpcError as e:
-                    raise self._error("registration", e) from e
-                self.instance_id = reply.instance_id
-                log.info(
-                    "registered with prefill %s (instance %s), KV over %s",
-                    self.address,
-                    self.instance_id,
-                    reply.transport or "an unnamed transport (an older prefill)",
-                )
-            return self.instance_id
+        ...
 
     def forget(self) -> None:
         """Register again before the next room (the prefill was lost or restarted)."""
-        self.instance_id = None
+        ...
 
     async def transfer(
         self,
@@ -87,104 +38,21 @@ class PrefillPeer:
         on_writing: Callable[[], None],
         timeout: float,
     ) -> FirstToken:
-        """Send the room's destination pages and wait for its KV; ``on_writing`` is called when
-        the prefill starts writing into the pages. Re-registers once if the prefill does not
-        know this decode."""
-        request = bootstrap_pb2.TransferRequest(
-            room=room,
-            decode_id=self._registration().decode_id,
-            dst_page_ids=page_ids,
-            request_id=request_id,
-        )
-        for attempt in (1, 2):
-            try:
-                return await self._transfer(request, on_writing, timeout)
-            except grpc.aio.AioRpcError as e:
-                if e.code() == grpc.StatusCode.NOT_FOUND and attempt == 1:
-                    log.info(
-                        "prefill %s does not know this decode; registering again", self.address
-                    )
-                    self.forget()
-                    await self.ensure_registered()
-                    continue
-                raise self._error(f"transfer of bootstrap room {room}", e) from e
-        raise AssertionError("unreachable")
-
-    async def ping(self, timeout: float) -> str:
-        """The prefill's instance id (raises grpc errors: the heartbeat counts them)."""
-        reply = await self._stub.Ping(bootstrap_pb2.PingRequest(), timeout=timeout)
-        return str(reply.instance_id)
-
-    async def close(self) -> None:
-        await self._channel.close()
-
-    async def _transfer(
-        self,
-        request: bootstrap_pb2.TransferRequest,
-        on_writing: Callable[[], None],
-        timeout: float,
-    ) -> FirstToken:
-        call = self._stub.Transfer(request, timeout=timeout)
-        try:
-            async for event in call:
-                kind = event.WhichOneof("event")
-                if kind == "writing":
-                    on_writing()
-                elif kind == "done":
-                    return wire.first_token_from_pb(event.done)
-        finally:
-            call.cancel()  # a no-op once it ended; reaches the prefill when we give up early
-        raise PeerUnavailableError(
-            f"prefill {self.address} ended the transfer of bootstrap room {request.room} "
-            "without an outcome"
-        )
-
-    def _error(self, what: str, e: grpc.aio.AioRpcError) -> Exception:
-        code, details = e.code(), e.details() or ""
-        message = f"prefill {self.address}: {details}"  # its own messages name the room
-        if code == grpc.StatusCode.FAILED_PRECONDITION:
-            return FailedPreconditionError(message)
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return DeadlineExceededError(message)
-        if code == grpc.StatusCode.ABORTED:
-            return AbortedError(message)
-        if code == grpc.StatusCode.INVALID_ARGUMENT:
-            return InvalidRequestError("disagg", message)
-        return PeerUnavailableError(
-            f"lost prefill {self.address}: {what} failed: {code.name}: {details}"
-        )
+        """Send the room's destination pages and wait for its KV and first token;
+        ``on_writing`` is called when the prefill starts writing into the pages."""
+        ...
 
 
-class PrefillPeers:
-    def __init__(self, rpc_timeout: float, tls: TLSConfig = PLAINTEXT) -> None:
-        """``rpc_timeout``: deadline of registrations; ``tls``: how the channels to bootstrap
-        servers are secured. Set ``registration`` (what this decode registers with every
-        prefill) once the decode's receiver address is known."""
-        self.registration: bootstrap_pb2.RegisterDecodeRequest | None = None
-        self._rpc_timeout = rpc_timeout
-        self._tls = tls
-        self._peers: dict[str, PrefillPeer] = {}
+class PrefillPeers(Protocol):
+    # what this decode registers with every prefill; set once its receiver's address is known
+    registration: DecodePeer | None
 
-    def get(self, address: str) -> PrefillPeer:
-        peer = self._peers.get(address)
-        if peer is None:
-            peer = PrefillPeer(address, self._current_registration, self._rpc_timeout, self._tls)
-            self._peers[address] = peer
-        return peer
+    def get(self, address: str) -> PrefillPeer: ...
 
-    def forget(self, address: str) -> None:
-        peer = self._peers.get(address)
-        if peer is not None:
-            peer.forget()
+    def forget(self, address: str) -> None: ...
 
     async def ping(self, address: str, timeout: float) -> str:
-        return await self.get(address).ping(timeout)
+        """The instance id of the prefill at ``address`` (raises: the heartbeat counts it)."""
+        ...
 
-    async def close(self) -> None:
-        for peer in self._peers.values():
-            await peer.close()
-
-    def _current_registration(self) -> bootstrap_pb2.RegisterDecodeRequest:
-        if self.registration is None:
-            raise PeerUnavailableError("this decode worker is still starting: not registered yet")
-        return self.registration
+    async def close(self) -> None: ...

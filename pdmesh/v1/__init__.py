@@ -3,5 +3,7 @@
 Only this file is committed. ``*_pb2.py``, ``*_pb2.pyi`` and ``*_pb2_grpc.py`` are built from
 ``protos/pdmesh/v1/*.proto``, the single definition of the wire, and are gitignored. Import
 them as ``from pdmesh.v1 import tokenizer_pb2, tokenizer_pb2_grpc``, at a service's edge only:
-library code (engine, tokenizer) never sees proto types.
+library code never sees proto types, but for the modules that are gRPC edges by what they are
+(``pdmesh.rpc.errors``, ``pdmesh.kv_transfer.grpc_backend``), which
+``tests/unit/test_layering.py`` lists with the reason.
 """

@@ -11,17 +11,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pdmesh.config import add_dataclass_args, from_args
+from pdmesh.config import from_args
 from pdmesh.rpc.server import configure_logging
 from services.gateway import serve, workers
 from services.gateway.config import GatewayConfig
-from services.mesh import MeshOptions, add_mesh_args
+from services.mesh import MeshOptions, service_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m services.gateway",
-        description=(
+    return service_parser(
+        "python -m services.gateway",
+        (
             "pdmesh HTTP gateway: OpenAI-compatible /v1/chat/completions, /v1/completions and "
             "/v1/models, SGLang-native /generate, and /health, served over one gRPC Stream per "
             "router (--no-router-stream: a Generate call per request), plus the SGLang "
@@ -33,11 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
             "seconds, then exits. Prometheus metrics at /metrics (no API key needed); traces "
             "follow the standard OTEL_* environment variables."
         ),
+        GatewayConfig,
+        # no --metrics-port: /metrics is served on the gateway's own HTTP port
+        telemetry=False,
     )
-    add_dataclass_args(parser, GatewayConfig)
-    # no --metrics-port: /metrics is served on the gateway's own HTTP port
-    add_mesh_args(parser, telemetry=False)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pdmesh.config import flag
-from pdmesh.rpc.server import LOG_LEVELS
+from pdmesh.rpc.config import ServerConfig, grace_flag
 from services.gateway.api_keys import APIKeys
 
 DEFAULT_PORT = 8000
@@ -14,7 +14,7 @@ DEFAULT_REQUEST_ID_HEADERS = ("x-request-id", "x-correlation-id", "x-trace-id", 
 
 
 @dataclass(frozen=True)
-class GatewayConfig:
+class GatewayConfig(ServerConfig):
     router: str = flag(
         "127.0.0.1:50051",
         "host:port of the router's gRPC service; a comma-separated list spreads requests over "
@@ -91,16 +91,12 @@ class GatewayConfig:
         "https://app.example.com; * for any); empty: no CORS headers, so browsers on other "
         "origins cannot read responses",
     )
-    log_level: str = flag("info", f"log verbosity: {', '.join(LOG_LEVELS)}")
-    grace_period: float = flag(
-        5.0, "seconds open requests get to finish after SIGTERM/SIGINT before they are cancelled"
-    )
+    grace_period: float = grace_flag(5.0, "open requests")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.routers:
             raise ValueError("--router must name at least one host:port")
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"--port={self.port} must be in [0, 65535]")
         if self.max_body_bytes <= 0:
             raise ValueError(f"--max-body-bytes={self.max_body_bytes} must be > 0")
         if self.max_streams_per_client < 0:
@@ -108,14 +104,8 @@ class GatewayConfig:
         self.api_keys()  # an unreadable --api-key-file fails at startup
         if self.request_timeout <= 0:
             raise ValueError(f"--request-timeout={self.request_timeout} must be > 0")
-        if self.log_level.lower() not in LOG_LEVELS:
-            raise ValueError(f"--log-level={self.log_level!r}; choose {', '.join(LOG_LEVELS)}")
         if self.workers < 1:
             raise ValueError(f"--workers={self.workers} must be >= 1")
-        if self.grace_period < 0:
-            raise ValueError(f"--grace-period={self.grace_period} must be >= 0")
-        if not self.host:
-            raise ValueError("--host must not be empty")
         for origin in self.cors_origins:
             # browsers send Origin as scheme://host[:port], never with a path
             if origin != "*" and ("://" not in origin or origin.endswith("/")):

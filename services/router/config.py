@@ -21,7 +21,7 @@ from pdmesh.routing import circuit_breaker as cb
 from pdmesh.routing import kv_cost as kv
 from pdmesh.routing import retry as rt
 from pdmesh.routing.admission import AdmissionConfig
-from pdmesh.rpc.server import LOG_LEVELS
+from pdmesh.rpc.config import PORT_HELP, ServerConfig, grace_flag
 
 DEFAULT_PORT = 50051
 # SGLang router's --max-payload-size as its docs give it; a request message larger than this is
@@ -30,11 +30,8 @@ DEFAULT_MAX_PAYLOAD_SIZE = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
-class RouterServiceConfig:
-    host: str = flag(
-        "127.0.0.1", "address to listen on; 0.0.0.0 or :: to accept other hosts (no auth!)"
-    )
-    port: int = flag(DEFAULT_PORT, "gRPC port; 0 picks a free one (the log line says which)")
+class RouterServiceConfig(ServerConfig):
+    port: int = flag(DEFAULT_PORT, PORT_HELP)
     workers: str = flag(
         "",
         "comma-separated host:port list of aggregated workers (python -m services.decode) to "
@@ -191,18 +188,12 @@ class RouterServiceConfig:
         "seconds between health checks of each worker; unhealthy workers get no new requests "
         "while a healthy one exists",
     )
-    log_level: str = flag("info", f"log verbosity: {', '.join(LOG_LEVELS)}")
-    grace_period: float = flag(
-        30.0,
-        "seconds in-flight generations get to finish after SIGTERM/SIGINT before they are "
-        "cancelled (and with them their worker requests)",
+    grace_period: float = grace_flag(
+        30.0, "in-flight generations", "and with them their worker requests"
     )
 
     def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"--port={self.port} must be in [0, 65535]")
-        if not self.host:
-            raise ValueError("--host must not be empty")
+        super().__post_init__()
         if not self.tokenizer:
             raise ValueError("--tokenizer must name the tokenizer service's host:port")
         if self.tool_call_parser and self.tool_call_parser not in TOOL_CALL_PARSERS:
@@ -235,10 +226,6 @@ class RouterServiceConfig:
         for name in ("request_timeout_secs", "rpc_timeout", "health_check_interval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be > 0")
-        if self.log_level.lower() not in LOG_LEVELS:
-            raise ValueError(f"--log-level={self.log_level!r}; choose {', '.join(LOG_LEVELS)}")
-        if self.grace_period < 0:
-            raise ValueError(f"--grace-period={self.grace_period} must be >= 0")
         if self.disagg_min_prompt_tokens < 0:
             raise ValueError(
                 f"--disagg-min-prompt-tokens={self.disagg_min_prompt_tokens} must be >= 0"

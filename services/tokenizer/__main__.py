@@ -10,27 +10,25 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pdmesh.config import add_dataclass_args, from_args
+from pdmesh.config import from_args
 from pdmesh.rpc.server import configure_logging
-from services.mesh import MeshOptions, add_mesh_args, parse_configs, run_service
+from services.mesh import MeshOptions, parse_configs, run_service, service_parser
 from services.tokenizer.config import TokenizerServiceConfig
 from services.tokenizer.server import load_tokenizer, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m services.tokenizer",
-        description=(
+    return service_parser(
+        "python -m services.tokenizer",
+        (
             "pdmesh tokenizer service (gRPC pdmesh.v1.TokenizerService): tokenize, apply the "
             "model's chat template, detokenize, stream-detokenize generated tokens "
             "(UTF-8 safe, with stop strings), and hand out tokenizer.json to clients that "
             "detokenize themselves (the router). Also serves grpc.health.v1 and reflection; "
             "SIGTERM or Ctrl-C drains in-flight calls, then exits."
         ),
+        TokenizerServiceConfig,
     )
-    add_dataclass_args(parser, TokenizerServiceConfig)
-    add_mesh_args(parser)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,7 @@ from pdmesh.engine import (
     SamplingParams,
 )
 from pdmesh.errors import FailedPreconditionError
-from services.decode import convert
+from services.worker import convert
 
 PROMPT = [10, 11, 12, 13]
 

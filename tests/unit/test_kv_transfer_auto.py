@@ -13,7 +13,7 @@ from pdmesh.errors import FailedPreconditionError
 from pdmesh.kv_transfer import ReceiverHandle, get_backend, layout_of
 from pdmesh.kv_transfer.cuda_ipc_backend import host_id
 from pdmesh.pd.registry import DecodePeer, DecodeRegistry, by_backend
-from pdmesh.pd.wire import registration_from_pb, registration_to_pb
+from services.worker.pd_convert import registration_from_pb, registration_to_pb
 
 SHAPE = (16, 2, 2, 4, 2, 8)
 

@@ -16,7 +16,6 @@ import torch
 
 from pdmesh.config import from_args
 from pdmesh.kv_transfer import get_backend, layout_of
-from pdmesh.kv_transfer.convert import handle_from_pb, handle_to_pb
 from pdmesh.kv_transfer.mooncake_transport import (
     effective_transport,
     pair_refusal,
@@ -25,11 +24,11 @@ from pdmesh.kv_transfer.mooncake_transport import (
     topology_devices,
 )
 from pdmesh.pd.registry import DecodePeer, DecodeRegistry, transport_of
-from pdmesh.pd.wire import registration_from_pb, registration_to_pb
 from services.decode.__main__ import build_parser as decode_parser
-from services.decode.config import WorkerServiceConfig
 from services.prefill.__main__ import build_parser as prefill_parser
-from services.prefill.config import PrefillServiceConfig
+from services.worker.config import PrefillServiceConfig, WorkerServiceConfig
+from services.worker.kv_convert import handle_from_pb, handle_to_pb
+from services.worker.pd_convert import registration_from_pb, registration_to_pb
 
 SHAPE = (16, 2, 2, 4, 2, 8)
 NO_HCA = '{\n\t"cpu:0" : \n\t[\n\t\t[],\n\t\t[]\n\t]\n}\n'  # what Mooncake prints here

@@ -23,10 +23,10 @@ from pdmesh.kv_transfer import (
     layout_of,
     page_runs,
 )
-from pdmesh.kv_transfer.convert import handle_from_pb, handle_to_pb
 from pdmesh.kv_transfer.grpc_backend import GrpcSender, KVReceiverServicer
 from pdmesh.kv_transfer.handle import check_cache
 from pdmesh.v1 import kv_transfer_pb2
+from services.worker.kv_convert import handle_from_pb, handle_to_pb
 
 PAGE_BYTES = 4 * 2 * 8 * 4  # one layer's K of a page: page_size 4, 2 kv heads, head_dim 8, fp32
 

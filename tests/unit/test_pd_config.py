@@ -7,11 +7,10 @@ import pytest
 
 from pdmesh.config import from_args
 from services.decode.__main__ import build_parser as decode_parser
-from services.decode.config import WorkerServiceConfig
 from services.prefill.__main__ import build_parser as prefill_parser
-from services.prefill.config import PrefillServiceConfig
 from services.router.__main__ import build_parser as router_parser
 from services.router.config import RouterServiceConfig
+from services.worker.config import PrefillServiceConfig, WorkerServiceConfig
 
 
 def decode_config(*argv: str) -> WorkerServiceConfig:

@@ -7,9 +7,9 @@ import pytest
 from pdmesh.engine import InvalidRequestError, SamplingParams
 from pdmesh.sglang import sglang_scheduler_pb2 as sgl
 from pdmesh.v1 import common_pb2, worker_pb2
-from services.decode import convert as worker_convert
 from services.sglang_grpc import client as sglang_client
 from services.sglang_grpc import convert as sglang_convert
+from services.worker import convert as worker_convert
 
 
 def test_worker_request_maps_constraints_bias_and_resumed_tokens() -> None:

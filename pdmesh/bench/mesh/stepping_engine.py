@@ -9,7 +9,7 @@ own threads were busy) waits for the next boundary, as a GPU step that a busy ho
 would: late steps show up as lost throughput, never as steps squeezed together.
 
 It has the attributes and methods of ``LLMEngine`` that ``AsyncEngine``, the worker servicer,
-``services.decode.convert`` and the SGLang servicer use; the PD hooks refuse (the stepping
+``services.worker.convert`` and the SGLang servicer use; the PD hooks refuse (the stepping
 worker runs aggregated). The token ids are ordinary words of the model's vocabulary
 (``words``), drawn deterministically from the prompt: the same prompt gets the same answer.
 """

@@ -1,5 +1,5 @@
 """``python -m pdmesh.bench.mesh.stepping_worker``: the model-free stepping worker, a benchmark
-instrument: the real worker process (``services.decode.server.serve``: the same servicers,
+instrument: the real worker process (``services.worker.server.serve``: the same servicers,
 ``AsyncEngine``, interceptors, health, SGLang protocol) with a ``SteppingEngine`` in place of
 the model, so tokens leave it exactly as a real worker sends them, at a known rate.
 
@@ -20,9 +20,9 @@ from pdmesh.bench.mesh.stepping_engine import SteppingEngine, SteppingEngineConf
 from pdmesh.config import add_dataclass_args, flag, from_args
 from pdmesh.engine import LLMEngine
 from pdmesh.rpc.server import LOG_LEVELS, configure_logging
-from services.decode.config import DEFAULT_PORT, WorkerServiceConfig
-from services.decode.server import serve
 from services.mesh import MeshOptions, add_mesh_args, parse_configs, run_service
+from services.worker.config import DEFAULT_PORT, WorkerServiceConfig
+from services.worker.server import serve
 
 PROG = "python -m pdmesh.bench.mesh.stepping_worker"
 

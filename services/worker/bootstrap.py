@@ -11,10 +11,9 @@ from collections.abc import AsyncIterator
 
 import grpc.aio
 
-from pdmesh.pd import wire
 from pdmesh.pd.bootstrap import Bootstrap
 from pdmesh.v1 import bootstrap_pb2, bootstrap_pb2_grpc
-from services.prefill import convert
+from services.worker import pd_convert
 
 SERVICE_NAME = bootstrap_pb2.DESCRIPTOR.services_by_name["BootstrapService"].full_name
 
@@ -26,7 +25,7 @@ class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServiceServicer):
     async def RegisterDecode(
         self, request: bootstrap_pb2.RegisterDecodeRequest, context: grpc.aio.ServicerContext
     ) -> bootstrap_pb2.RegisterDecodeResponse:
-        instance_id = self._bootstrap.register(wire.registration_from_pb(request))
+        instance_id = self._bootstrap.register(pd_convert.registration_from_pb(request))
         transport = self._bootstrap.decodes.transport(request.decode_id)
         return bootstrap_pb2.RegisterDecodeResponse(instance_id=instance_id, transport=transport)
 
@@ -38,7 +37,7 @@ class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServiceServicer):
         )
         context.add_done_callback(lambda _: Bootstrap.abandon(room, request.decode_id))
         async for event in Bootstrap.events(room):
-            yield convert.event_to_pb(event)
+            yield pd_convert.event_to_pb(event)
 
     async def Ping(
         self, request: bootstrap_pb2.PingRequest, context: grpc.aio.ServicerContext

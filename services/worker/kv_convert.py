@@ -1,4 +1,5 @@
-"""``ReceiverHandle`` ↔ ``pdmesh.v1.KVReceiverHandle`` (kv_transfer.proto)."""
+"""``ReceiverHandle`` ↔ ``pdmesh.v1.KVReceiverHandle`` (kv_transfer.proto): the worker service's
+edge, where a decode's transfer handles go on the wire at registration."""
 
 from __future__ import annotations
 

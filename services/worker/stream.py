@@ -34,13 +34,13 @@ from opentelemetry.trace import Span
 from pdmesh.engine import AsyncEngine, InvalidRequestError, RequestOutput
 from pdmesh.engine.sampling_params import SamplingParams
 from pdmesh.errors import DeadlineExceededError, EngineDeadError
+from pdmesh.pd.sides import DecodeSide
 from pdmesh.rpc.errors import status_for
 from pdmesh.rpc.multiplex import MultiplexSession
 from pdmesh.telemetry import Metrics, start_detached_span
 from pdmesh.telemetry.spans import ATTRIBUTE_PREFIX, DECODE, FIRST_TOKEN
 from pdmesh.v1 import common_pb2, worker_pb2
-from services.decode import convert
-from services.decode.disagg import DecodeSide
+from services.worker import convert
 
 log = logging.getLogger(__name__)
 

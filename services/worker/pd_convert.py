@@ -1,15 +1,16 @@
-"""PD values ↔ bootstrap.proto messages, shared by the prefill's servicer and the decode's client
-(the only place besides ``peers`` where pdmesh.pd meets proto types)."""
+"""``pdmesh.pd`` values ↔ bootstrap.proto messages, shared by the prefill role's
+``BootstrapServicer`` and the decode role's ``GrpcPrefillPeers``: the edge where PD values meet
+proto types (``pdmesh.pd`` itself holds none)."""
 
 from __future__ import annotations
 
 from pdmesh.engine.sequence import TokenLogprob
 from pdmesh.errors import InvalidRequestError
 from pdmesh.kv_transfer import ReceiverHandle
-from pdmesh.kv_transfer.convert import handle_from_pb, handle_to_pb
 from pdmesh.pd.registry import DecodePeer
-from pdmesh.pd.values import FirstToken
+from pdmesh.pd.values import FirstToken, Writing
 from pdmesh.v1 import bootstrap_pb2, common_pb2
+from services.worker.kv_convert import handle_from_pb, handle_to_pb
 
 
 def registration_to_pb(
@@ -22,6 +23,11 @@ def registration_to_pb(
         decode_address=decode_address,
         alternatives=[handle_to_pb(h) for h in receivers[1:]],
     )
+
+
+def decode_peer_to_pb(peer: DecodePeer) -> bootstrap_pb2.RegisterDecodeRequest:
+    """What a decode registers as, on the wire (``registration_from_pb`` reads it back)."""
+    return registration_to_pb(peer.decode_id, peer.address, [peer.receiver, *peer.alternatives])
 
 
 def registration_from_pb(pb: bootstrap_pb2.RegisterDecodeRequest) -> DecodePeer:
@@ -69,3 +75,9 @@ def first_token_from_pb(pb: bootstrap_pb2.TransferDone) -> FirstToken:
         num_bytes=pb.bytes,
         seconds=pb.transfer_seconds,
     )
+
+
+def event_to_pb(event: Writing | FirstToken) -> bootstrap_pb2.TransferEvent:
+    if isinstance(event, Writing):
+        return bootstrap_pb2.TransferEvent(writing=bootstrap_pb2.TransferWriting())
+    return bootstrap_pb2.TransferEvent(done=first_token_to_pb(event))

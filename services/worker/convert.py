@@ -19,8 +19,8 @@ from pdmesh.engine import (
 )
 from pdmesh.engine.async_engine import EngineInfo
 from pdmesh.pd.values import RemotePrefill
-from pdmesh.pd.wire import logprob_to_pb
 from pdmesh.v1 import common_pb2, worker_pb2
+from services.worker.pd_convert import logprob_to_pb
 
 # optional scalar fields copied as they are when set; `stop` and `skip_special_tokens` are the
 # tokenizer's business (the router applies them), so the worker ignores them

@@ -1,5 +1,4 @@
-"""The ``pdmesh.v1.WorkerService`` servicer of aggregated and decode workers, and the worker's
-entry coroutine.
+"""The ``pdmesh.v1.WorkerService`` servicer of aggregated and decode workers.
 
 Handlers are thin: proto in → engine (or, for a disaggregated request, ``pdmesh.pd``'s
 ``DisaggDecoder``) → proto out. Errors escape to ``pdmesh.rpc``'s interceptor
@@ -20,38 +19,19 @@ from typing import cast
 
 import grpc.aio
 
-from pdmesh.discovery import (
-    META_IB_DEVICE,
-    META_KV_BACKEND,
-    META_KV_PROTOCOL,
-    META_MODEL,
-    META_PAGE_SIZE,
-    TAG_AGG,
-    TAG_DECODE,
-    WORKER,
-    make_discovery,
-    registered,
-    registration_for,
-)
-from pdmesh.engine import AsyncEngine, InvalidRequestError, LLMEngine, RequestOutput
-from pdmesh.engine.engine_process import EngineProcess
+from pdmesh.engine import AsyncEngine, InvalidRequestError, RequestOutput
+from pdmesh.pd.sides import DecodeSide
 from pdmesh.rpc.multiplex import Sessions
-from pdmesh.rpc.server import RpcServer, wait_for_signal
 from pdmesh.telemetry import Metrics, event, set_attributes, span
 from pdmesh.telemetry.spans import DECODE, FIRST_TOKEN
-from pdmesh.v1 import kv_transfer_pb2, worker_pb2, worker_pb2_grpc
-from services.decode import convert
-from services.decode.calls import LiveCalls
-from services.decode.config import WorkerServiceConfig
-from services.decode.disagg import DecodeSide, open_decode_side
-from services.decode.stream import StreamSession
-from services.mesh import MeshOptions, Observed
-from services.sglang_grpc import servicer as sglang_grpc
+from pdmesh.v1 import worker_pb2, worker_pb2_grpc
+from services.worker import convert
+from services.worker.calls import LiveCalls
+from services.worker.stream import StreamSession
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
-KV_RECEIVER_SERVICE = kv_transfer_pb2.DESCRIPTOR.services_by_name["KVReceiverService"].full_name
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
@@ -168,72 +148,3 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self, request: worker_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.GetModelInfoResponse:
         return self._model_info
-
-
-async def serve(
-    config: WorkerServiceConfig,
-    engine: LLMEngine | EngineProcess,
-    mesh: MeshOptions | None = None,
-) -> None:
-    """Serve ``engine`` until SIGTERM/SIGINT, registered (``--discovery consul``) while
-    serving; on the signal it deregisters at once, then in-flight generations drain for the
-    grace period (the engine keeps stepping meanwhile), then the engine thread stops."""
-    mesh = mesh or MeshOptions()
-    # with --engine-process the engine runs (already loaded) in a process of its own
-    async_engine = engine if isinstance(engine, EngineProcess) else AsyncEngine(engine)
-    async_engine.start()
-    observed = Observed.start("pdmesh-decode", config.host, mesh.telemetry)
-    names = [SERVICE_NAME, sglang_grpc.SERVICE_NAME]  # SGLang's protocol beside ours
-    if config.mode == "decode" and config.kv_transfer_backend == "grpc":
-        names.append(KV_RECEIVER_SERVICE)  # hosted here: health and reflection name it
-    rpc = RpcServer(names, interceptors=observed.interceptors(), tls=mesh.tls)
-    decode_side = None
-    if config.mode == "decode":
-        decode_side = open_decode_side(config, async_engine, rpc, mesh.tls)
-    model_info = convert.model_info_to_pb(
-        async_engine.info, role=config.mode, migration_limit=config.migration_limit
-    )
-    servicer = WorkerServicer(
-        async_engine, model_info, decode_side, config.stream_interval, observed.metrics
-    )
-    worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, rpc.server)
-    rpc.on_drain.append(servicer.drain)
-    sglang_grpc.add_to_server(rpc.server, servicer, async_engine, model_info)
-    tag = TAG_DECODE if config.mode == "decode" else TAG_AGG
-    meta = {
-        META_MODEL: model_info.model_name,
-        META_PAGE_SIZE: model_info.page_size,
-        META_KV_BACKEND: config.kv_transfer_backend if config.mode == "decode" else None,
-        META_KV_PROTOCOL: decode_side.receiver.transport if decode_side is not None else None,
-        META_IB_DEVICE: config.disaggregation_ib_device if decode_side is not None else None,
-        **observed.meta(),
-    }
-    registration = registration_for(
-        mesh.discovery, WORKER, config.host, 0, (tag,), meta, grpc_tls=mesh.tls.serves_tls
-    )
-    discovery = make_discovery(mesh.discovery)
-    try:
-        # serve_registered's steps, with the decode side told the bound port before the
-        # instance is registered (a router may send disaggregated work at once)
-        bound = await rpc.start(config.host, config.port)
-        if decode_side is not None:
-            decode_side.started(config.kv_transfer_host or config.host, bound)
-        log.info("%s (%s) listening on %s:%d", SERVICE_NAME, config.mode, config.host, bound)
-        try:
-            async with registered(discovery, registration.with_port(bound)) as handle:
-                sig = await wait_for_signal()
-                log.info(
-                    "%s received; deregistering, then draining in-flight calls for up to %.1fs",
-                    sig.name,
-                    config.grace_period,
-                )
-                await handle.deregister()
-        finally:
-            await rpc.stop(config.grace_period)
-            await discovery.close()
-        log.info("stopped")
-    finally:
-        if decode_side is not None:
-            await decode_side.close()
-        async_engine.shutdown()
-        observed.close()
