@@ -13,8 +13,8 @@ Backends: ``mooncake`` (default; Mooncake transfer engine, tcp or rdma, GPU memo
 directly on CUDA hosts) and ``grpc`` (bytes streamed to ``pdmesh.v1.KVReceiverService``, for
 hosts without Mooncake). Both coalesce pages that are consecutive on both sides into one block
 per (layer, K/V) (``coalesce``), and raise ``KVTransferError`` naming the peer on failure or
-deadline. ``raw_socket`` is a plain-TCP copy of the same bytes, only for the benchmark
-(``python -m pdmesh.bench.kv_transfer``).
+deadline. The plain-TCP copy of the same bytes that the benchmark compares them with is no
+backend: it lives in ``benchmarks.kv_reference`` (``python -m benchmarks.kv_transfer``).
 """
 
 from pdmesh.kv_transfer.base import DEFAULT_TIMEOUT_S, KVReceiver, KVSender
