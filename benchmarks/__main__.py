@@ -15,27 +15,41 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import importlib.metadata
 import os
 import platform
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from tqdm import tqdm
 
+from benchmarks.cli import BAD_FLAGS, parse_config
 from benchmarks.config import BenchConfig
 from benchmarks.host import loadavg
 from benchmarks.offline import PdmeshRunner
 from benchmarks.report import Comparison, Report, render_table, write_json
 from benchmarks.workload import DEFINITIONS, Timing, random_prompts
-from pdmesh.config import add_dataclass_args, from_args
+from pdmesh.config import add_dataclass_args
 from pdmesh.models import loader
 
 
 class Runner(Protocol):
     def run(self, prompts: list[list[int]], new_tokens: int) -> Timing: ...
+
+
+# `python -m benchmarks <subcommand> ...`: each module's main(argv) takes the rest of the line
+SUBCOMMANDS = {
+    "serve": "benchmarks.serve.__main__",  # the online load generator
+    "router-overhead": "benchmarks.routers.overhead",  # routers side by side
+    "routing-quality": "benchmarks.routers.quality",
+    "pd-vs-agg": "benchmarks.pd_vs_agg.main",  # 1 prefill + 1 decode vs 2 aggregated
+    "mesh": "benchmarks.mesh.main",  # the token path, arm by arm, at a known worker speed
+    "vs-smg": "benchmarks.smg",  # SGLang's gateway vs pdmesh's, same workers
+}
 
 
 @dataclass(frozen=True)
@@ -196,36 +210,13 @@ def _version(package: str) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["serve"]:  # the online load generator: benchmarks/serve
-        from benchmarks.serve.__main__ import main as serve_main
-
-        return serve_main(argv[1:])
-    if argv[:1] == ["router-overhead"]:  # routers side by side: benchmarks/routers
-        from benchmarks.routers.overhead import main as overhead_main
-
-        return overhead_main(argv[1:])
-    if argv[:1] == ["routing-quality"]:
-        from benchmarks.routers.quality import main as quality_main
-
-        return quality_main(argv[1:])
-    if argv[:1] == ["pd-vs-agg"]:  # 1 prefill + 1 decode vs 2 aggregated: benchmarks/pd_vs_agg
-        from benchmarks.pd_vs_agg.main import main as pd_vs_agg_main
-
-        return pd_vs_agg_main(argv[1:])
-    if argv[:1] == ["mesh"]:  # the token path, arm by arm, at a known worker speed
-        from benchmarks.mesh.main import main as mesh_main
-
-        return mesh_main(argv[1:])
-    if argv[:1] == ["vs-smg"]:  # SGLang's gateway vs pdmesh's, same workers: benchmarks/smg
-        from benchmarks.smg import main as smg_main
-
-        return smg_main(argv[1:])
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = from_args(BenchConfig, args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        # imported only when asked for: each pulls in its own stack (grpc, aiohttp, ...)
+        command: Callable[[list[str]], int] = importlib.import_module(SUBCOMMANDS[argv[0]]).main
+        return command(argv[1:])
+    cfg = parse_config(build_parser(), BenchConfig, argv)
+    if cfg is None:
+        return BAD_FLAGS
     report = run(cfg)
     print(render_table(report))
     if cfg.json_out:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from benchmarks.config_base import require_at_least, require_positive
 from pdmesh.config import flag
 from pdmesh.engine.config import DTYPES
 
@@ -51,12 +52,8 @@ class BenchConfig:
     json_out: str = flag("", "also write every measurement (all repeats and medians) to this file")
 
     def __post_init__(self) -> None:
-        for name in ("prompt_len", "decode_tokens", "repeats", "page_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be > 0")
-        for name in ("prefill_batch", "warmup", "threads", "profile_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 0")
+        require_positive(self, "prompt_len", "decode_tokens", "repeats", "page_size")
+        require_at_least(self, 0, "prefill_batch", "warmup", "threads", "profile_steps")
         if self.decode_tokens < 2:
             raise ValueError("--decode-tokens must be >= 2: a decode step needs a second token")
         if self.dtype != "auto" and self.dtype not in DTYPES:

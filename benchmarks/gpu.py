@@ -29,7 +29,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm import tqdm
 
-from pdmesh.config import add_dataclass_args, flag, from_args
+from benchmarks.cli import BAD_FLAGS, parse_config
+from pdmesh.config import add_dataclass_args, flag
 from pdmesh.engine.config import EngineConfig
 from pdmesh.engine.llm_engine import LLMEngine
 from pdmesh.engine.sampling_params import SamplingParams
@@ -298,12 +299,9 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
     add_dataclass_args(parser, GpuBenchConfig)
-    args = parser.parse_args(argv)
-    try:
-        cfg = from_args(GpuBenchConfig, args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = parse_config(parser, GpuBenchConfig, argv)
+    if cfg is None:
+        return BAD_FLAGS
     if not torch.cuda.is_available():
         print("error: python -m benchmarks.gpu needs a CUDA GPU", file=sys.stderr)
         return 2

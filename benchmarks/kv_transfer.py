@@ -31,10 +31,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm import tqdm
 
+from benchmarks.cli import BAD_FLAGS, parse_config
+from benchmarks.config_base import require_positive
 from benchmarks.host import loadavg
 from benchmarks.kv_reference.raw_socket import RawSocketSender, ThreadedRawSocketSender
 from harness.kv_receiver import ReceiverProcess
-from pdmesh.config import add_dataclass_args, flag, from_args
+from pdmesh.config import add_dataclass_args, flag
 from pdmesh.kv_transfer import KVSender, get_backend, layout_of
 from pdmesh.kv_transfer.coalesce import coalesce
 from pdmesh.kv_transfer.handle import ReceiverHandle, TransferStats
@@ -102,9 +104,7 @@ class KVBenchConfig:
     json_out: str = flag("", "also write every measurement (all repeats, medians) to this file")
 
     def __post_init__(self) -> None:
-        for name in ("num_layers", "num_kv_heads", "head_dim", "page_size", "repeats"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be > 0")
+        require_positive(self, "num_layers", "num_kv_heads", "head_dim", "page_size", "repeats")
         if self.warmup < 0 or self.timeout <= 0:
             raise ValueError("--warmup must be >= 0 and --timeout > 0")
         if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -378,12 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = from_args(KVBenchConfig, args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = parse_config(build_parser(), KVBenchConfig, argv)
+    if cfg is None:
+        return BAD_FLAGS
     pool = max(cfg.pages(t) for t in cfg.token_list())
     print(
         f"layout: {pool} pages x {cfg.num_layers} layers x 2 x {cfg.page_size} tokens x "

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
 import logging
 import secrets
 import statistics
@@ -34,6 +33,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from benchmarks.cli import BAD_FLAGS, parse_config, run_or_fail, write_json
 from benchmarks.logs import setup_logging
 from benchmarks.routers.fleet import ChildDied, Fleet
 from benchmarks.serve.backends import make_backend
@@ -46,7 +46,7 @@ from benchmarks.smg_capacity import CapacityReport, render_capacity, run_capacit
 from benchmarks.smg_config import SmgBenchConfig
 from benchmarks.smg_procs import Worker, start_pdmesh, start_smg, start_tokenizer, wait_ready
 from benchmarks.smg_procs import start_workers as start_worker_procs
-from pdmesh.config import add_dataclass_args, from_args
+from pdmesh.config import add_dataclass_args
 from pdmesh.models.source import resolve
 from pdmesh.v1 import worker_pb2, worker_pb2_grpc
 
@@ -338,29 +338,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, out: Callable[[str], Any] = print) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = from_args(SmgBenchConfig, args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = parse_config(build_parser(), SmgBenchConfig, argv)
+    if cfg is None:
+        return BAD_FLAGS
     setup_logging()
     source = resolve(cfg.model)
     if source.path is None:
         print(f"error: --model={cfg.model!r} has no tokenizer files", file=sys.stderr)
         return 2
     report = Report(cfg)
-    try:
-        run(cfg, BenchTokenizer.from_path(str(source.path)), report)
-    except (ChildDied, RuntimeError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    tokenizer = str(source.path)
+    failed = run_or_fail(
+        lambda: run(cfg, BenchTokenizer.from_path(tokenizer), report),
+        (ChildDied, RuntimeError, ValueError),
+    )
+    if failed is not None:
+        return failed
     out(render(report))
     if cfg.json_out:
-        Path(cfg.json_out).write_text(json.dumps(to_json(report), indent=2) + "\n")
+        write_json(cfg.json_out, to_json(report))
     return 0
 
 

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from benchmarks.config_base import (
+    ReportedRunConfig,
+    int_list,
+    require_choice,
+    require_positive,
+)
 from pdmesh.config import flag
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -11,7 +17,7 @@ POLICIES = ("random", "round_robin", "power_of_two", "cache_aware")  # both rout
 
 
 @dataclass(frozen=True)
-class SmgBenchConfig:
+class SmgBenchConfig(ReportedRunConfig):
     # --- the workers both gateways drive
     workers: int = flag(2, "aggregated pdmesh workers (python -m services.decode)")
     model: str = flag(DEFAULT_MODEL, "model the workers serve (as services.decode --model)")
@@ -78,38 +84,27 @@ class SmgBenchConfig:
         "extra flags for every smg launched (split on spaces), e.g. '--worker-warmup-secs 0' "
         "to see a setting's effect; empty: smg's defaults but for --policy",
     )
-    # --- the run
+    # --- the run (the rest: ReportedRunConfig)
     repeats: int = flag(
         1, "runs of every (workload, level); the arms alternate which goes first; medians"
     )
     seed: int = flag(1, "seed of the prompts; every run and arm draws its own")
-    startup_timeout: float = flag(
-        600.0, "seconds the processes get to become healthy (the first start converts the model)"
-    )
-    request_timeout: float = flag(600.0, "seconds one request may take before it counts as failed")
-    log_dir: str = flag("", "where the processes' logs go; empty: a new temporary directory")
-    json_out: str = flag("", "also write the config and every figure to this JSON file")
-    progress: bool = flag(True, "show progress bars on stderr")
 
     def __post_init__(self) -> None:
-        for name in (
+        super().__post_init__()
+        require_positive(
+            self,
             "workers", "num_pages", "max_model_len", "requests_per_client", "input_len",
             "output_len", "num_groups", "prompts_per_group", "system_prompt_len",
             "question_len", "shared_output_len", "shared_concurrency", "repeats",
             "capacity_workers", "capacity_num_pages", "capacity_page_size", "capacity_tenants",
             "capacity_prompts_per_tenant", "capacity_system_prompt_len",
             "capacity_question_len", "capacity_output_len", "capacity_concurrency",
-        ):  # fmt: skip
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{_dash(name)}={getattr(self, name)} must be > 0")
-        if self.policy not in POLICIES:
-            raise ValueError(f"--policy={self.policy!r}; choose {', '.join(POLICIES)}")
-        levels = self.levels()
-        if not levels or min(levels) <= 0:
+        )  # fmt: skip
+        require_choice("policy", self.policy, POLICIES)
+        concurrency = self.levels()
+        if not concurrency or min(concurrency) <= 0:
             raise ValueError(f"--concurrency={self.concurrency!r}: positive integers, e.g. 1,8,32")
-        for name in ("startup_timeout", "request_timeout"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{_dash(name)}={getattr(self, name)} must be > 0")
         if not (self.random_workload or self.shared_prefix or self.capacity):
             raise ValueError(
                 "nothing to run: --no-random-workload, --no-shared-prefix and --no-capacity"
@@ -136,11 +131,4 @@ class SmgBenchConfig:
         return min(self.max_model_len, self.capacity_pool_tokens())
 
     def levels(self) -> list[int]:
-        try:
-            return [int(x) for x in self.concurrency.split(",") if x.strip()]
-        except ValueError:
-            return []
-
-
-def _dash(name: str) -> str:
-    return name.replace("_", "-")
+        return int_list(self.concurrency)

@@ -5,6 +5,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from benchmarks.config_base import (
+    MeshRunConfig,
+    dash,
+    int_list,
+    name_list,
+    require_choice,
+    require_positive,
+)
 from pdmesh.config import flag
 from pdmesh.models.source import DEFAULT_MODEL
 
@@ -21,7 +29,7 @@ ARMS = (DIRECT, ROUTER_IDS, ROUTER_TEXT, GATEWAY, SMG)
 
 
 @dataclass(frozen=True)
-class MeshBenchConfig:
+class MeshBenchConfig(MeshRunConfig):
     # --- the worker at the end of every arm
     worker: str = flag(
         "stepping",
@@ -48,7 +56,7 @@ class MeshBenchConfig:
     )
     offline_reference: bool = flag(
         False,
-        "real worker: after the arms, time the engine offline in this process (benchmarks's "
+        "real worker: after the arms, time the engine offline in this process (benchmarks.offline's "
         "PdmeshRunner: the same prompt and output lengths, batch = each concurrency, greedy) "
         "and print its decode tok/s as each level's ideal; without it, the real worker's arms "
         "have no ideal. Loads the model a second time, after the mesh has stopped",
@@ -86,28 +94,24 @@ class MeshBenchConfig:
         "before each timed arm, send one short request (16 tokens) per concurrent client, "
         "which also opens the clients' connections; not timed, not counted",
     )
-    request_timeout: float = flag(600.0, "seconds one request may take before it counts as failed")
-    seed: int = flag(1, "seed of the prompts")
-    # --- the run
+    # --- the run (the rest: MeshRunConfig)
     startup_timeout: float = flag(
         300.0, "seconds the processes get to become healthy (a first start converts the model)"
     )
     smg_args: str = flag("", "extra flags for smg (split on spaces); empty: smg's defaults")
-    log_dir: str = flag("", "where the processes' logs go; empty: a new temporary directory")
     output: str = flag("", "also write the config, the environment and every figure to this JSON")
 
     def __post_init__(self) -> None:
-        if self.worker not in WORKERS:
-            raise ValueError(f"--worker={self.worker!r}; choose {', '.join(WORKERS)}")
-        for name in ("prompt_len", "output_len", "client_processes"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{_dash(name)}={getattr(self, name)} must be > 0")
+        super().__post_init__()
+        require_choice("worker", self.worker, WORKERS)
+        require_positive(self, "prompt_len", "output_len", "client_processes")
         if self.num_requests < 0:
             raise ValueError(f"--num-requests={self.num_requests} must be >= 0")
+        # finite too: inf seconds would never end an arm, never time a request out
         for name in ("step_ms", "arm_seconds", "request_timeout", "startup_timeout"):
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"--{_dash(name)}={value} must be > 0")
+                raise ValueError(f"--{dash(name)}={value} must be > 0")
         levels = self.levels()
         if not levels or min(levels) <= 0:
             raise ValueError(f"--concurrency={self.concurrency!r}: positive integers, e.g. 1,64")
@@ -119,13 +123,10 @@ class MeshBenchConfig:
             raise ValueError("--offline-reference needs --worker real")
 
     def levels(self) -> list[int]:
-        try:
-            return [int(x) for x in self.concurrency.split(",") if x.strip()]
-        except ValueError:
-            return []
+        return int_list(self.concurrency)
 
     def arm_list(self) -> list[str]:
-        return [a.strip() for a in self.arms.split(",") if a.strip()]
+        return name_list(self.arms)
 
     def ideal_tok_s(self, concurrency: int) -> float | None:
         """What a stepping worker can deliver at ``concurrency``; None for a real worker."""
@@ -134,7 +135,3 @@ class MeshBenchConfig:
     def requests_for(self, concurrency: int) -> int:
         """Requests to draw prompts for: --num-requests, or a pool the clients cycle through."""
         return self.num_requests or max(2 * concurrency, 16)
-
-
-def _dash(name: str) -> str:
-    return name.replace("_", "-")

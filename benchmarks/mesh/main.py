@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.cli import BAD_FLAGS, parse_config, run_or_fail
 from benchmarks.host import loadavg
 from benchmarks.logs import setup_logging
 from benchmarks.mesh.arms import ARMS, Arm
@@ -37,7 +38,7 @@ from benchmarks.mesh.steady import steady_rate
 from benchmarks.routers.fleet import ChildDied, Fleet
 from benchmarks.serve.metrics import summarize
 from benchmarks.serve.tokenizer import TokenizerLike
-from pdmesh.config import add_dataclass_args, from_args
+from pdmesh.config import add_dataclass_args
 
 log = logging.getLogger("benchmarks.mesh")
 
@@ -160,22 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = from_args(MeshBenchConfig, args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = parse_config(build_parser(), MeshBenchConfig, argv)
+    if cfg is None:
+        return BAD_FLAGS
     setup_logging()
     report = Report(cfg, environment())
-    try:
-        run(cfg, report)
-    except (ChildDied, RuntimeError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    failed = run_or_fail(lambda: run(cfg, report), (ChildDied, RuntimeError, OSError, ValueError))
+    if failed is not None:
+        return failed
     report.environment["loadavg_1min_at_end"] = loadavg()
     print(render(report))
     if cfg.output:

@@ -21,7 +21,7 @@ class IdsOnly:
 
     def __init__(self, source: ModelSource) -> None:
         eos = set(source.config.eos_token_ids)
-        # ids below 16 are left out, as benchmarks's offline prompts do: special tokens
+        # ids below 16 are left out, as the offline benchmark's prompts do: special tokens
         self._ids = np.array(
             [i for i in range(16, source.config.vocab_size) if i not in eos], dtype=np.int64
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from benchmarks.config_base import ReportedRunConfig, name_list, require_choice, require_positive
 from pdmesh.config import flag
 
 TOPOLOGIES = ("1p1d", "2agg")
@@ -12,7 +13,7 @@ DEVICES = ("cuda", "cpu")
 
 
 @dataclass(frozen=True)
-class PdVsAggConfig:
+class PdVsAggConfig(ReportedRunConfig):
     # --- the workers (the same engine flags for every worker of both topologies)
     model: str = flag(
         "random:llama-3.1-8b",
@@ -79,32 +80,23 @@ class PdVsAggConfig:
     repeats: int = flag(
         1, "timed runs per topology (each with new prompts, the same across topologies); medians"
     )
+    # --- the run (the rest: ReportedRunConfig)
     seed: int = flag(1, "seed of the prompts and arrivals")
-    # --- the run
     startup_timeout: float = flag(
         600.0, "seconds the processes of a topology get to become healthy"
     )
-    request_timeout: float = flag(600.0, "seconds one request may take before it counts as failed")
-    log_dir: str = flag("", "where the processes' logs go; empty: a new temporary directory")
     json_out: str = flag("", "also write the config, every figure and the ratios to this file")
-    progress: bool = flag(True, "show progress bars on stderr")
 
     def __post_init__(self) -> None:
-        for name in (
-            "num_pages", "page_size", "max_model_len", "max_running_requests",
+        super().__post_init__()
+        require_positive(
+            self, "num_pages", "page_size", "max_model_len", "max_running_requests",
             "max_num_batched_tokens", "stream_clients", "stream_input_len",
             "stream_output_len", "long_requests", "long_input_min", "long_input_max",
             "long_output_len", "repeats",
-        ):  # fmt: skip
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{_dash(name)}={getattr(self, name)} must be > 0")
-        if self.device not in DEVICES:
-            raise ValueError(f"--device={self.device!r}; choose {', '.join(DEVICES)}")
-        if self.kv_transfer_backend not in KV_BACKENDS:
-            raise ValueError(
-                f"--kv-transfer-backend={self.kv_transfer_backend!r}; choose "
-                f"{', '.join(KV_BACKENDS)}"
-            )
+        )  # fmt: skip
+        require_choice("device", self.device, DEVICES)
+        require_choice("kv-transfer-backend", self.kv_transfer_backend, KV_BACKENDS)
         names = self.topology_list()
         if not names or any(t not in TOPOLOGIES for t in names) or len(set(names)) != len(names):
             raise ValueError(
@@ -126,15 +118,7 @@ class PdVsAggConfig:
             raise ValueError(
                 "--disagg-min-prompt-tokens and --prefill-max-num-batched-tokens must be >= 0"
             )
-        if not self.long_rate > 0:  # also rejects nan
-            raise ValueError(f"--long-rate={self.long_rate} must be > 0")
-        for name in ("startup_timeout", "request_timeout"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"--{_dash(name)}={getattr(self, name)} must be > 0")
+        require_positive(self, "long_rate")
 
     def topology_list(self) -> list[str]:
-        return [t.strip() for t in self.topologies.split(",") if t.strip()]
-
-
-def _dash(name: str) -> str:
-    return name.replace("_", "-")
+        return name_list(self.topologies)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchmarks.cli import BAD_FLAGS, parse_config, run_or_fail
 from benchmarks.logs import setup_logging
 from benchmarks.pd_vs_agg import topology, transfer
 from benchmarks.pd_vs_agg.config import PdVsAggConfig
@@ -25,7 +26,7 @@ from benchmarks.pd_vs_agg.topology import Topology
 from benchmarks.pd_vs_agg.workload import MixedRun, Prompts, run_mixed, serve_config, warm
 from benchmarks.routers.fleet import ChildDied, Fleet
 from benchmarks.serve.backends import BackendError, make_backend
-from pdmesh.config import add_dataclass_args, from_args
+from pdmesh.config import add_dataclass_args
 from pdmesh.models.source import resolve
 
 log = logging.getLogger("benchmarks.pd_vs_agg")
@@ -142,26 +143,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, out: Callable[[str], Any] = print) -> int:
-    args = build_parser().parse_args(argv)
+    cfg = parse_config(build_parser(), PdVsAggConfig, argv)
+    if cfg is None:
+        return BAD_FLAGS
     try:
-        cfg = from_args(PdVsAggConfig, args)
         vocab = resolve(cfg.model).config.vocab_size
-    except ValueError as e:
+    except ValueError as e:  # an unknown --model
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return BAD_FLAGS
     setup_logging()
     report = Report(cfg, environment(cfg))
     log_dir = Path(cfg.log_dir) if cfg.log_dir else None
-    try:
+
+    def run_all() -> None:
         with Fleet(log_dir, cfg.startup_timeout) as fleet:
             for name in cfg.topology_list():
                 run_topology(cfg, fleet, name, vocab, report)
-    except (ChildDied, BackendError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+
+    failed = run_or_fail(run_all, (ChildDied, BackendError, RuntimeError))
+    if failed is not None:
+        return failed
     report.environment["loadavg_1min_at_end"] = os.getloadavg()[0]
     out(render(report))
     if cfg.json_out:

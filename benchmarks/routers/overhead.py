@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.metadata
-import json
 import logging
 import os
 import platform
@@ -35,6 +34,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from benchmarks.cli import BAD_FLAGS, parse_config, write_json
 from benchmarks.host import loadavg
 from benchmarks.logs import setup_logging
 from benchmarks.routers import launch
@@ -53,7 +53,7 @@ from benchmarks.routers.loadgen import (
 )
 from benchmarks.routers.overhead_report import render
 from benchmarks.routers.stats import median, percentile
-from pdmesh.config import add_dataclass_args, from_args
+from pdmesh.config import add_dataclass_args
 
 log = logging.getLogger("benchmarks.router_overhead")
 
@@ -158,12 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = from_args(oc.OverheadConfig, args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = parse_config(build_parser(), oc.OverheadConfig, argv)
+    if cfg is None:
+        return BAD_FLAGS
     setup_logging(progress=False)
     try:
         report = run(cfg)
@@ -172,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(render(report))
     if cfg.json_out:
-        Path(cfg.json_out).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        write_json(cfg.json_out, report.to_json())
         print(f"wrote {cfg.json_out}")
     failed = sum(r.failures for r in report.arms.values())
     return 1 if failed else 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from benchmarks.config_base import ReportedRunConfig, name_list, require_at_least, require_choice
 from pdmesh.config import flag
 
 # the arms, in the order they are reported; the direct ones are the baselines
@@ -19,7 +20,7 @@ POLICIES = ("round_robin", "random", "power_of_two", "cache_aware")
 
 
 @dataclass(frozen=True)
-class OverheadConfig:
+class OverheadConfig(ReportedRunConfig):
     workers: int = flag(
         2, "echo workers behind the routers (python -m benchmarks.routers.echo_worker)"
     )
@@ -50,45 +51,27 @@ class OverheadConfig:
         "a bare grpc.aio pass-through proxy: what any Python gRPC hop costs). A routed arm "
         "runs its baseline too",
     )
-    request_timeout: float = flag(30.0, "seconds one request may take before it counts as failed")
+    # --- the run (the rest: ReportedRunConfig); echo workers start in seconds
     startup_timeout: float = flag(60.0, "seconds every process gets to become healthy")
-    seed: int = flag(1, "seed of the random prompts")
-    log_dir: str = flag("", "where the processes' logs go; empty: a new temporary directory")
-    json_out: str = flag("", "also write the config and every figure to this JSON file")
-    progress: bool = flag(True, "show a progress bar on stderr")
+    request_timeout: float = flag(30.0, "seconds one request may take before it counts as failed")
 
     def __post_init__(self) -> None:
-        for name in (
-            "workers",
-            "num_tokens",
-            "prompt_len",
-            "latency_requests",
-            "throughput_requests",
-            "concurrency",
-            "repeats",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{_dash(name)}={getattr(self, name)} must be >= 1")
-        if self.warmup_requests < 0:
-            raise ValueError(f"--warmup-requests={self.warmup_requests} must be >= 0")
-        if self.policy not in POLICIES:
-            raise ValueError(f"--policy={self.policy!r}; choose {', '.join(POLICIES)}")
+        super().__post_init__()
+        require_at_least(
+            self, 1, "workers", "num_tokens", "prompt_len", "latency_requests",
+            "throughput_requests", "concurrency", "repeats",
+        )  # fmt: skip
+        require_at_least(self, 0, "warmup_requests")
+        require_choice("policy", self.policy, POLICIES)
         unknown = [a for a in self.arm_list() if a not in ARMS]
         if unknown or not self.arm_list():
             raise ValueError(f"--arms={self.arms!r}; choose from {', '.join(ARMS)}")
-        for name in ("request_timeout", "startup_timeout"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"--{_dash(name)}={getattr(self, name)} must be > 0")
 
     def arm_list(self) -> list[str]:
         """The arms to run, baselines included, in report order."""
-        named = {a.strip() for a in self.arms.split(",") if a.strip()}
+        named = set(name_list(self.arms))
         if named & {SGLANG, PDMESH_HTTP}:
             named.add(DIRECT_HTTP)
         if named & {PDMESH_GRPC, GRPC_FLOOR}:
             named.add(DIRECT_GRPC)
         return [a for a in ARMS if a in named] + sorted(named - set(ARMS))
-
-
-def _dash(name: str) -> str:
-    return name.replace("_", "-")

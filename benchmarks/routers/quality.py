@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import sys
@@ -31,6 +30,7 @@ import grpc.aio
 import numpy as np
 from tqdm import tqdm
 
+from benchmarks.cli import BAD_FLAGS, parse_config, write_json
 from benchmarks.host import loadavg
 from benchmarks.logs import setup_logging
 from benchmarks.routers import launch
@@ -42,7 +42,7 @@ from benchmarks.routers.quality_report import render
 from benchmarks.routers.stats import percentile
 from benchmarks.serve.datasets import shared_prefix_requests
 from benchmarks.serve.tokenizer import TokenizerLike, load_tokenizer
-from pdmesh.config import add_dataclass_args, from_args
+from pdmesh.config import add_dataclass_args
 from pdmesh.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("benchmarks.routing_quality")
@@ -134,12 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = from_args(QualityConfig, args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = parse_config(build_parser(), QualityConfig, argv)
+    if cfg is None:
+        return BAD_FLAGS
     setup_logging(progress=False)
     try:
         report = run(cfg)
@@ -148,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(render(report))
     if cfg.json_out:
-        Path(cfg.json_out).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        write_json(cfg.json_out, report.to_json())
         print(f"wrote {cfg.json_out}")
     return 1 if any(a.failures for a in report.arms) else 0
 

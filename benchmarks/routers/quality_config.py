@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from benchmarks.config_base import ReportedRunConfig, name_list, require_at_least, require_choice
 from pdmesh.config import flag
 
 PDMESH_POLICIES = ("random", "round_robin", "power_of_two", "cache_aware", "kv_cost")
@@ -12,7 +13,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 @dataclass(frozen=True)
-class QualityConfig:
+class QualityConfig(ReportedRunConfig):
     # --- the engines
     workers: int = flag(3, "engine workers (python -m services.decode, aggregated, CPU)")
     model: str = flag(DEFAULT_MODEL, "model the workers serve (as services.decode --model)")
@@ -47,50 +48,32 @@ class QualityConfig:
         "policy of the sglang-router arm (in front of one sglang_shim per worker); empty: no "
         f"sglang-router arm; choose {', '.join(SGLANG_POLICIES)}",
     )
+    # --- the run (the rest: ReportedRunConfig)
     seed: int = flag(
         1,
         "seed of the prompts; each arm draws its own tenants from it (same shape, new ids), so "
         "no arm finds another's prefixes in the caches",
     )
-    startup_timeout: float = flag(
-        600.0, "seconds the processes get to become healthy (the first start converts the model)"
-    )
     request_timeout: float = flag(300.0, "seconds one request may take before it counts as failed")
-    log_dir: str = flag("", "where the processes' logs go; empty: a new temporary directory")
-    json_out: str = flag("", "also write the config and every figure to this JSON file")
-    progress: bool = flag(True, "show a progress bar on stderr")
 
     def __post_init__(self) -> None:
-        for name in (
-            "workers",
-            "num_pages",
-            "page_size",
-            "tenants",
-            "prompts_per_tenant",
-            "system_prompt_len",
-            "question_len",
-            "output_len",
-            "concurrency",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{_dash(name)}={getattr(self, name)} must be >= 1")
+        super().__post_init__()
+        require_at_least(
+            self, 1, "workers", "num_pages", "page_size", "tenants", "prompts_per_tenant",
+            "system_prompt_len", "question_len", "output_len", "concurrency",
+        )  # fmt: skip
         unknown = [p for p in self.policy_list() if p not in PDMESH_POLICIES]
         if unknown:
             raise ValueError(
                 f"--policies: {', '.join(unknown)}; choose {', '.join(PDMESH_POLICIES)}"
             )
-        if self.sglang_policy and self.sglang_policy not in SGLANG_POLICIES:
-            raise ValueError(
-                f"--sglang-policy={self.sglang_policy!r}; choose {', '.join(SGLANG_POLICIES)}"
-            )
+        if self.sglang_policy:
+            require_choice("sglang-policy", self.sglang_policy, SGLANG_POLICIES)
         if not self.policy_list() and not self.sglang_policy:
             raise ValueError("nothing to run: give --policies or --sglang-policy")
-        for name in ("startup_timeout", "request_timeout"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"--{_dash(name)}={getattr(self, name)} must be > 0")
 
     def policy_list(self) -> list[str]:
-        return [p.strip() for p in self.policies.split(",") if p.strip()]
+        return name_list(self.policies)
 
     @property
     def prompt_len(self) -> int:
@@ -100,7 +83,3 @@ class QualityConfig:
     def max_model_len(self) -> int:
         """Context the workers need: prompt, output and a page of slack."""
         return self.prompt_len + self.output_len + self.page_size
-
-
-def _dash(name: str) -> str:
-    return name.replace("_", "-")

@@ -17,6 +17,7 @@ import secrets
 import sys
 import textwrap
 
+from benchmarks.cli import BAD_FLAGS, parse_config, run_or_fail
 from benchmarks.logs import setup_logging
 from benchmarks.serve.backends import Backend, BackendError, make_backend
 from benchmarks.serve.config import ServeBenchConfig
@@ -26,7 +27,7 @@ from benchmarks.serve.metrics import SLO, summarize
 from benchmarks.serve.report import DEFINITIONS, RunInfo, render_table, to_json, write_json
 from benchmarks.serve.runner import poisson_arrivals, raise_fd_limit, run_requests, warmup
 from benchmarks.serve.tokenizer import load_tokenizer
-from pdmesh.config import add_dataclass_args, from_args
+from pdmesh.config import add_dataclass_args
 
 log = logging.getLogger("benchmarks.serve")
 
@@ -54,12 +55,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
-    args = build_parser(prog).parse_args(argv)
-    try:
-        cfg = from_args(ServeBenchConfig, args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = parse_config(build_parser(prog), ServeBenchConfig, argv)
+    if cfg is None:
+        return BAD_FLAGS
     # pdmesh's own progress lines (dataset, warmup, model fetch) at INFO; libraries' at WARNING
     setup_logging()
     try:
@@ -84,14 +82,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
             in_flight,
             fd_limit,
         )
-    try:
-        return asyncio.run(bench(cfg, backend, requests))
-    except BackendError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_or_fail(lambda: asyncio.run(bench(cfg, backend, requests)), (BackendError,))
 
 
 async def bench(cfg: ServeBenchConfig, backend: Backend, requests: list[BenchRequest]) -> int:

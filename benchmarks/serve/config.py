@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from benchmarks.config_base import dash, require_at_least, require_positive
 from pdmesh.config import flag
 
 BACKENDS = ("openai", "openai-chat", "grpc")
@@ -139,28 +140,14 @@ class ServeBenchConfig:
         _choice("input-format", self.input_format, INPUT_FORMATS)
         if self.backend == "openai-chat" and self.input_format == "token-ids":
             raise ValueError("--backend openai-chat sends messages: use --input-format text")
-        for name in (
-            "num_prompts",
-            "random_input_len",
-            "random_output_len",
-            "num_groups",
-            "prompts_per_group",
-            "system_prompt_len",
-            "question_len",
-            "shared_prefix_output_len",
-        ):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{_dash(name)}={getattr(self, name)} must be > 0")
-        for name in (
-            "sharegpt_output_len",
-            "sharegpt_max_prompt_len",
-            "sharegpt_max_total_len",
-            "max_concurrency",
-            "warmup_requests",
-            "temperature",
-        ):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{_dash(name)}={getattr(self, name)} must be >= 0")
+        require_positive(
+            self, "num_prompts", "random_input_len", "random_output_len", "num_groups",
+            "prompts_per_group", "system_prompt_len", "question_len", "shared_prefix_output_len",
+        )  # fmt: skip
+        require_at_least(
+            self, 0, "sharegpt_output_len", "sharegpt_max_prompt_len", "sharegpt_max_total_len",
+            "max_concurrency", "warmup_requests", "temperature",
+        )  # fmt: skip
         if not 0.0 <= self.random_range_ratio <= 1.0:
             raise ValueError(f"--random-range-ratio={self.random_range_ratio} must be in [0, 1]")
         if not self.request_rate > 0:  # also rejects nan
@@ -170,7 +157,7 @@ class ServeBenchConfig:
         for name in ("slo_ttft_ms", "slo_tpot_ms", "slo_e2e_ms"):
             value = getattr(self, name)
             if value is not None and not value > 0:
-                raise ValueError(f"--{_dash(name)}={value} must be > 0")
+                raise ValueError(f"--{dash(name)}={value} must be > 0")
         if not 0.0 <= self.json_schema_fraction <= 1.0:
             raise ValueError(
                 f"--json-schema-fraction={self.json_schema_fraction} must be in [0, 1]"
@@ -199,10 +186,7 @@ class ServeBenchConfig:
         return self.backend in ("openai", "openai-chat")
 
 
-def _dash(name: str) -> str:
-    return name.replace("_", "-")
-
-
+# "choose one of": the load generator's wording since its first release; tests match it
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"--{name}={value!r}; choose one of {', '.join(choices)}")
