@@ -4,13 +4,10 @@ out. The mesh benchmark's baseline arm: what the worker alone delivers, before a
 
 from __future__ import annotations
 
-import asyncio
-
 import grpc
 
-from benchmarks.serve.backends import CONNECT_TIMEOUT_S, BackendError
 from benchmarks.serve.datasets import BenchRequest
-from benchmarks.serve.grpc_backend import CHANNEL_OPTIONS, FAILED_REASONS, GrpcBackend
+from benchmarks.serve.grpc_backend import FAILED_REASONS, GrpcBackend, finished
 from benchmarks.serve.timing import RequestResult, StreamClock
 from pdmesh.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
@@ -26,25 +23,14 @@ class WorkerBackend(GrpcBackend):
         return f"grpc://{self.address} (pdmesh.v1.WorkerService/Generate)"
 
     async def start(self) -> None:
-        self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
-        try:
-            await asyncio.wait_for(self._channel.channel_ready(), CONNECT_TIMEOUT_S)
-        except asyncio.TimeoutError as e:
-            await self.close()
-            raise BackendError(
-                f"no worker answered at {self.address} within {CONNECT_TIMEOUT_S:g} s"
-            ) from e
-        self._worker = worker_pb2_grpc.WorkerServiceStub(self._channel)
+        self._worker = worker_pb2_grpc.WorkerServiceStub(await self._connect("worker"))
 
     def worker_request(self, req: BenchRequest, request_id: str) -> worker_pb2.GenerateRequest:
         prompt = req.full_prompt()
         if not isinstance(prompt, list):
             raise TypeError("a worker takes token ids: build the requests with as_ids")
-        sp = common_pb2.SamplingParams()
-        sp.CopyFrom(self._sampling)
-        sp.max_new_tokens = req.output_len
         return worker_pb2.GenerateRequest(
-            request_id=request_id, token_ids=prompt, sampling_params=sp
+            request_id=request_id, token_ids=prompt, sampling_params=self.sampling(req)
         )
 
     async def _stream(
@@ -70,11 +56,4 @@ class WorkerBackend(GrpcBackend):
             return clock.fail(result, f"{e.code().name}: {e.details()}")
         if finish == common_pb2.FINISH_REASON_UNSPECIFIED:
             return clock.fail(result, "the stream ended without a finish_reason")
-        result.finish_reason = (
-            common_pb2.FinishReason.Name(finish).removeprefix("FINISH_REASON_").lower()
-        )
-        return clock.finish(
-            result,
-            usage.completion_tokens if usage is not None else None,
-            usage.prompt_tokens if usage is not None else None,
-        )
+        return finished(result, clock, finish, usage)

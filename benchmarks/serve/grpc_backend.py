@@ -42,16 +42,21 @@ class GrpcBackend(Backend):
         return f"grpc://{self.address} (pdmesh.v1.RouterService/Generate)"
 
     async def start(self) -> None:
+        channel = await self._connect("gRPC server", "; is the router up (--grpc-target)?")
+        self._stub = router_pb2_grpc.RouterServiceStub(channel)
+
+    async def _connect(self, who: str, hint: str = "") -> grpc.aio.Channel:
+        """The channel to ``self.address`` once it is ready; ``BackendError`` ("no ``who``
+        answered ...``hint``") when nothing answers within ``CONNECT_TIMEOUT_S``."""
         self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
         try:
             await asyncio.wait_for(self._channel.channel_ready(), CONNECT_TIMEOUT_S)
         except asyncio.TimeoutError as e:
             await self.close()
             raise BackendError(
-                f"no gRPC server answered at {self.address} within {CONNECT_TIMEOUT_S:g} s; "
-                "is the router up (--grpc-target)?"
+                f"no {who} answered at {self.address} within {CONNECT_TIMEOUT_S:g} s{hint}"
             ) from e
-        self._stub = router_pb2_grpc.RouterServiceStub(self._channel)
+        return self._channel
 
     async def close(self) -> None:
         if self._channel is not None:
@@ -69,10 +74,15 @@ class GrpcBackend(Backend):
             raise ValueError(f"--extra-request-body does not fit SamplingParams: {e}") from e
         return sp
 
-    def request(self, req: BenchRequest, request_id: str) -> router_pb2.RouterGenerateRequest:
+    def sampling(self, req: BenchRequest) -> common_pb2.SamplingParams:
+        """The run's sampling params, with ``req``'s output length."""
         sp = common_pb2.SamplingParams()
         sp.CopyFrom(self._sampling)
         sp.max_new_tokens = req.output_len
+        return sp
+
+    def request(self, req: BenchRequest, request_id: str) -> router_pb2.RouterGenerateRequest:
+        sp = self.sampling(req)
         if is_constrained(req.index, self.json_schema_fraction):
             sp.json_schema = self.json_schema
         prompt = req.full_prompt()
@@ -116,12 +126,22 @@ class GrpcBackend(Backend):
         if finish == common_pb2.FINISH_REASON_UNSPECIFIED:
             return clock.fail(result, "the stream ended without a finish_reason")
         result.text = "".join(texts)
-        # "stop"/"length", as the OpenAI backends report it
-        result.finish_reason = (
-            common_pb2.FinishReason.Name(finish).removeprefix("FINISH_REASON_").lower()
-        )
-        return clock.finish(
-            result,
-            usage.completion_tokens if usage is not None else None,
-            usage.prompt_tokens if usage is not None else None,
-        )
+        return finished(result, clock, finish, usage)
+
+
+def finished(
+    result: RequestResult,
+    clock: StreamClock,
+    finish: int,
+    usage: common_pb2.Usage | None,
+) -> RequestResult:
+    """``result`` of a stream that ended with ``finish``: its reason as the OpenAI backends
+    report it ("stop"/"length"), its token counts from ``usage`` when the server sent one."""
+    result.finish_reason = (
+        common_pb2.FinishReason.Name(finish).removeprefix("FINISH_REASON_").lower()
+    )
+    return clock.finish(
+        result,
+        usage.completion_tokens if usage is not None else None,
+        usage.prompt_tokens if usage is not None else None,
+    )
