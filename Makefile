@@ -21,7 +21,7 @@ help:
 	@echo "make test-gpu   run only the GPU-marked tests"
 	@echo "make test-multihost the mesh across network-namespace hosts with host faults (root;"
 	@echo "                skipped with the reason where ip netns is not allowed); the default"
-	@echo "                suite runs a short share (python -m pdmesh.testbed: the bed alone)"
+	@echo "                suite runs a short share (python -m harness.testbed: the bed alone)"
 	@echo "make lint       ruff"
 	@echo "make typecheck  mypy"
 	@echo "make model      fetch and convert the default model into the cache dir"
@@ -61,13 +61,13 @@ install: $(STAMP) $(PROTO_STAMP)
 
 protos: $(PROTO_STAMP)
 
-# the whole aggregated mesh on this host; Ctrl-C stops it (python -m pdmesh.launcher --help)
+# the whole aggregated mesh on this host; Ctrl-C stops it (python -m services.launch --help)
 run: install
-	$(PY) -m pdmesh.launcher $(RUN_ARGS)
+	$(PY) -m services.launch $(RUN_ARGS)
 
 # the same with prefill and decode on separate workers, KV moved by Mooncake
 run-disagg: install
-	$(PY) -m pdmesh.launcher --mode disagg $(RUN_ARGS)
+	$(PY) -m services.launch --mode disagg $(RUN_ARGS)
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -79,26 +79,26 @@ test-bench: install
 test-gpu: install
 	$(PY) -m pytest -q -m gpu $(PYTEST_ARGS)
 
-# tests/multihost on pdmesh.testbed's three namespace hosts, the host faults included
+# tests/multihost on harness.testbed's three namespace hosts, the host faults included
 # (PDMESH_MULTIHOST=full); -rs names the reason when they skip (not root, no ip netns)
 test-multihost: install
 	PDMESH_MULTIHOST=full $(PY) -m pytest -q -s -rs -o timeout=1200 tests/multihost $(PYTEST_ARGS)
 
 lint: install
-	$(PY) -m ruff check pdmesh services tests
-	$(PY) -m ruff format --check pdmesh services tests
+	$(PY) -m ruff check pdmesh services benchmarks harness tests
+	$(PY) -m ruff format --check pdmesh services benchmarks harness tests
 
 typecheck: install
-	$(PY) -m mypy pdmesh services
+	$(PY) -m mypy pdmesh services benchmarks harness
 
 model: $(STAMP)
 	$(PY) -m pdmesh.models.fetch
 
 bench: install
-	$(PY) -m pdmesh.bench $(BENCH_ARGS)
+	$(PY) -m benchmarks $(BENCH_ARGS)
 
 bench-kv: install
-	$(PY) -m pdmesh.bench.kv_transfer $(BENCH_ARGS)
+	$(PY) -m benchmarks.kv_transfer $(BENCH_ARGS)
 
 BENCH_ROUTER_STAMP := $(VENV)/.stamp-bench-router
 
@@ -107,11 +107,11 @@ $(BENCH_ROUTER_STAMP): $(STAMP) pyproject.toml
 	$(PY) -m pip install -q -e ".[bench]"
 	touch $@
 
-# pdmesh's router beside sglang-router (python -m pdmesh.bench router-overhead --help,
+# pdmesh's router beside sglang-router (python -m benchmarks router-overhead --help,
 # routing-quality --help): what each adds per request, then routing quality on real engines
 bench-router: install $(BENCH_ROUTER_STAMP)
-	$(PY) -m pdmesh.bench router-overhead $(OVERHEAD_ARGS)
-	$(PY) -m pdmesh.bench routing-quality $(QUALITY_ARGS)
+	$(PY) -m benchmarks router-overhead $(OVERHEAD_ARGS)
+	$(PY) -m benchmarks routing-quality $(QUALITY_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

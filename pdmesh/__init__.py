@@ -7,7 +7,9 @@ The shared library used by every service in ``services/``:
 - ``pdmesh.kv_transfer`` moving KV pages between processes (Mooncake, gRPC)
 - ``pdmesh.discovery``   finding services (static lists, Consul)
 - ``pdmesh.telemetry``   tracing and metrics
-- ``pdmesh.bench``       offline engine benchmark
+
+The benchmarks (``benchmarks/``), the test harnesses (``harness/``) and the one-host launcher
+(``services.launch``) live outside it: nothing here imports them.
 """
 
 __version__ = "0.1.0"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Aggregated pdmesh on this host: tokenizer + worker + router + gateway.
-# Flags pass through to the launcher (python -m pdmesh.launcher --help); flags after '--' go to
+# Flags pass through to the launcher (python -m services.launch --help); flags after '--' go to
 # the worker, e.g.:  deploy/launch/agg.sh --gateway-port 8080 -- --max-running-requests 16
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 make -s install
-exec .venv/bin/python -m pdmesh.launcher "$@"
+exec .venv/bin/python -m services.launch "$@"

@@ -49,7 +49,7 @@ def use_kernels(device: torch.device, head_dim: int) -> bool:
     if device.index not in (None, 0):
         # triton launches on a second GPU of one process failed here (kernels loaded for one
         # device's context, launched from another's); give each worker its GPU with
-        # CUDA_VISIBLE_DEVICES instead, as `python -m pdmesh.bench pd-vs-agg` does
+        # CUDA_VISIBLE_DEVICES instead, as `python -m benchmarks pd-vs-agg` does
         log.warning(
             "%s: CUDA kernels and graphs run only on a process's first GPU; running plain "
             "torch ops (slower). Start the worker with CUDA_VISIBLE_DEVICES=%d --device cuda",

@@ -8,7 +8,7 @@ and how it was allocated decides how fast that can go: a peer that maps ``cudaMa
 through a legacy CUDA IPC handle copies into it at host-staged speed (measured 40 GB/s between
 two H200s, NVLink-connected), while the same copy into cuMem memory, shared as a POSIX file
 descriptor, runs at the link's 390 GB/s, as fast as a copy between two GPUs of one process
-(``python -m pdmesh.bench.kv_transfer --device cuda:0 --receiver-device cuda:1``).
+(``python -m benchmarks.kv_transfer --device cuda:0 --receiver-device cuda:1``).
 
 Only the cache is allocated that way: the allocator setting is switched on around this one
 allocation and restored, so activations, weights and CUDA-graph pools stay as they were.

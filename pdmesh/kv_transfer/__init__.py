@@ -15,8 +15,8 @@ host), ``mooncake`` (Mooncake transfer engine, tcp or rdma, GPU memory registere
 CUDA hosts) and ``grpc`` (bytes streamed to ``pdmesh.v1.KVReceiverService``, for hosts without
 Mooncake). They coalesce pages that are consecutive on both sides into one block per (layer,
 K/V) (``coalesce``), and raise ``KVTransferError`` naming the peer on failure or deadline.
-``raw_socket`` is a plain-TCP copy of the same bytes, only for the benchmark
-(``python -m pdmesh.bench.kv_transfer``).
+The plain-TCP copy of the same bytes that the benchmark compares them with is no backend: it
+lives in ``benchmarks.kv_reference`` (``python -m benchmarks.kv_transfer``).
 """
 
 from pdmesh.kv_transfer.base import DEFAULT_TIMEOUT_S, KVReceiver, KVSender

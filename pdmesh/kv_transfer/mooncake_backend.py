@@ -61,7 +61,7 @@ _BAD_BATCH_IDS = (0, -1, 2**64 - 1)
 
 _MIN_PIECE = 256 << 10
 # Parts per block (env PDMESH_MOONCAKE_SPLIT overrides). 2-core loopback, page-major rooms, vs a
-# raw socket copy of the same bytes (python -m pdmesh.bench.kv_transfer --backends mooncake,raw),
+# raw socket copy of the same bytes (python -m benchmarks.kv_transfer --backends mooncake,raw),
 # interleaved runs: 4 parts 0.73-0.96 at 1.4-2.8 MiB and 0.64-0.67 at 11 MiB; 1-3 parts
 # 0.52-0.65 and 0.38-0.52; 6-8 parts 0.69-0.89 and 0.60-0.68, no better than 4 (Mooncake's
 # default of 4 lanes per peer).
@@ -184,7 +184,7 @@ class MooncakeSender(KVSender):
     write to a receiver is submitted from a pool thread instead: opening the segment is a
     blocking handshake with the receiver. Before, every write submitted and waited on a pool
     thread, a hop there and back: writes of 1.4-2.8 MiB rooms took 5-15% longer (alike from
-    11 MiB; ``python -m pdmesh.bench.kv_transfer --backends mooncake,raw``, the old and new
+    11 MiB; ``python -m benchmarks.kv_transfer --backends mooncake,raw``, the old and new
     sender interleaved in one process). Waiting on the loop's own thread, with no hop at all,
     was as fast as the waiter within the runs' noise: what remains is Mooncake's own
     (docs/benchmarks.md, "KV transfer on CPU loopback").
@@ -193,7 +193,7 @@ class MooncakeSender(KVSender):
     wait spins a core: on a 2-core host that core is taken from Mooncake's own I/O threads and
     from the receiver, and rooms of 11-180 MiB moved at ~50% of a thread-based raw socket
     copy's speed against ~65-90% polled; on a 16-core host the two are alike (``python -m
-    pdmesh.bench.kv_transfer --backends mooncake,mooncake-sync,raw``). The batch API's status
+    benchmarks.kv_transfer --backends mooncake,mooncake-sync,raw``). The batch API's status
     calls are no way out: the blocking one spins too, and the non-blocking one reads a batch's
     first task only.
     """

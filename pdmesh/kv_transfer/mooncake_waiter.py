@@ -15,7 +15,7 @@ idle vCPUs). It costs ~5% of a core while transfers are in flight, nothing when 
 
 Why one thread rather than a wait per write on a thread pool: the pool's hop and the
 ``wait_for``/``shield`` around it cost ~0.05-0.2 ms per write on a 2-core host, 5-15% of a
-1.4 MiB room's write (``python -m pdmesh.bench.kv_transfer --backends mooncake,raw``); and a
+1.4 MiB room's write (``python -m benchmarks.kv_transfer --backends mooncake,raw``); and a
 pool's queue can hold a wait past its deadline when more writes are in flight than it has
 threads, where this thread looks at every write each round.
 """

@@ -1,6 +1,6 @@
 """``Bootstrap``: the prefill side of the bootstrap protocol, without the wire.
 
-The gRPC servicer (``services/prefill/bootstrap.py``) converts messages and calls these:
+The gRPC servicer (``services/worker/bootstrap.py``) converts messages and calls these:
 ``register`` (RegisterDecode), ``attach`` + ``events`` (Transfer), ``instance_id`` (Ping).
 """
 

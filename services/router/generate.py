@@ -383,7 +383,7 @@ class Generation:
             # their client spans end with the request. Untraced, the worker call's status
             # comes in by itself: reading its end would cost every request one more round
             # through grpc's completion queue before the client's stream can end (about
-            # 0.3 ms and 13% of the router's CPU per request, python -m pdmesh.bench
+            # 0.3 ms and 13% of the router's CPU per request, python -m benchmarks
             # router-overhead)
             with contextlib.suppress(grpc.aio.AioRpcError):
                 await call.read()

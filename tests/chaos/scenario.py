@@ -13,9 +13,9 @@ import os
 import signal
 import time
 
-from pdmesh.chaos.load import OK, SteadyLoad
-from pdmesh.chaos.outcomes import in_flight_at, started_between, tally
-from pdmesh.chaos.report import FaultResult
+from harness.chaos.load import OK, SteadyLoad
+from harness.chaos.outcomes import in_flight_at, started_between, tally
+from harness.chaos.report import FaultResult
 from tests.chaos.mesh import GRACE_S, WORKER_ROLES, ChaosMesh, Member, wait_for
 
 KILL, TERM, STOP = "kill -9", "SIGTERM", "SIGSTOP"

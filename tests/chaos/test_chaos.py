@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from pdmesh.chaos.load import LoadConfig, SteadyLoad, mixed_requests
-from pdmesh.chaos.report import FaultResult, chaos_table
+from harness.chaos.load import LoadConfig, SteadyLoad, mixed_requests
+from harness.chaos.report import FaultResult, chaos_table
 from tests.chaos.mesh import WORKER_ROLES, ChaosMesh
 from tests.chaos.scenario import KILL, STOP, TERM, run_fault
 

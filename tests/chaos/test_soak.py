@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from pdmesh.chaos.load import LoadConfig, SteadyLoad, mixed_requests
-from pdmesh.chaos.outcomes import tally
-from pdmesh.chaos.procstats import TOLERANCES, sample, trend
-from pdmesh.chaos.report import MIB, SeriesReport, series_table
+from harness.chaos.load import LoadConfig, SteadyLoad, mixed_requests
+from harness.chaos.outcomes import tally
+from harness.chaos.procstats import TOLERANCES, sample, trend
+from harness.chaos.report import MIB, SeriesReport, series_table
 from tests.chaos.mesh import WORKER_ROLES, ChaosMesh
 
 pytestmark = [pytest.mark.chaos, pytest.mark.model]

@@ -1,4 +1,4 @@
-"""Drive ``python -m pdmesh.launcher`` from a test: start it, wait for "pdmesh is up", send a
+"""Drive ``python -m services.launch`` from a test: start it, wait for "pdmesh is up", send a
 chat completion through its gateway, and stop it with Ctrl-C, checking every service exited 0."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ STARTUP_S = 200.0
 def launched(args: list[str]) -> Iterator[subprocess.Popen[str]]:
     """The launcher with ``args``, once it says the mesh is up; killed if a test leaves it."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pdmesh.launcher", *args],
+        [sys.executable, "-m", "services.launch", *args],
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

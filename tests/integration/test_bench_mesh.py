@@ -1,6 +1,6 @@
-"""``python -m pdmesh.bench mesh`` end to end with real processes: the model-free stepping worker
+"""``python -m benchmarks mesh`` end to end with real processes: the model-free stepping worker
 (the real worker servicer), the real tokenizer, router and gateway, each arm driven by
-``pdmesh.bench.serve``'s clients. Asserts what was delivered and that the CPU figures are
+``benchmarks.serve``'s clients. Asserts what was delivered and that the CPU figures are
 there, never how fast."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from pdmesh.bench import __main__ as bench
-from pdmesh.bench.mesh.cpu import LOADGEN
-from pdmesh.bench.mesh.procs import PATHS
+from benchmarks import __main__ as bench
+from benchmarks.mesh.cpu import LOADGEN
+from benchmarks.mesh.procs import PATHS
 
 pytestmark = [
     pytest.mark.model,

@@ -1,4 +1,4 @@
-"""``python -m pdmesh.bench pd-vs-agg`` at tiny scale on the CPU: both topologies as real
+"""``python -m benchmarks pd-vs-agg`` at tiny scale on the CPU: both topologies as real
 processes (prefill + decode with real Mooncake over tcp; two aggregated workers), the mixed
 workload through the real router, and the report's structure, counts and end state.
 
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from pdmesh.bench.pd_vs_agg.main import main
-from pdmesh.bench.pd_vs_agg.report import ROWS
-from pdmesh.bench.pd_vs_agg.workload import WARMUP_REQUESTS
+from benchmarks.pd_vs_agg.main import main
+from benchmarks.pd_vs_agg.report import ROWS
+from benchmarks.pd_vs_agg.workload import WARMUP_REQUESTS
 
 pytestmark = pytest.mark.bench
 

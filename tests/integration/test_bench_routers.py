@@ -18,13 +18,13 @@ import aiohttp
 import grpc
 import pytest
 
-from pdmesh.bench.routers import launch, overhead, quality
-from pdmesh.bench.routers import overhead_config as oc
-from pdmesh.bench.routers.echo_worker import echo_ids
-from pdmesh.bench.routers.fleet import Fleet, free_port
-from pdmesh.bench.routers.loadgen import HttpGenerate, RequestFailed, RouterGrpc, WorkerGrpc
-from pdmesh.bench.routers.quality_config import QualityConfig
-from pdmesh.bench.routers.stats import median
+from benchmarks.routers import launch, overhead, quality
+from benchmarks.routers import overhead_config as oc
+from benchmarks.routers.echo_worker import echo_ids
+from benchmarks.routers.fleet import Fleet, free_port
+from benchmarks.routers.loadgen import HttpGenerate, RequestFailed, RouterGrpc, WorkerGrpc
+from benchmarks.routers.quality_config import QualityConfig
+from benchmarks.routers.stats import median
 from pdmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 pytestmark = pytest.mark.bench
@@ -109,7 +109,7 @@ def test_echo_worker_answers_alike_over_grpc_and_http(tmp_path: Path) -> None:
             "echo",
             [
                 "-m",
-                "pdmesh.bench.routers.echo_worker",
+                "benchmarks.routers.echo_worker",
                 "--grpc-port",
                 str(grpc_port),
                 "--http-port",

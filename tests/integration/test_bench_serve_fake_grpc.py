@@ -16,10 +16,10 @@ from typing import Any
 import grpc
 import pytest
 
-from pdmesh.bench.serve.config import ServeBenchConfig
-from pdmesh.bench.serve.datasets import BenchRequest
-from pdmesh.bench.serve.grpc_backend import GrpcBackend
-from pdmesh.bench.serve.timing import RequestResult
+from benchmarks.serve.config import ServeBenchConfig
+from benchmarks.serve.datasets import BenchRequest
+from benchmarks.serve.grpc_backend import GrpcBackend
+from benchmarks.serve.timing import RequestResult
 from pdmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 DELAY = 0.1

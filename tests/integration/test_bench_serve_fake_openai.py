@@ -22,11 +22,11 @@ import tokenizers
 from aiohttp import web
 from tokenizers import models, pre_tokenizers
 
-from pdmesh.bench.serve.__main__ import main
-from pdmesh.bench.serve.config import ServeBenchConfig
-from pdmesh.bench.serve.datasets import BenchRequest
-from pdmesh.bench.serve.openai_backend import OpenAIBackend
-from pdmesh.bench.serve.timing import RequestResult
+from benchmarks.serve.__main__ import main
+from benchmarks.serve.config import ServeBenchConfig
+from benchmarks.serve.datasets import BenchRequest
+from benchmarks.serve.openai_backend import OpenAIBackend
+from benchmarks.serve.timing import RequestResult
 
 FIRST_DELAY = 0.15  # before the first token
 GAP = 0.04  # between tokens

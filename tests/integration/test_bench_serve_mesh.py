@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pdmesh.bench.serve.__main__ import main
+from benchmarks.serve.__main__ import main
 from tests.integration.procs import ServiceProc
 
 pytestmark = [pytest.mark.model, pytest.mark.bench]

@@ -1,4 +1,4 @@
-"""``python -m pdmesh.bench vs-smg``'s capacity workload with real processes: fresh pdmesh
+"""``python -m benchmarks vs-smg``'s capacity workload with real processes: fresh pdmesh
 workers per arm, pdmesh's router + gateway and smg (gRPC mode) each with ``cache_aware``, the
 same requests through both, hit rates read from the workers."""
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pdmesh.bench import smg
-from pdmesh.bench.serve.tokenizer import BenchTokenizer
-from pdmesh.bench.smg_config import SmgBenchConfig
+from benchmarks import smg
+from benchmarks.serve.tokenizer import BenchTokenizer
+from benchmarks.smg_config import SmgBenchConfig
 from pdmesh.models.fetch import ensure_default_model
 
 pytestmark = [pytest.mark.model, pytest.mark.bench]

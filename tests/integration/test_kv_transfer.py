@@ -15,8 +15,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from harness.kv_receiver import ReceiverProcess
 from pdmesh.kv_transfer import KVSender, KVTransferError, get_backend, layout_of
-from pdmesh.kv_transfer.remote import ReceiverProcess
 
 # 2 layers, 64 pages of 4 tokens, 2 kv heads, head_dim 8, float32: 256-byte pages
 SHAPE = (64, 2, 2, 4, 2, 8)  # [pages, layers, K/V, page_size, kv_heads, head_dim]
@@ -264,7 +264,7 @@ def test_raw_baseline_copies_exactly_and_names_a_dead_receiver(
     threaded: bool, source: torch.Tensor
 ) -> None:
     # the benchmark's reference must move the same bytes as the backends it is compared with
-    from pdmesh.kv_transfer.raw_socket import RawSocketSender, ThreadedRawSocketSender
+    from benchmarks.kv_reference.raw_socket import RawSocketSender, ThreadedRawSocketSender
 
     cls = ThreadedRawSocketSender if threaded else RawSocketSender
     rp = ReceiverProcess("raw", SHAPE)

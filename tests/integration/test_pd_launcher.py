@@ -1,4 +1,4 @@
-"""``make run-disagg``'s launcher (``python -m pdmesh.launcher --mode disagg``): tokenizer,
+"""``make run-disagg``'s launcher (``python -m services.launch --mode disagg``): tokenizer,
 prefill, decode, router and gateway up; a chat completion through the gateway is served
 disaggregated (the prefill opened a room for it); Ctrl-C stops all five with exit 0."""
 

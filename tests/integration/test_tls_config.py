@@ -12,12 +12,12 @@ import grpc.aio
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pdmesh import launcher
 from pdmesh.config import add_dataclass_args, from_args
 from pdmesh.discovery import ServiceRegistration
 from pdmesh.discovery.consul import service_definition
 from pdmesh.rpc.server import RpcServer
 from pdmesh.rpc.tls import PLAINTEXT, TLSConfig
+from services import launch
 from tests.certs import Pki, make_pki
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -155,7 +155,7 @@ def test_consul_checks_a_tls_server_over_tls() -> None:
 
 def test_the_launcher_hands_tls_to_every_service_and_probes_with_it(pki: Pki) -> None:
     tls = server_tls(pki)
-    stages = launcher.plan(launcher.LauncherConfig(mode="disagg"), [], tls)
+    stages = launch.plan(launch.LauncherConfig(mode="disagg"), [], tls)
     services = [service for stage in stages for service in stage]
     assert len(services) == 5
     for name, _, args, _ in services:
@@ -169,8 +169,8 @@ def test_the_launcher_hands_tls_to_every_service_and_probes_with_it(pki: Pki) ->
         try:
             target = f"grpc://127.0.0.1:{port}"
             # the blocking probe runs off the loop that serves
-            with_tls = await loop.run_in_executor(None, launcher.is_healthy, target, tls)
-            plain = await loop.run_in_executor(None, launcher.is_healthy, target, PLAINTEXT)
+            with_tls = await loop.run_in_executor(None, launch.is_healthy, target, tls)
+            plain = await loop.run_in_executor(None, launch.is_healthy, target, PLAINTEXT)
             return with_tls, plain
         finally:
             await rpc.stop(0)

@@ -1,4 +1,4 @@
-"""The multi-host bed for ``tests/multihost`` (``pdmesh.testbed``): skipped, naming the reason,
+"""The multi-host bed for ``tests/multihost`` (``harness.testbed``): skipped, naming the reason,
 where network namespaces cannot be made (not root, no ``ip netns``)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pdmesh.testbed import BedConfig, MultiHostBed, unavailable_reason
+from harness.testbed import BedConfig, MultiHostBed, unavailable_reason
 
 REASON = unavailable_reason()
 needs_netns = pytest.mark.skipif(

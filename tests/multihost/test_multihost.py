@@ -1,4 +1,4 @@
-"""pdmesh across three network-namespace hosts (``pdmesh.testbed``): A runs the Consul server,
+"""pdmesh across three network-namespace hosts (``harness.testbed``): A runs the Consul server,
 tokenizer, router-a and the gateway; B a prefill; C a decode and router-c; B and C each their
 own Consul client agent joined to A over gossip. Every service binds and registers its host's
 address, and the KV of a disaggregated request moves from B to C with Mooncake over tcp
@@ -18,8 +18,8 @@ import urllib.request
 import grpc
 import pytest
 
+from harness.testbed import MultiHostBed
 from pdmesh.discovery import GATEWAY, PREFILL, ROUTER, TOKENIZER, WORKER
-from pdmesh.testbed import MultiHostBed
 from pdmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 from tests.multihost.conftest import needs_netns
 

@@ -1,5 +1,5 @@
 """Host faults under load in the multi-host bed with a prefill and a decode on each of B and C
-(``pdmesh.testbed.faults``): B's links down mid-stream and back, every process of C killed at
+(``harness.testbed.faults``): B's links down mid-stream and back, every process of C killed at
 once and started again, B's Consul agent cut off from the cluster while its services serve.
 
 Each: requests in flight end with output or a clear error before their deadline, no page,
@@ -15,9 +15,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from pdmesh.chaos.load import LoadConfig, SteadyLoad, mixed_requests
-from pdmesh.testbed import BedConfig, MultiHostBed
-from pdmesh.testbed.faults import (
+from harness.chaos.load import LoadConfig, SteadyLoad, mixed_requests
+from harness.testbed import BedConfig, MultiHostBed
+from harness.testbed.faults import (
     CONSUL_PARTITION,
     KILL_HOST,
     LINK_DOWN,

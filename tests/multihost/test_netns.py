@@ -1,4 +1,4 @@
-"""``pdmesh.testbed.netns``: hosts as namespaces on a switch of the run's own, a link down is a
+"""``harness.testbed.netns``: hosts as namespaces on a switch of the run's own, a link down is a
 partition both ways, nothing lands in this process's namespace, and every namespace goes at the
 end: after an exception, on SIGTERM, and (reaped by the next run) after a SIGKILL."""
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pdmesh.testbed.netns import Network, list_namespaces, reap_stale
+from harness.testbed.netns import Network, list_namespaces, reap_stale
 from tests.multihost.conftest import needs_netns
 
 pytestmark = needs_netns
@@ -81,7 +81,7 @@ def test_two_runs_side_by_side_do_not_collide() -> None:
 
 def _start_holder() -> tuple[subprocess.Popen[str], list[str]]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pdmesh.testbed", "--network-only"],
+        [sys.executable, "-m", "harness.testbed", "--network-only"],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -1,4 +1,4 @@
-"""The mesh benchmark's CPU-per-token accounting (``pdmesh.bench.mesh.cpu``), and the report's
+"""The mesh benchmark's CPU-per-token accounting (``benchmarks.mesh.cpu``), and the report's
 CPU columns built from it."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ import time
 
 import pytest
 
-from pdmesh.bench.mesh.config import GATEWAY, ROUTER_IDS, MeshBenchConfig
-from pdmesh.bench.mesh.cpu import LOADGEN, CpuUsage, sample
-from pdmesh.bench.mesh.report import PROCESSES, ArmRun, Report, render, to_json
-from pdmesh.bench.mesh.steady import NONE
-from pdmesh.bench.serve.metrics import summarize
-from pdmesh.bench.serve.timing import RequestResult
+from benchmarks.mesh.config import GATEWAY, ROUTER_IDS, MeshBenchConfig
+from benchmarks.mesh.cpu import LOADGEN, CpuUsage, sample
+from benchmarks.mesh.report import PROCESSES, ArmRun, Report, render, to_json
+from benchmarks.mesh.steady import NONE
+from benchmarks.serve.metrics import summarize
+from benchmarks.serve.timing import RequestResult
 
 
 def test_usage_between_two_samples_per_token_and_in_cores() -> None:

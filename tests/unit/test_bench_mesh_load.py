@@ -10,14 +10,14 @@ import math
 
 import pytest
 
-from pdmesh.bench.mesh.config import DIRECT, MeshBenchConfig
-from pdmesh.bench.mesh.load import ShareResult, closed_loop, merge, split
-from pdmesh.bench.mesh.main import build_parser
-from pdmesh.bench.mesh.steady import arrivals, steady_rate
-from pdmesh.bench.serve.backends import Backend
-from pdmesh.bench.serve.config import ServeBenchConfig
-from pdmesh.bench.serve.datasets import BenchRequest
-from pdmesh.bench.serve.timing import RequestResult, StreamClock
+from benchmarks.mesh.config import DIRECT, MeshBenchConfig
+from benchmarks.mesh.load import ShareResult, closed_loop, merge, split
+from benchmarks.mesh.main import build_parser
+from benchmarks.mesh.steady import arrivals, steady_rate
+from benchmarks.serve.backends import Backend
+from benchmarks.serve.config import ServeBenchConfig
+from benchmarks.serve.datasets import BenchRequest
+from benchmarks.serve.timing import RequestResult, StreamClock
 from pdmesh.config import from_args
 
 

@@ -1,4 +1,4 @@
-"""The model-free stepping worker's engine (``pdmesh.bench.mesh.stepping_engine``): one token per
+"""The model-free stepping worker's engine (``benchmarks.mesh.stepping_engine``): one token per
 active request per step on a fixed grid, finish and usage as the real engine reports them,
 aborts that free the request, and enough of ``LLMEngine``'s interface for ``AsyncEngine`` and
 the worker's servicers. A ``random:tiny`` model: no files, no network; a fake clock where the
@@ -15,8 +15,8 @@ import tokenizers
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
 
-from pdmesh.bench.mesh.stepping_engine import SteppingEngine, SteppingEngineConfig
-from pdmesh.bench.mesh.words import word_token_ids
+from benchmarks.mesh.stepping_engine import SteppingEngine, SteppingEngineConfig
+from benchmarks.mesh.words import word_token_ids
 from pdmesh.engine import (
     AsyncEngine,
     FinishReason,

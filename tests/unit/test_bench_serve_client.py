@@ -11,15 +11,15 @@ import math
 import numpy as np
 import pytest
 
-from pdmesh.bench.serve.__main__ import build_parser
-from pdmesh.bench.serve.backends import Backend
-from pdmesh.bench.serve.config import ServeBenchConfig
-from pdmesh.bench.serve.datasets import BenchRequest
-from pdmesh.bench.serve.grpc_backend import GrpcBackend
-from pdmesh.bench.serve.openai_backend import OpenAIBackend, error_message
-from pdmesh.bench.serve.runner import poisson_arrivals, run_requests
-from pdmesh.bench.serve.sse import SSEDecoder
-from pdmesh.bench.serve.timing import RequestResult, StreamClock
+from benchmarks.serve.__main__ import build_parser
+from benchmarks.serve.backends import Backend
+from benchmarks.serve.config import ServeBenchConfig
+from benchmarks.serve.datasets import BenchRequest
+from benchmarks.serve.grpc_backend import GrpcBackend
+from benchmarks.serve.openai_backend import OpenAIBackend, error_message
+from benchmarks.serve.runner import poisson_arrivals, run_requests
+from benchmarks.serve.sse import SSEDecoder
+from benchmarks.serve.timing import RequestResult, StreamClock
 from pdmesh.config import from_args
 from pdmesh.v1 import common_pb2
 

@@ -17,8 +17,8 @@ import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from pdmesh.bench.serve.config import ServeBenchConfig
-from pdmesh.bench.serve.datasets import (
+from benchmarks.serve.config import ServeBenchConfig
+from benchmarks.serve.datasets import (
     PREFIX_SEPARATOR,
     BenchRequest,
     build_dataset,
@@ -28,7 +28,7 @@ from pdmesh.bench.serve.datasets import (
     shared_prefix_requests,
     sharegpt_requests,
 )
-from pdmesh.bench.serve.tokenizer import BenchTokenizer
+from benchmarks.serve.tokenizer import BenchTokenizer
 
 VOCAB_WORDS = 200
 EOS_ID = VOCAB_WORDS  # the added special token comes right after the words

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from pdmesh.bench.serve.config import ServeBenchConfig
-from pdmesh.bench.serve.metrics import SLO, Distribution, first_errors, summarize
-from pdmesh.bench.serve.report import RunInfo, render_table, to_json, write_json
-from pdmesh.bench.serve.timing import RequestResult, StreamClock
+from benchmarks.serve.config import ServeBenchConfig
+from benchmarks.serve.metrics import SLO, Distribution, first_errors, summarize
+from benchmarks.serve.report import RunInfo, render_table, to_json, write_json
+from benchmarks.serve.timing import RequestResult, StreamClock
 
 
 def clock_of(*times: float) -> StreamClock:

@@ -1,4 +1,4 @@
-"""``python -m pdmesh.bench vs-smg``: its flags, and the capacity workload's arithmetic (best
+"""``python -m benchmarks vs-smg``: its flags, and the capacity workload's arithmetic (best
 possible hit rate, requests per worker from a worker's real /metrics exposition, the table)."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import dataclasses
 import pytest
 from prometheus_client import generate_latest
 
-from pdmesh.bench.serve.metrics import summarize
-from pdmesh.bench.serve.timing import RequestResult
-from pdmesh.bench.smg import build_parser, main
-from pdmesh.bench.smg_capacity import (
+from benchmarks.serve.metrics import summarize
+from benchmarks.serve.timing import RequestResult
+from benchmarks.smg import build_parser, main
+from benchmarks.smg_capacity import (
     Arm,
     CapacityReport,
     CapacityRun,
@@ -21,7 +21,7 @@ from pdmesh.bench.smg_capacity import (
     render_capacity,
     rotated,
 )
-from pdmesh.bench.smg_config import SmgBenchConfig
+from benchmarks.smg_config import SmgBenchConfig
 from pdmesh.config import from_args
 from pdmesh.telemetry.metrics import Metrics
 

@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
+from harness.kv_receiver import ReceiverProcess
 from pdmesh.kv_transfer import KVTransferError, get_backend, layout_of
-from pdmesh.kv_transfer.remote import ReceiverProcess
 
 pytestmark = pytest.mark.gpu
 

@@ -44,8 +44,8 @@ def test_loopback_by_default_and_every_tls_flag_explained(service: str) -> None:
 
 
 def test_launcher_and_http_sd_bind_loopback() -> None:
-    from pdmesh.launcher import LauncherConfig
     from pdmesh.telemetry.http_sd import HttpSdConfig
+    from services.launch import LauncherConfig
 
     assert LauncherConfig().host == LOOPBACK
     assert HttpSdConfig().host == LOOPBACK
