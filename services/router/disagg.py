@@ -18,20 +18,17 @@ import asyncio
 import logging
 import secrets
 from dataclasses import dataclass
-from typing import TypeAlias
 
 import grpc
 import grpc.aio
 
 from pdmesh.v1 import worker_pb2
 from services.router.upstream import OutgoingCalls, UpstreamError
-from services.router.workers import GenerationCall, WorkerHandle
+from services.router.worker_client import GenerationCall, OwnCall
+from services.router.workers import WorkerHandle
 
 log = logging.getLogger(__name__)
 
-WorkerCall: TypeAlias = (
-    "grpc.aio.UnaryStreamCall[worker_pb2.GenerateRequest, worker_pb2.GenerateResponse]"
-)
 ROOM_BITS = 63  # rooms are uint64 on the wire; 63 bits keep them positive in every language
 
 
@@ -87,7 +84,7 @@ async def start(
     d_request.CopyFrom(p_request)
     d_request.disagg.bootstrap_address = prefill.bootstrap_address
     d_request.disagg.prefill_worker_id = prefill.id
-    p_call: WorkerCall = calls.track(prefill.stub.Generate(p_request, timeout=timeout))
+    p_call: OwnCall = calls.track(prefill.client.own_call(p_request, timeout))
     d_call: GenerationCall = calls.track(decode.generate(d_request, timeout))
     log.debug(
         "request %s: room %d, %s -> %s", request.request_id, room, prefill.label, decode.label
@@ -116,7 +113,7 @@ async def start(
     return Started(decode, d_call, first, room, asyncio.ensure_future(_last(p_outcome)))
 
 
-async def _drain(call: WorkerCall) -> worker_pb2.GenerateResponse | grpc.aio.AioRpcError:
+async def _drain(call: OwnCall) -> worker_pb2.GenerateResponse | grpc.aio.AioRpcError:
     """P's last message, or its error (returned, not raised: nobody may be left to read it)."""
     last = None
     try:
