@@ -1,4 +1,4 @@
-"""The router's per-step relay (``generate._Relay`` as the listener of a ``StreamCall``): with an
+"""The router's per-step relay (``relay.Relay`` as the listener of a ``StreamCall``): with an
 ``emit``, a request's outputs after its first are handled in the worker stream reader's pass
 over each step's message and emitted in order, without waking the request's task per token;
 errors, stops and a broken stream still end or move the request as the task-driven path did.

@@ -13,7 +13,8 @@ import pytest
 from pdmesh.routing import RequestView, RoundRobin
 from pdmesh.v1 import common_pb2, tokenizer_pb2, worker_pb2
 from services.router.convert import route_request
-from services.router.generate import Generation, WorkerFailed, _passed_on
+from services.router.generate import Generation
+from services.router.relay import WorkerFailed, passed_on
 from services.router.upstream import OutgoingCalls, UpstreamError
 from services.router.worker_client import PdmeshClient
 from services.router.workers import WorkerSet
@@ -113,7 +114,7 @@ def test_usage_after_migration_counts_the_clients_prompt_and_every_token() -> No
         usage=common_pb2.Usage(prompt_tokens=12, completion_tokens=4, cached_tokens=11),
     )
     delta = tokenizer_pb2.DetokenizeStreamResponse(text="x")
-    out = _passed_on(delta, reply, cast(Any, SimpleNamespace(id="b")), 4, num_before=8)
+    out = passed_on(delta, reply, cast(Any, SimpleNamespace(id="b")), 4, num_before=8)
     assert out.worker_id == "b"
     assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (4, 12)
     assert out.usage.cached_tokens == 4

@@ -15,7 +15,8 @@ import pytest
 
 from pdmesh.routing import RoundRobin, charges_breaker, migrates
 from pdmesh.v1 import common_pb2, router_pb2, tokenizer_pb2, worker_pb2
-from services.router.generate import Generation, WorkerFailed
+from services.router.generate import Generation
+from services.router.relay import WorkerFailed
 from services.router.upstream import OutgoingCalls
 from services.router.worker_client import PdmeshClient
 from services.router.workers import WorkerSet
