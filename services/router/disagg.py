@@ -8,8 +8,10 @@ client gets the failing side's error, naming that worker. After D's first token 
 matters: D holds the whole prompt's KV.
 
 NOTE: no retry here: ``start`` says which side failed (``SideFailed``) and the caller decides
-(generate.py re-picks the pair, and ``start`` draws a new room for every attempt, as SGLang's
-router does), charging only the failed side's circuit breaker.
+(``Generation._start_disaggregated`` runs the attempt loop, ``pdmesh.routing.attempts``: it
+re-picks the pair, ``pdmesh.routing.pd_pair``, and ``start`` draws a new room for every attempt,
+as SGLang's router does), charging only the failed side's circuit breaker. P's half is a call of
+its own (``WorkerClient.own_call``), D's goes where the decode's client sends generations.
 """
 
 from __future__ import annotations
