@@ -8,8 +8,10 @@ client gets the failing side's error, naming that worker. After D's first token 
 matters: D holds the whole prompt's KV.
 
 NOTE: no retry here: ``start`` says which side failed (``SideFailed``) and the caller decides
-(generate.py re-picks the pair, and ``start`` draws a new room for every attempt, as SGLang's
-router does), charging only the failed side's circuit breaker.
+(``Generation._start_disaggregated`` runs the attempt loop, ``pdmesh.routing.attempts``: it
+re-picks the pair, ``pdmesh.routing.pd_pair``, and ``start`` draws a new room for every attempt,
+as SGLang's router does), charging only the failed side's circuit breaker. P's half is a call of
+its own (``WorkerClient.own_call``), D's goes where the decode's client sends generations.
 """
 
 from __future__ import annotations
@@ -18,20 +20,17 @@ import asyncio
 import logging
 import secrets
 from dataclasses import dataclass
-from typing import TypeAlias
 
 import grpc
 import grpc.aio
 
 from pdmesh.v1 import worker_pb2
 from services.router.upstream import OutgoingCalls, UpstreamError
-from services.router.workers import GenerationCall, WorkerHandle
+from services.router.worker_client import GenerationCall, OwnCall
+from services.router.workers import WorkerHandle
 
 log = logging.getLogger(__name__)
 
-WorkerCall: TypeAlias = (
-    "grpc.aio.UnaryStreamCall[worker_pb2.GenerateRequest, worker_pb2.GenerateResponse]"
-)
 ROOM_BITS = 63  # rooms are uint64 on the wire; 63 bits keep them positive in every language
 
 
@@ -87,7 +86,7 @@ async def start(
     d_request.CopyFrom(p_request)
     d_request.disagg.bootstrap_address = prefill.bootstrap_address
     d_request.disagg.prefill_worker_id = prefill.id
-    p_call: WorkerCall = calls.track(prefill.stub.Generate(p_request, timeout=timeout))
+    p_call: OwnCall = calls.track(prefill.client.own_call(p_request, timeout))
     d_call: GenerationCall = calls.track(decode.generate(d_request, timeout))
     log.debug(
         "request %s: room %d, %s -> %s", request.request_id, room, prefill.label, decode.label
@@ -116,7 +115,7 @@ async def start(
     return Started(decode, d_call, first, room, asyncio.ensure_future(_last(p_outcome)))
 
 
-async def _drain(call: WorkerCall) -> worker_pb2.GenerateResponse | grpc.aio.AioRpcError:
+async def _drain(call: OwnCall) -> worker_pb2.GenerateResponse | grpc.aio.AioRpcError:
     """P's last message, or its error (returned, not raised: nobody may be left to read it)."""
     last = None
     try:

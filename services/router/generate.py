@@ -2,35 +2,28 @@
 stream its tokens through the incremental detokenizer → text deltas.
 
 Disaggregated when the router knows decode workers, a prefill worker is healthy, the prompt has
-at least ``disagg_min_prompt_tokens`` tokens and at least one token is wanted: ``disagg.start``
-sends the request to both halves. Otherwise the request goes whole to an aggregated or decode
-worker, which prefills it itself (conditional disaggregation: no prefill, no failure).
+at least ``disagg_min_prompt_tokens`` tokens and at least one token is wanted
+(``pdmesh.routing.pd_pair``): ``disagg.start`` sends the request to both halves. Otherwise the
+request goes whole to an aggregated or decode worker, which prefills it itself (conditional
+disaggregation: no prefill, no failure). Either start runs the one attempt loop
+(``pdmesh.routing.attempts``) for retries, backoff and breakers; a stream that breaks after
+tokens were sent migrates by the same loop's rule.
 
-NOTE: every worker message (the request's tokens of one engine step, from the router's shared
-``WorkerService.Stream`` to that worker) goes through the request's in-process detokenizer and
-is answered by exactly one router message carrying the worker's token ids, their logprobs and
-the text the detokenizer released for them. With an ``emit`` (what ``RouterService.Stream`` and
-``Generate`` pass), that work runs in the stream reader's own pass over the step's message
-(``_Relay``, the call's listener): the request's task, and its chain of generators, wakes for
-its first output and its end, not once per token. When the detokenizer reports a stop string,
-the tokens after the one that completed it are dropped, the worker call is cancelled (the
-worker aborts the request and frees its pages) and the last message says FINISH_REASON_STOP.
-Usage then counts the completion tokens up to the stop; the worker's prefix-cache figure is not
-known at that point (it arrives with the worker's last message, which is never read), so
-``cached_tokens`` is 0.
+What the routing core decides on is a ``RouteRequest`` (``convert.route_request``); each
+attempt's worker message is made from it at the edge (``convert.worker_request``). Streaming a
+worker call to the client — detokenizing, stop strings, reasoning and tool-call shaping — is
+``relay.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import cast
 
 import grpc
 import grpc.aio
@@ -42,36 +35,45 @@ from pdmesh.routing import (
     RequestView,
     RetryConfig,
     RoundRobin,
+    RouteRequest,
     RoutingPolicy,
-    charges_breaker,
-    is_retryable,
-    migrates,
 )
-from pdmesh.telemetry import event, set_attributes, span, tracing_installed
+from pdmesh.routing.attempts import (
+    AttemptFailed,
+    Attempts,
+    Failure,
+    Stopped,
+    left,
+    within_migration_limit,
+)
+from pdmesh.routing.pd_pair import Pair, choose_pair, disaggregates
+from pdmesh.telemetry import event, set_attributes, span
 from pdmesh.telemetry.router_metrics import RouterMetrics
 from pdmesh.telemetry.spans import FIRST_TOKEN, ROUTE, TOKENIZE
-from pdmesh.tokenizer import StreamDelta
 from pdmesh.tokenizer.stop_strings import MAX_STOP_CHARS
 from pdmesh.v1 import common_pb2, router_pb2, worker_pb2
-from services.router import disagg
+from services.router import convert, disagg
 from services.router.ids_only import TokenIdsOnly, wants_ids_only
-from services.router.output_parsing import OutputParsers, OutputShaper, output_shaper
+from services.router.output_parsing import OutputParsers, output_shaper
+from services.router.relay import Emit, WorkerFailed, next_reply, relay
 from services.router.tokenizer_client import Detokenizer, TokenizerClient
 from services.router.upstream import OutgoingCalls, UpstreamError
-from services.router.worker_stream import StreamCall
-from services.router.workers import GENERATING_ROLES, GenerationCall, WorkerHandle, WorkerSet
+from services.router.worker_client import GenerationCall
+from services.router.workers import GENERATING_ROLES, WorkerHandle, WorkerSet
 
 log = logging.getLogger(__name__)
-
-_UNFINISHED = common_pb2.FINISH_REASON_UNSPECIFIED
-
-# where a request's outgoing messages go, in order, as they are made (``Generation.generate``)
-Emit = Callable[[router_pb2.RouterGenerateResponse], None]
 
 
 @dataclass
 class Generation:
-    """What ``generate`` needs from the router; one per router process."""
+    """What ``generate`` needs from the router; one per router process.
+
+    NOTE: with an ``emit`` (what ``RouterService.Stream`` and ``Generate`` pass), each worker
+    message is relayed in the worker stream reader's own pass over the step's message
+    (``relay.Relay``, the call's listener). After a stop string, usage counts the completion
+    tokens up to the stop; the worker's prefix-cache figure is not known at that point (it
+    arrives with the worker's last message, which is never read), so ``cached_tokens`` is 0.
+    """
 
     workers: WorkerSet
     policy: RoutingPolicy  # picks the worker that generates (aggregated or decode)
@@ -85,6 +87,17 @@ class Generation:
     rng: random.Random = field(default_factory=random.Random)  # backoff jitter
     metrics: RouterMetrics = field(default_factory=RouterMetrics)
     parsers: OutputParsers = field(default_factory=OutputParsers)
+    # the retry / backoff / breaker / migration loop both starts run (pdmesh.routing.attempts)
+    attempts: Attempts = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.attempts = Attempts(
+            self.retry,
+            self.breakers,
+            self.rng,
+            on_retry=self.metrics.retries.inc,
+            on_unreachable=self.workers.mark_unhealthy,
+        )
 
     def forget_worker(self, worker: WorkerHandle) -> None:
         """``worker`` left the set: drop its tree entries, breaker and load."""
@@ -112,7 +125,7 @@ class Generation:
         request_id = request.request_id or uuid.uuid4().hex
         params = request.sampling_params
         _check_stop_strings(params.stop)
-        # before the worker request copies the params: a tool choice may set their grammar
+        # before the worker requests copy the params: a tool choice may set their grammar
         shaper = output_shaper(request, self.parsers)
         with span(TOKENIZE, chat=request.WhichOneof("input") == "chat"):
             prompt = await self.tokenizer.prompt_ids(request, timeout)
@@ -123,23 +136,20 @@ class Generation:
         else:
             skip = params.skip_special_tokens if params.HasField("skip_special_tokens") else None
             detok = await self.tokenizer.open_detokenizer(prompt, params.stop, skip, timeout, calls)
-        worker_request = worker_pb2.GenerateRequest(
-            request_id=request_id, token_ids=prompt, sampling_params=params
-        )
-        prefill_done = None
         deadline = asyncio.get_running_loop().time() + timeout
-        view = RequestView(prompt, request_id)
+        route = convert.route_request(request_id, prompt, params, deadline)
+        # what the policies see, also after a migration: the client's prompt
+        view = route.view
+        prefill_done = None
         # router overhead: everything before the first worker call is issued
         calls.on_next_track(lambda: self.metrics.overhead.observe(time.perf_counter() - admitted))
         with span(ROUTE, policy=_policy_name(self.policy)):
-            started = await self._start_disaggregated(worker_request, deadline, calls, view)
+            started = await self._start_disaggregated(route, params, calls, view)
             if started is not None:
                 worker, call, reply = started.decode, started.call, started.first
                 prefill_done = started.prefill_done
             else:
-                worker, call, reply = await self._start_on_a_worker(
-                    worker_request, deadline, calls, view
-                )
+                worker, call, reply = await self._start_on_a_worker(route, params, calls, view)
                 set_attributes(worker=worker.id)
         mode = "aggregated" if prefill_done is None else "disaggregated"
         self.metrics.requests.labels(mode).inc()
@@ -151,9 +161,7 @@ class Generation:
         try:
             while True:
                 try:
-                    stream = self._stream(
-                        detok, call, worker, reply, len(prompt), sent, shaper, emit
-                    )
+                    stream = relay(detok, call, worker, reply, len(prompt), sent, shaper, emit)
                     async for out in stream:
                         yield out
                     self.breakers.record_success(worker.id)
@@ -161,22 +169,18 @@ class Generation:
                     return
                 except WorkerFailed as e:
                     # nothing is retried once tokens were streamed, but a stream the worker
-                    # broke may migrate (``migrates``: any worker fault, whatever code a dead
-                    # worker surfaced as; never a client error); the breaker learns of it
-                    # either way (only the worker's own failures: a tokenizer's error says
-                    # nothing about it)
-                    if charges_breaker(e.code):
-                        self.breakers.record_failure(worker.id)
-                    if not migrates(e.code, _left(deadline) <= 0):
+                    # broke may migrate (``Attempts.stream_broke``: any worker fault, whatever
+                    # code a dead worker surfaced as; never a client error); the breaker learns
+                    # of it either way (only the worker's own failures: a tokenizer's error
+                    # says nothing about it)
+                    unreachable = e.code == grpc.StatusCode.UNAVAILABLE
+                    broke = Failure(worker, e.code, e.details, unreachable)
+                    if not self.attempts.stream_broke(broke, deadline):
                         raise
-                    if e.code == grpc.StatusCode.UNAVAILABLE:
-                        self.workers.mark_unhealthy(worker, e.details)
                     failed = (*failed, worker)
                     self._check_migration(worker, e, len(failed), request_id)
                     self.metrics.migrations.labels(worker.id).inc()
-                    moved = await self._migrate(
-                        worker_request, prompt, sent, deadline, calls, view, failed
-                    )
+                    moved = await self._migrate(route, params, sent, calls, view, failed)
                     self.loads.finish(worker.id, len(prompt))
                     worker, call, reply = moved
                     self.loads.start(worker.id, len(prompt))
@@ -191,7 +195,7 @@ class Generation:
         """Raise a clear UNAVAILABLE unless the request may make its ``migration``-th move
         (the failed worker's advertised ``--migration-limit`` bounds the moves per request)."""
         limit = worker.migration_limit
-        if migration > limit:
+        if not within_migration_limit(migration, limit):
             raise WorkerFailed(
                 grpc.StatusCode.UNAVAILABLE,
                 f"{worker.label} failed mid-stream ({error.details}); migration limit "
@@ -208,38 +212,23 @@ class Generation:
 
     async def _migrate(
         self,
-        request: worker_pb2.GenerateRequest,
-        prompt: list[int],
+        request: RouteRequest,
+        params: common_pb2.SamplingParams,
         sent: list[int],
-        deadline: float,
         calls: OutgoingCalls,
         view: RequestView,
         failed: tuple[WorkerHandle, ...],
     ) -> tuple[WorkerHandle, GenerationCall, worker_pb2.GenerateResponse]:
         """Continue ``request`` on another generating worker (never one in ``failed``): the
         prompt plus the ``sent`` tokens as its prompt, the token budgets lowered by
-        ``len(sent)``. The engine seeds its sampler per (seed, position), so a seeded or greedy
-        request continues exactly where it broke off; ``resumed_output_tokens`` tells it which
-        prompt tokens are output, which a constrained request's grammar replays (else the new
-        worker would constrain the continuation from the grammar's start)."""
-        params = common_pb2.SamplingParams()
-        params.CopyFrom(request.sampling_params)
-        # unset max_new_tokens stays unset: the new worker's default budget counts the
-        # resumed_output_tokens already streamed
-        if params.HasField("max_new_tokens"):
-            params.max_new_tokens = max(params.max_new_tokens - len(sent), 0)
-        if params.HasField("min_new_tokens"):
-            left = max(params.min_new_tokens - len(sent), 0)
-            has_max = params.HasField("max_new_tokens")
-            params.min_new_tokens = min(left, params.max_new_tokens) if has_max else left
-        moved = worker_pb2.GenerateRequest(
-            request_id=request.request_id,
-            token_ids=[*prompt, *sent],
-            sampling_params=params,
-            resumed_output_tokens=len(sent),
-        )
+        ``len(sent)`` (``RouteRequest.resumed``). The engine seeds its sampler per (seed,
+        position), so a seeded or greedy request continues exactly where it broke off;
+        ``resumed_output_tokens`` tells it which prompt tokens are output, which a constrained
+        request's grammar replays (else the new worker would constrain the continuation from
+        the grammar's start)."""
+        moved = request.resumed(sent)
         try:
-            return await self._start_on_a_worker(moved, deadline, calls, view, exclude=failed)
+            return await self._start_on_a_worker(moved, params, calls, view, exclude=failed)
         except UpstreamError as e:
             names = ", ".join(w.label for w in failed)
             raise WorkerFailed(
@@ -248,79 +237,71 @@ class Generation:
 
     async def _start_disaggregated(
         self,
-        request: worker_pb2.GenerateRequest,
-        deadline: float,
+        request: RouteRequest,
+        params: common_pb2.SamplingParams,
         calls: OutgoingCalls,
         view: RequestView,
     ) -> disagg.Started | None:
         """Start ``request`` on a prefill/decode pair; None when it should run whole on one
         worker. A side that fails before the decode's first token is charged to its own
         breaker (unreachable: also marked unhealthy) and, when the failure is retryable, the
-        pair is picked again without it after a backoff: both halves of the room were
-        cancelled, so a new room (``disagg.start`` draws one per call) on a new pair is safe."""
-        tried: tuple[WorkerHandle, ...] = ()
-        for attempt in range(self.retry.max_attempts):
-            prefill = self._prefill_for(request, view, exclude=tried)
-            if prefill is None:
+        pair is picked again without it after a backoff (``Attempts.run``): both halves of the
+        room were cancelled, so a new room (``disagg.start`` draws one per call) on a new pair
+        is safe."""
+
+        async def once(tried: tuple[WorkerHandle, ...]) -> disagg.Started | None:
+            pair = self._pair_for(request, view, exclude=tried)
+            if pair is None:
                 return None
-            decodes = self._available(("decode",), exclude=tried)
-            if not decodes:
-                return None
-            decode = self._choose(self.decode_policy or self.policy, decodes, view)
-            request.request_id = _attempt_id(view, request)
+            prefill, decode = pair
+            attempt = convert.worker_request(request, params, request.attempt_id())
             try:
-                started = await disagg.start(request, prefill, decode, _left(deadline), calls)
+                started = await disagg.start(
+                    attempt, prefill, decode, left(request.deadline), calls
+                )
             except disagg.SideFailed as e:
-                if isinstance(e, disagg.Unreachable):
-                    self.workers.mark_unhealthy(e.worker, e.details)
-                if charges_breaker(e.code):
-                    self.breakers.record_failure(e.worker.id)
-                if not self._may_retry(e.code, attempt, deadline):
-                    raise
-                tried = (*tried, e.worker)
-                await self._backoff(attempt, deadline)
-                continue
+                unreachable = isinstance(e, disagg.Unreachable)
+                raise AttemptFailed(Failure(e.worker, e.code, e.details, unreachable), e) from e
             self.breakers.record_success(prefill.id)  # D's first token needed P's KV
             set_attributes(prefill=prefill.id, decode=decode.id, bootstrap_room=started.room)
             return started
-        return None
 
-    def _prefill_for(
-        self,
-        request: worker_pb2.GenerateRequest,
-        view: RequestView,
-        exclude: tuple[WorkerHandle, ...] = (),
-    ) -> WorkerHandle | None:
-        """The prefill worker for ``request``, or None to run it whole on one worker (also
-        when every prefill is unhealthy or has its circuit open: decode-only beats failing)."""
-        params = request.sampling_params
-        if params.HasField("max_new_tokens") and params.max_new_tokens == 0:
-            return None  # nothing to decode
-        if len(request.token_ids) < self.disagg_min_prompt_tokens:
-            return None
-        if not self.workers.has_role("decode"):
+        outcome = await self.attempts.run(once, request.deadline)
+        if not isinstance(outcome, Stopped):
+            return outcome
+        if outcome.refused and outcome.last is not None:
+            raise outcome.last.error
+        return None  # no pair (left): the request runs whole on one worker
+
+    def _pair_for(
+        self, request: RouteRequest, view: RequestView, exclude: tuple[WorkerHandle, ...] = ()
+    ) -> Pair[WorkerHandle] | None:
+        """The prefill/decode pair for ``request``, or None to run it whole on one worker
+        (also when every prefill is unhealthy or has its circuit open: decode-only beats
+        failing)."""
+        has_decodes = self.workers.has_role("decode")
+        if not disaggregates(request, self.disagg_min_prompt_tokens, has_decodes):
             return None
         prefills = [
             w
             for w in self.workers.healthy("prefill")
             if w not in exclude and self.breakers.is_available(w.id)
         ]
-        return self._choose(self.prefill_policy, prefills, view) if prefills else None
+        return choose_pair(
+            prefills,
+            lambda: self._available(("decode",), exclude),
+            lambda candidates: self._choose(self.prefill_policy, candidates, view),
+            lambda candidates: self._choose(self.decode_policy or self.policy, candidates, view),
+        )
 
     def _available(
         self, roles: tuple[str, ...], exclude: tuple[WorkerHandle, ...] = ()
     ) -> list[WorkerHandle]:
-        """Candidates of ``roles`` whose circuit is not open; when every circuit is open, all
-        candidates (a request that names the failing worker beats a vague "none available")."""
-        candidates = self.workers.candidates(exclude=exclude, roles=roles)
-        return [w for w in candidates if self.breakers.is_available(w.id)] or candidates
-
-    def _may_retry(self, code: grpc.StatusCode, attempt: int, deadline: float) -> bool:
-        expired = _left(deadline) <= 0
-        return attempt + 1 < self.retry.max_attempts and is_retryable(code, expired)
+        """Candidates of ``roles`` whose circuit is not open (``Attempts.available``)."""
+        return self.attempts.available(self.workers.candidates(exclude=exclude, roles=roles))
 
     def _choose(
-        self, policy: RoutingPolicy, candidates: list[WorkerHandle], view: RequestView
+        self, policy: RoutingPolicy, candidates: Sequence[WorkerHandle], view: RequestView
     ) -> WorkerHandle:
         """``_pick``, counted: the decision, and how much of the prompt the tree matched."""
         worker = _pick(policy, candidates, view, self.loads)
@@ -328,70 +309,10 @@ class Generation:
         self.metrics.routed(_policy_name(policy), worker.id, len(view.token_ids), matched)
         return worker
 
-    async def _backoff(self, attempt: int, deadline: float) -> None:
-        self.metrics.retries.inc()
-        # never sleep past the client's deadline: the next attempt would be refused anyway
-        await asyncio.sleep(min(self.retry.delay(attempt, self.rng), max(_left(deadline), 0)))
-
-    async def _stream(
-        self,
-        detok: Detokenizer | TokenIdsOnly,
-        call: GenerationCall,
-        worker: WorkerHandle,
-        reply: worker_pb2.GenerateResponse,
-        num_prompt_tokens: int,
-        sent: list[int],
-        shaper: OutputShaper | None = None,
-        emit: Emit | None = None,
-    ) -> AsyncIterator[router_pb2.RouterGenerateResponse]:
-        """Pass ``call``'s tokens on; ``sent``: the completion tokens already passed on (by
-        earlier workers, when the request migrated), extended with each message's;
-        ``shaper``: the request's reasoning / tool-call parsing, which rewrites each message;
-        ``emit``: see ``generate`` (on a shared worker stream the reader then relays every
-        output after the first; errors still come through the call's ``read``)."""
-        relay = _Relay(detok, call, worker, num_prompt_tokens, sent, shaper, emit)
-        try:
-            while True:
-                out = relay.handle(reply, reply.finish_reason != _UNFINISHED)
-                if emit is None:
-                    yield out
-                else:
-                    emit(out)
-                if relay.done:
-                    break
-                if emit is not None and not relay.listening and isinstance(call, StreamCall):
-                    relay.listening = call.listen(relay.step)  # queued outputs go to it now
-                    if relay.done:
-                        break
-                try:
-                    reply = await _next(call, worker)
-                except WorkerFailed:
-                    # the relay's stop cancelled the call, or its last output ended it
-                    if not relay.done:
-                        raise
-                if relay.error is not None:
-                    raise relay.error
-                if relay.done:
-                    break
-                # an output nobody relayed (no listener: a Generate call): handled here
-        finally:
-            if relay.listening:
-                cast(StreamCall, call).listen(None)
-        detok.close()
-        if relay.finished and tracing_installed():
-            # after the client has its last message. Traced: read both streams' ends, so
-            # their client spans end with the request. Untraced, the worker call's status
-            # comes in by itself: reading its end would cost every request one more round
-            # through grpc's completion queue before the client's stream can end (about
-            # 0.3 ms and 13% of the router's CPU per request, python -m benchmarks
-            # router-overhead)
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                await call.read()
-
     async def _start_on_a_worker(
         self,
-        request: worker_pb2.GenerateRequest,
-        deadline: float,
+        request: RouteRequest,
+        params: common_pb2.SamplingParams,
         calls: OutgoingCalls,
         view: RequestView,
         exclude: tuple[WorkerHandle, ...] = (),
@@ -399,159 +320,46 @@ class Generation:
         """Open Generate on a worker the policy picks (never one in ``exclude``) and read its
         first message. A failure before anything was streamed is charged to the worker's
         breaker (unless the request is at fault) and, when retryable, retried after a backoff
-        on another worker: never the same one twice, so retries also end when every candidate
-        has been tried."""
-        tried: tuple[WorkerHandle, ...] = ()
-        error: UpstreamError | None = None
-        for attempt in range(self.retry.max_attempts):
+        on another worker (``Attempts.run``): never the same one twice, so retries also end
+        when every candidate has been tried."""
+
+        async def once(
+            tried: tuple[WorkerHandle, ...],
+        ) -> tuple[WorkerHandle, GenerationCall, worker_pb2.GenerateResponse] | None:
             candidates = self._available(GENERATING_ROLES, exclude=(*exclude, *tried))
             if not candidates:
-                break
+                return None
             worker = self._choose(self.policy, candidates, view)
-            request.request_id = _attempt_id(view, request)
-            call: GenerationCall = calls.track(worker.generate(request, _left(deadline)))
+            attempt = convert.worker_request(request, params, request.attempt_id())
+            call: GenerationCall = calls.track(worker.generate(attempt, left(request.deadline)))
             try:
-                return worker, call, await _next(call, worker, retryable=True)
+                return worker, call, await next_reply(call, worker, retryable=True)
             except grpc.aio.AioRpcError as e:
                 error = UpstreamError.from_rpc(worker.label, e)
-                if error.code == grpc.StatusCode.UNAVAILABLE:
-                    self.workers.mark_unhealthy(worker, e.details() or e.code().name)
-                if charges_breaker(error.code):
-                    self.breakers.record_failure(worker.id)
-                tried = (*tried, worker)
-                if not self._may_retry(error.code, attempt, deadline):
-                    break
-                await self._backoff(attempt, deadline)
-        if error is None:
+                unreachable = error.code == grpc.StatusCode.UNAVAILABLE
+                why = e.details() or e.code().name
+                raise AttemptFailed(Failure(worker, error.code, why, unreachable), error) from e
+
+        outcome = await self.attempts.run(once, request.deadline)
+        if not isinstance(outcome, Stopped):
+            return outcome
+        if outcome.last is None:
             if exclude:
                 raise UpstreamError(grpc.StatusCode.UNAVAILABLE, "no other worker is available")
             raise UpstreamError(grpc.StatusCode.UNAVAILABLE, "no workers are registered")
+        error = outcome.last.error
+        assert isinstance(error, UpstreamError)
         if error.code != grpc.StatusCode.UNAVAILABLE:
             raise error
-        names = ", ".join(w.label for w in tried)
+        names = ", ".join(w.label for w in outcome.tried)
         raise UpstreamError(grpc.StatusCode.UNAVAILABLE, f"{names} unavailable: {error.details}")
 
 
-class WorkerFailed(UpstreamError):
-    """The generating worker's stream failed (as opposed to, e.g., the detokenizer's)."""
-
-
-class _Relay:
-    """One request's outputs on one worker call, each turned into the message for the client:
-    through the detokenizer (stop strings: the call is cancelled, the tokens after the stop
-    dropped), ``_passed_on`` / ``_stopped`` and the shaper. ``handle`` is the work of one
-    output; ``step`` is the call's listener, run by the worker stream's reader, which hands the
-    message to ``emit`` without waking the request's task (a failure is kept in ``error`` and
-    the output declined, so the task wakes and raises it)."""
-
-    __slots__ = (
-        "_detok",
-        "_call",
-        "_worker",
-        "_num_prompt_tokens",
-        "_sent",
-        "_num_before",
-        "_shaper",
-        "_emit",
-        "done",
-        "finished",
-        "listening",
-        "error",
-    )
-
-    def __init__(
-        self,
-        detok: Detokenizer | TokenIdsOnly,
-        call: GenerationCall,
-        worker: WorkerHandle,
-        num_prompt_tokens: int,
-        sent: list[int],
-        shaper: OutputShaper | None,
-        emit: Emit | None,
-    ) -> None:
-        self._detok = detok
-        self._call = call
-        self._worker = worker
-        self._num_prompt_tokens = num_prompt_tokens
-        self._sent = sent
-        self._num_before = len(sent)  # completion tokens earlier workers produced
-        self._shaper = shaper
-        self._emit = emit
-        self.done = False  # the request's last message was made (finished or stopped)
-        self.finished = False  # ... for the worker's last output (not a stop string)
-        self.listening = False
-        self.error: Exception | None = None
-
-    def handle(
-        self, reply: worker_pb2.GenerateResponse, final: bool
-    ) -> router_pb2.RouterGenerateResponse:
-        delta = self._detok.push(reply.token_ids, final)
-        shaper = self._shaper
-        if delta.stopped:
-            self._call.cancel()
-            self.done = True
-            out = _stopped(delta, reply, self._worker, len(self._sent), self._num_prompt_tokens)
-            if shaper is not None:
-                shaper.shape(out, final=True)
-            return out
-        out = _passed_on(
-            delta, reply, self._worker, self._num_prompt_tokens, self._num_before, final
-        )
-        if shaper is not None:
-            shaper.shape(out, final)
-        if final:
-            self.done = self.finished = True
-        else:
-            self._sent.extend(reply.token_ids)
-        return out
-
-    def step(self, reply: worker_pb2.GenerateResponse, final: bool) -> bool:
-        """The listener: True when ``reply`` was handled and emitted."""
-        if self.done or self.error is not None:
-            return False
-        try:
-            out = self.handle(reply, final)
-            self._emit(out)  # type: ignore[misc]  # (listening only with an emit)
-        except Exception as e:  # raised in the request's task, which its read() wakes
-            self.error = e
-            return False
-        return True
-
-
-async def _next(
-    call: GenerationCall, worker: WorkerHandle, retryable: bool = False
-) -> worker_pb2.GenerateResponse:
-    """The worker's next message. With ``retryable``, a failure is raised as the raw grpc
-    error (the caller decides whether to try another worker); otherwise as UpstreamError."""
-    try:
-        reply = await call.read()
-    except grpc.aio.AioRpcError as e:
-        if retryable:
-            raise
-        failed = UpstreamError.from_rpc(worker.label, e)
-        raise WorkerFailed(failed.code, failed.details, failed.detail) from e
-    if reply is grpc.aio.EOF:
-        raise WorkerFailed(
-            grpc.StatusCode.INTERNAL, f"{worker.label} ended the stream without a finish reason"
-        )
-    return reply
-
-
-def _attempt_id(view: RequestView, request: worker_pb2.GenerateRequest) -> str:
-    """The id a worker knows one attempt of a request by: the client's id, made unique per
-    attempt. Workers key their engine state by id, and a worker still unwinding an attempt that
-    failed (a lost prefill, a dead router whose request the gateway sent on to another) aborts
-    it by id: under the same id a retry would be stopped by that abort. Clients' own ids need
-    not be unique either."""
-    return f"{view.request_id or request.request_id}.{uuid.uuid4().hex[:8]}"
-
-
-def _left(deadline: float) -> float:
-    return deadline - asyncio.get_running_loop().time()
-
-
 def _pick(
-    policy: RoutingPolicy, candidates: list[WorkerHandle], view: RequestView, loads: LoadTracker
+    policy: RoutingPolicy,
+    candidates: Sequence[WorkerHandle],
+    view: RequestView,
+    loads: LoadTracker,
 ) -> WorkerHandle:
     """``policy``'s choice among ``candidates``; policies key their state by worker id, so a
     worker removed and re-added under the same id keeps its place in the trees."""
@@ -574,53 +382,3 @@ def _check_stop_strings(stop: list[str]) -> None:
             raise InvalidRequestError(
                 f"sampling_params.stop[{i}]", f"is longer than {MAX_STOP_CHARS} characters"
             )
-
-
-def _passed_on(
-    delta: StreamDelta,
-    reply: worker_pb2.GenerateResponse,
-    worker: WorkerHandle,
-    num_prompt_tokens: int,
-    num_before: int = 0,
-    final: bool = True,
-) -> router_pb2.RouterGenerateResponse:
-    """``reply`` for the client; ``num_before``: completion tokens of the workers the request
-    migrated from, which the worker counted as prompt: usage is corrected to the client's
-    view (its own prompt, every completion token); ``final``: whether it is the worker's last
-    (only that one has usage or an error)."""
-    out = router_pb2.RouterGenerateResponse(
-        text=delta.text, token_ids=reply.token_ids, worker_id=worker.id
-    )
-    if reply.logprobs:
-        out.logprobs.extend(reply.logprobs)
-    if not final:
-        return out
-    out.finish_reason = reply.finish_reason
-    if reply.HasField("usage"):
-        out.usage.CopyFrom(reply.usage)
-        if num_before:
-            out.usage.prompt_tokens = num_prompt_tokens
-            out.usage.completion_tokens = reply.usage.completion_tokens + num_before
-            out.usage.cached_tokens = min(reply.usage.cached_tokens, num_prompt_tokens)
-    if reply.HasField("error"):
-        out.error = reply.error
-    return out
-
-
-def _stopped(
-    delta: StreamDelta,
-    reply: worker_pb2.GenerateResponse,
-    worker: WorkerHandle,
-    num_sent: int,
-    num_prompt_tokens: int,
-) -> router_pb2.RouterGenerateResponse:
-    keep = delta.num_tokens - num_sent  # tokens of this reply up to the stop string's last
-    return router_pb2.RouterGenerateResponse(
-        text=delta.text,
-        token_ids=reply.token_ids[:keep],
-        logprobs=reply.logprobs[:keep],
-        finish_reason=common_pb2.FINISH_REASON_STOP,
-        usage=common_pb2.Usage(prompt_tokens=num_prompt_tokens, completion_tokens=delta.num_tokens),
-        worker_id=worker.id,
-        matched_stop=delta.stop_string,
-    )

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import grpc.aio
 
 from pdmesh.errors import InvalidRequestError
-from pdmesh.v1 import router_pb2, worker_pb2
+from pdmesh.v1 import router_pb2
 from services.router.tokenizer_client import TokenizerClient
 from services.router.workers import GENERATING_ROLES, WorkerHandle, WorkerSet
 
@@ -58,7 +58,7 @@ class ContextLengths:
 
     async def _ask(self, worker: WorkerHandle, timeout: float) -> None:
         try:
-            info = await worker.stub.GetModelInfo(worker_pb2.GetModelInfoRequest(), timeout=timeout)
+            info = await worker.client.model_info(timeout)
         except grpc.aio.AioRpcError as e:
             log.debug("GetModelInfo of %s failed: %s", worker.label, e.code().name)
             return

@@ -6,7 +6,7 @@ next ``GenerateResponse``, then ``grpc.aio.EOF``; a failure raises ``grpc.aio.Ai
 ``cancel()`` stops it), so retries, breakers, migration and PD pairing treat both alike. Per
 engine step the worker sends one message for all of this router's requests there; the reader
 task hands each entry to its request. A request that is streaming has a listener on its call
-(``listen``: the router's per-request relay, ``generate._Relay``), which the reader calls with
+(``listen``: the router's per-request relay, ``relay.Relay``), which the reader calls with
 the entry right there, in the same pass over the step's message: detokenized, shaped and handed
 to the client's stream without waking the request's task. Without a listener (the request's
 first output, a worker without ``Stream``) an entry is queued for ``read()``, which costs a

@@ -10,6 +10,9 @@ Health is tracked two ways: a background loop asks every worker's ``grpc.health.
 every ``interval`` seconds (a draining worker answers NOT_SERVING and stops getting new
 requests), and a call that fails with UNAVAILABLE marks its worker unhealthy at once. The set
 changes only on the event loop, so it needs no locks.
+
+What protocol a worker speaks is decided once, when it is added: its ``client`` (a
+``worker_client.WorkerClient``) makes every call on it.
 """
 
 from __future__ import annotations
@@ -18,29 +21,29 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from dataclasses import InitVar, dataclass, field
+from typing import Any
 
 import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdmesh.errors import InvalidRequestError
-from pdmesh.rpc import keepalive
 from pdmesh.rpc.tls import PLAINTEXT, TLSConfig
 from pdmesh.telemetry import client_interceptors
-from pdmesh.v1 import worker_pb2, worker_pb2_grpc
-from services.router.worker_stream import StreamCall, WorkerStream
-from services.sglang_grpc import client as sglang_client
+from pdmesh.v1 import worker_pb2
+from services.router.worker_client import (
+    ClientKind,
+    GenerationCall,
+    PdmeshClient,
+    WorkerClient,
+    client_kind,
+)
+
+__all__ = ["GENERATING_ROLES", "ROLES", "GenerationCall", "WorkerHandle", "WorkerSet"]
 
 log = logging.getLogger(__name__)
 
-# a generation on a worker as the router reads it: on the worker's shared Stream, or a Generate
-GenerationCall: TypeAlias = (
-    "StreamCall | grpc.aio.UnaryStreamCall[worker_pb2.GenerateRequest, worker_pb2.GenerateResponse]"
-)
-
-WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
 ROLES = ("aggregated", "prefill", "decode")
 GENERATING_ROLES = ("aggregated", "decode")  # roles that take a request without a prefill
 
@@ -57,33 +60,17 @@ class WorkerHandle:
     bootstrap_address: str = ""
     # how many times a request may move off this worker when its stream breaks (GetModelInfo)
     migration_limit: int = 0
-    # the protocol it speaks: "pdmesh" (pdmesh.v1.WorkerService) or "sglang-grpc" (SGLang's
-    # scheduler protocol, through an adapter with the same calls: services/sglang_grpc/client)
-    kind: str = "pdmesh"
-    stub: worker_pb2_grpc.WorkerServiceStub | sglang_client.SglangWorkerStub = field(
-        init=False, repr=False
-    )
-    # pdmesh workers: the one Stream call every request generating there shares
-    stream: WorkerStream | None = field(init=False, repr=False, default=None)
+    # the protocol it speaks (``WorkerSet.add`` picks it from the address): its class makes
+    # ``client``, through which every call on the worker goes
+    protocol: InitVar[ClientKind] = PdmeshClient
+    client: WorkerClient = field(init=False, repr=False)
 
-    def __post_init__(self) -> None:
-        if self.kind == sglang_client.KIND:
-            self.stub = sglang_client.SglangWorkerStub(self.channel, self)
-        else:
-            self.stub = worker_pb2_grpc.WorkerServiceStub(self.channel)
-            self.stream = WorkerStream(self.stub, self.label)
+    def __post_init__(self, protocol: ClientKind) -> None:
+        self.client = protocol.connect(self.channel, self)
 
     def generate(self, request: worker_pb2.GenerateRequest, timeout: float) -> GenerationCall:
-        """Start ``request`` here: on the shared Stream (pdmesh workers: one message per engine
-        step for all requests) or as its own Generate call (SGLang's protocol has no other)."""
-        if self.stream is not None and not self.stream.unsupported:
-            return self.stream.open(request, timeout)
-        return self.stub.Generate(request, timeout=timeout)
-
-    @property
-    def health_service(self) -> str:
-        """The service name its grpc.health.v1 answers for."""
-        return sglang_client.SERVICE_NAME if self.kind == sglang_client.KIND else WORKER_SERVICE
+        """Start ``request`` here (``WorkerClient.generate``)."""
+        return self.client.generate(request, timeout)
 
     @property
     def label(self) -> str:
@@ -118,7 +105,7 @@ class WorkerSet:
     def add(self, address: str, role: str = "aggregated", id: str | None = None) -> WorkerHandle:
         """Register a worker (unhealthy until ``check`` finds it serving); an address
         ``sglang-grpc://host:port`` is a worker that speaks SGLang's scheduler protocol."""
-        kind, address = sglang_client.split_address(address)
+        kind, address = client_kind(address)
         if ":" not in address:
             raise InvalidRequestError("address", f"{address!r} is not host:port")
         if role not in ROLES:
@@ -130,12 +117,11 @@ class WorkerSet:
                     "address" if w.address == address else "id",
                     f"{w.label} is already registered",
                 )
-        # pings find a hung pdmesh worker within seconds (its calls fail UNAVAILABLE, so they
-        # retry or migrate) instead of at each request's deadline; an SGLang server's own ping
-        # policy is not ours to loosen, so it is not pinged
-        options = keepalive.CLIENT_OPTIONS if kind != sglang_client.KIND else ()
+        # the kind says how its channel is kept alive (pdmesh workers are pinged, SGLang
+        # servers not: see worker_client)
+        options = kind.channel_options
         channel = self._tls.channel(address, options, interceptors=client_interceptors())
-        worker = WorkerHandle(worker_id, address, role, channel, kind=kind)
+        worker = WorkerHandle(worker_id, address, role, channel, protocol=kind)
         self._workers[worker_id] = worker
         log.info("added %s", worker.label)
         return worker
@@ -143,7 +129,7 @@ class WorkerSet:
     def remove(self, id: str | None = None, address: str | None = None) -> bool:
         """Unregister a worker; requests already on it run on for up to the drain timeout."""
         if address is not None:  # as given to add, with or without its scheme
-            address = sglang_client.split_address(address)[1]
+            address = client_kind(address)[1]
         worker = next(
             (w for w in self._workers.values() if w.id == id or w.address == address), None
         )
@@ -179,14 +165,12 @@ class WorkerSet:
         """Ask ``worker`` whether it is serving; (re)learn its model info whenever it turns
         healthy (a restarted prefill may have a new bootstrap port)."""
         health = health_pb2_grpc.HealthStub(worker.channel)
-        request = health_pb2.HealthCheckRequest(service=worker.health_service)
+        request = health_pb2.HealthCheckRequest(service=worker.client.health_service)
         try:
             reply = await health.Check(request, timeout=self._rpc_timeout)
             serving = reply.status == health_pb2.HealthCheckResponse.SERVING
             if serving and not worker.healthy:
-                info = await worker.stub.GetModelInfo(
-                    worker_pb2.GetModelInfoRequest(), timeout=self._rpc_timeout
-                )
+                info = await worker.client.model_info(self._rpc_timeout)
                 serving = self._learn(worker, info)
         except grpc.aio.AioRpcError as e:
             log.debug("health check of %s failed: %s", worker.label, e.code().name)
@@ -245,8 +229,7 @@ class WorkerSet:
         for task in list(self._background):
             task.cancel()
         for worker in self._workers.values():
-            if worker.stream is not None:
-                await worker.stream.close()
+            await worker.client.close()
             await worker.channel.close()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*self._background, return_exceptions=True)

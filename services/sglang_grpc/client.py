@@ -1,7 +1,8 @@
-"""Workers of kind ``sglang-grpc`` for pdmesh's router: ``SglangWorkerStub`` has the two calls the
-router makes on a ``pdmesh.v1.WorkerService`` stub — ``Generate`` (a streaming call with
-``read``/``cancel``/``async for``) and ``GetModelInfo`` — and makes them over SGLang's scheduler
-protocol, so routing policies, retries, breakers, migration and PD pairing work unchanged.
+"""Workers of kind ``sglang-grpc`` for pdmesh's router: ``SglangClient`` is the router's worker
+client interface (``services/router/worker_client.py``: ``generate`` — a streaming call with
+``read``/``cancel``/``async for`` — ``model_info``, ``close``, ``health_service``) made over
+SGLang's scheduler protocol, so routing policies, retries, breakers, migration and PD pairing
+work unchanged. It only has to fit that interface (a Protocol): nothing here imports the router.
 
 Such a worker is named ``sglang-grpc://host:port`` wherever the router takes a worker address
 (``--workers``, ``--prefill-workers``, ``--decode-workers``, AddWorker): an SGLang engine started
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import grpc
 import grpc.aio
@@ -55,7 +56,7 @@ def split_address(address: str) -> tuple[str, str]:
 
 
 class WorkerView(Protocol):
-    """What the stub reads off the router's handle of its worker (set once it is checked)."""
+    """What the client reads off the router's handle of its worker (set once it is checked)."""
 
     @property
     def role(self) -> str: ...
@@ -64,25 +65,39 @@ class WorkerView(Protocol):
     def bootstrap_address(self) -> str: ...
 
 
-class SglangWorkerStub:
+class SglangClient:
+    """One SGLang-protocol worker: every request as its own Generate call (the protocol has no
+    shared stream); model info from GetModelInfo and GetServerInfo."""
+
+    kind = KIND
+    health_service = SERVICE_NAME
+    # an SGLang server's own ping policy is not ours to loosen, so its channel is not pinged
+    channel_options: ClassVar[tuple[tuple[str, Any], ...]] = ()
+
     def __init__(self, channel: grpc.aio.Channel, worker: WorkerView) -> None:
         self._stub = sglang_scheduler_pb2_grpc.SglangSchedulerStub(channel)
         self._worker = worker
 
-    def Generate(
-        self, request: worker_pb2.GenerateRequest, timeout: float | None = None
-    ) -> SglangCall:
+    @classmethod
+    def connect(cls, channel: grpc.aio.Channel, worker: WorkerView) -> SglangClient:
+        return cls(channel, worker)
+
+    def generate(self, request: worker_pb2.GenerateRequest, timeout: float) -> SglangCall:
         call = self._stub.Generate(generate_request_to_pb(request, self._worker), timeout=timeout)
         return SglangCall(call)
 
-    async def GetModelInfo(
-        self, request: worker_pb2.GetModelInfoRequest, timeout: float | None = None
-    ) -> worker_pb2.GetModelInfoResponse:
+    def own_call(self, request: worker_pb2.GenerateRequest, timeout: float) -> SglangCall:
+        return self.generate(request, timeout)  # every call is its own
+
+    async def model_info(self, timeout: float) -> worker_pb2.GetModelInfoResponse:
         model, server = await asyncio.gather(
             self._stub.GetModelInfo(sgl.GetModelInfoRequest(), timeout=timeout),
             self._stub.GetServerInfo(sgl.GetServerInfoRequest(), timeout=timeout),
         )
         return model_info_from_pb(model, server)
+
+    async def close(self) -> None:
+        return None  # nothing of its own runs: its calls end with the channel
 
 
 class SglangCall:

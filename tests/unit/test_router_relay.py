@@ -1,4 +1,4 @@
-"""The router's per-step relay (``generate._Relay`` as the listener of a ``StreamCall``): with an
+"""The router's per-step relay (``relay.Relay`` as the listener of a ``StreamCall``): with an
 ``emit``, a request's outputs after its first are handled in the worker stream reader's pass
 over each step's message and emitted in order, without waking the request's task per token;
 errors, stops and a broken stream still end or move the request as the task-driven path did.
@@ -20,7 +20,7 @@ from pdmesh.v1 import common_pb2, router_pb2, worker_pb2
 from services.router import worker_stream
 from services.router.generate import Generation
 from services.router.upstream import OutgoingCalls, UpstreamError
-from services.router.worker_stream import WorkerStream
+from services.router.worker_client import PdmeshClient
 from services.router.workers import WorkerSet
 
 STOP_TOKEN = 99  # the fake detokenizer's stop string ends at this token
@@ -131,7 +131,7 @@ class Mesh:
             w = self.workers.add(f"127.0.0.1:{i + 1}", id=name)
             w.healthy, w.migration_limit = True, 1
             stub = self.stubs[name] = FakeStreamStub()
-            w.stream = WorkerStream(cast(Any, stub), w.label)
+            w.client = PdmeshClient(cast(Any, stub), w.label)  # on the fake shared stream
         self.gen = Generation(self.workers, RoundRobin(), cast(Any, FakeTokenizer()))
 
     async def started(self, name: str, count: int) -> list[str]:

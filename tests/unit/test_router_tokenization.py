@@ -41,14 +41,14 @@ class FakeTokenizer:
 
 
 @dataclass
-class FakeStub:
+class FakeClient:
+    """The part of a ``WorkerClient`` the context-length lookup uses."""
+
     length: int
     asked: int = 0
     fail: bool = False
 
-    async def GetModelInfo(
-        self, request: worker_pb2.GetModelInfoRequest, timeout: float
-    ) -> worker_pb2.GetModelInfoResponse:
+    async def model_info(self, timeout: float) -> worker_pb2.GetModelInfoResponse:
         self.asked += 1
         if self.fail:
             raise rpc_error(grpc.StatusCode.UNAVAILABLE, "down")
@@ -61,10 +61,10 @@ class FakeWorker:
     role: str = "aggregated"
     healthy: bool = True
     label: str = "worker"
-    stub: FakeStub = field(init=False)
+    client: FakeClient = field(init=False)
 
     def __post_init__(self) -> None:
-        self.stub = FakeStub(self.length)
+        self.client = FakeClient(self.length)
 
 
 @dataclass
@@ -131,17 +131,17 @@ def test_context_length_is_the_smallest_of_healthy_generating_workers() -> None:
         FakeWorker(20, healthy=False),
         FakeWorker(30),
     )
-    down.stub.fail = True
+    down.client.fail = True
     workers = FakeWorkers([big, small, prefill, sick, down])
     now = [100.0]
     lengths = ContextLengths(workers, clock=lambda: now[0])  # type: ignore[arg-type]
     assert run(lengths.smallest(5)) == 1024
-    assert (prefill.stub.asked, sick.stub.asked, down.stub.asked) == (0, 0, 1)
+    assert (prefill.client.asked, sick.client.asked, down.client.asked) == (0, 0, 1)
     assert run(lengths.smallest(5)) == 1024
-    assert (big.stub.asked, small.stub.asked) == (1, 1)  # kept
-    assert down.stub.asked == 2  # no answer yet: asked again
+    assert (big.client.asked, small.client.asked) == (1, 1)  # kept
+    assert down.client.asked == 2  # no answer yet: asked again
     workers.workers.remove(small)  # gone from the set: forgotten
     assert run(lengths.smallest(5)) == 8192
     now[0] += tokenization.MODEL_INFO_TTL_S
-    big.stub.length = 4096  # restarted with another --max-model-len: seen after the TTL
+    big.client.length = 4096  # restarted with another --max-model-len: seen after the TTL
     assert run(lengths.smallest(5)) == 4096

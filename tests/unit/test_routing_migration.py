@@ -1,4 +1,4 @@
-"""The router's migration pieces (services/router/generate.py) against fake worker stubs: the
+"""The router's migration pieces (services/router/generate.py, pdmesh/routing/request.py) against fake worker stubs: the
 re-issued request, the limit check and the corrected usage; no processes, no network."""
 
 from __future__ import annotations
@@ -12,8 +12,11 @@ import pytest
 
 from pdmesh.routing import RequestView, RoundRobin
 from pdmesh.v1 import common_pb2, tokenizer_pb2, worker_pb2
-from services.router.generate import Generation, WorkerFailed, _passed_on
+from services.router.convert import route_request
+from services.router.generate import Generation
+from services.router.relay import WorkerFailed, passed_on
 from services.router.upstream import OutgoingCalls, UpstreamError
+from services.router.worker_client import PdmeshClient
 from services.router.workers import WorkerSet
 
 FIRST = worker_pb2.GenerateResponse(token_ids=[9])
@@ -43,19 +46,17 @@ def migrate(params: common_pb2.SamplingParams, sent: list[int]) -> tuple[str, An
         for i, name in enumerate(("a", "b")):
             w = workers.add(f"127.0.0.1:{1 + i}", id=name)
             w.healthy = True
-            stubs[name] = w.stub = cast(Any, FakeStub())
-            w.stream = None  # calls go to the fake per-request Generate
+            stubs[name] = stub = cast(Any, FakeStub())
+            # calls go to the fake per-request Generate
+            w.client = PdmeshClient(stub, w.label, shared_stream=False)
         gen = Generation(workers, RoundRobin(), cast(Any, None))
         deadline = asyncio.get_running_loop().time() + 5
-        request = worker_pb2.GenerateRequest(
-            request_id="r", token_ids=[1, 2], sampling_params=params
-        )
+        request = route_request("r", [1, 2], params, deadline)
         try:
             worker, _, reply = await gen._migrate(
                 request,
-                [1, 2],
+                params,
                 sent,
-                deadline,
                 OutgoingCalls(),
                 RequestView([1, 2]),
                 failed=(workers.all()[0],),
@@ -73,7 +74,7 @@ def test_migration_reissues_prompt_and_tokens_elsewhere_with_lower_budgets() -> 
     worker, sent = migrate(params, [3, 4, 5])
     assert worker == "b"  # never the failed one
     assert list(sent.token_ids) == [1, 2, 3, 4, 5]
-    assert sent.request_id.startswith("r.")  # unique per attempt (generate._attempt_id)
+    assert sent.request_id.startswith("r.")  # unique per attempt (RouteRequest.attempt_id)
     p = sent.sampling_params
     assert (p.max_new_tokens, p.min_new_tokens, p.seed) == (7, 2, 7)
 
@@ -113,7 +114,7 @@ def test_usage_after_migration_counts_the_clients_prompt_and_every_token() -> No
         usage=common_pb2.Usage(prompt_tokens=12, completion_tokens=4, cached_tokens=11),
     )
     delta = tokenizer_pb2.DetokenizeStreamResponse(text="x")
-    out = _passed_on(delta, reply, cast(Any, SimpleNamespace(id="b")), 4, num_before=8)
+    out = passed_on(delta, reply, cast(Any, SimpleNamespace(id="b")), 4, num_before=8)
     assert out.worker_id == "b"
     assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (4, 12)
     assert out.usage.cached_tokens == 4

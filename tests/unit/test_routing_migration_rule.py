@@ -15,8 +15,10 @@ import pytest
 
 from pdmesh.routing import RoundRobin, charges_breaker, migrates
 from pdmesh.v1 import common_pb2, router_pb2, tokenizer_pb2, worker_pb2
-from services.router.generate import Generation, WorkerFailed
+from services.router.generate import Generation
+from services.router.relay import WorkerFailed
 from services.router.upstream import OutgoingCalls
+from services.router.worker_client import PdmeshClient
 from services.router.workers import WorkerSet
 
 codes = grpc.StatusCode
@@ -127,8 +129,8 @@ def stream_breaking_with(code: grpc.StatusCode) -> Result:
         for i, (name, stub) in enumerate(zip(("a", "b"), stubs)):
             w = workers.add(f"127.0.0.1:{i + 1}", id=name)
             w.healthy, w.migration_limit = True, 1
-            w.stub = cast(Any, stub)
-            w.stream = None  # calls go to the fake per-request Generate
+            # calls go to the fake per-request Generate
+            w.client = PdmeshClient(cast(Any, stub), w.label, shared_stream=False)
         gen = Generation(workers, RoundRobin(), cast(Any, FakeTokenizer()))
         request = router_pb2.RouterGenerateRequest(
             token_ids=router_pb2.TokenIds(ids=[1, 2]),

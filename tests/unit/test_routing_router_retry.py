@@ -18,9 +18,11 @@ from pdmesh.routing import (
     RetryConfig,
     RoundRobin,
 )
-from pdmesh.v1 import worker_pb2
+from pdmesh.v1 import common_pb2, worker_pb2
+from services.router.convert import route_request
 from services.router.generate import Generation
 from services.router.upstream import OutgoingCalls, UpstreamError
+from services.router.worker_client import PdmeshClient
 from services.router.workers import WorkerSet
 
 
@@ -64,8 +66,9 @@ def run(
         for i, (name, outcome) in enumerate(outcomes.items()):
             w = workers.add(f"127.0.0.1:{1 + i}", id=name)
             w.healthy = True
-            stubs[name] = w.stub = cast(Any, FakeStub(outcome))
-            w.stream = None  # calls go to the fake per-request Generate
+            stubs[name] = stub = cast(Any, FakeStub(outcome))
+            # calls go to the fake per-request Generate
+            w.client = PdmeshClient(stub, w.label, shared_stream=False)
         gen = Generation(
             workers,
             RoundRobin(),
@@ -75,9 +78,10 @@ def run(
         )
         deadline = asyncio.get_running_loop().time() + 5
         try:
+            params = common_pb2.SamplingParams()
             worker, _, reply = await gen._start_on_a_worker(
-                worker_pb2.GenerateRequest(token_ids=[1, 2]),
-                deadline,
+                route_request("", [1, 2], params, deadline),
+                params,
                 OutgoingCalls(),
                 RequestView([1, 2]),
             )
