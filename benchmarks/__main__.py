@@ -49,6 +49,7 @@ SUBCOMMANDS = {
     "pd-vs-agg": "benchmarks.pd_vs_agg.main",  # 1 prefill + 1 decode vs 2 aggregated
     "mesh": "benchmarks.mesh.main",  # the token path, arm by arm, at a known worker speed
     "vs-smg": "benchmarks.smg",  # SGLang's gateway vs pdmesh's, same workers
+    "tp": "benchmarks.tp",  # the engine at several tensor-parallel sizes
 }
 
 

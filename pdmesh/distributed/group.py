@@ -28,6 +28,9 @@ class TPGroup:
     size: int
     # None for size 1, else the default process group of init_process_group
     group: dist.ProcessGroup | None = None
+    # gloo, for host-side messages (the step's commands, agreeing on sizes) also when the
+    # tensors' group is NCCL; the same group on CPU
+    control: dist.ProcessGroup | None = None
 
     @classmethod
     def single(cls) -> TPGroup:
@@ -50,16 +53,21 @@ class TPGroup:
         if not 0 <= rank < size:
             raise ValueError(f"tp rank {rank} is not in [0, {size})")
         backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL's streams and the captured graphs use it
+        timeout = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group(
             backend,
             init_method=init_method,
             rank=rank,
             world_size=size,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=timeout,
             device_id=device if device.type == "cuda" else None,
         )
+        world = dist.group.WORLD
+        control = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else world
         log.info("tp rank %d of %d joined (%s, %s)", rank, size, backend, init_method)
-        return cls(rank, size, dist.group.WORLD)
+        return cls(rank, size, world, control)
 
     @property
     def is_first(self) -> bool:
@@ -81,12 +89,21 @@ class TPGroup:
         return torch.cat(parts, dim=-1)
 
     def broadcast_object(self, obj: object | None) -> object:
-        """Rank 0's ``obj`` on every rank (the step's batch; the other ranks pass None)."""
+        """Rank 0's ``obj`` on every rank (the other ranks pass None), over the control
+        group: raises once the group's timeout passes without rank 0."""
         if self.size == 1:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=0, group=self.group)
+        dist.broadcast_object_list(box, src=0, group=self.control)
         return box[0]
+
+    def min_int(self, value: int) -> int:
+        """The least of the ranks' ``value`` (sizes every rank must agree on: KV pages)."""
+        if self.size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.control)
+        return int(t.item())
 
     def close(self) -> None:
         if self.size > 1 and dist.is_initialized():

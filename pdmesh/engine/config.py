@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,19 @@ class EngineConfig:
         "0 = --max-running-requests",
     )
 
+    tp_size: int = flag(
+        1,
+        "tensor parallelism: shard the model over N devices, one engine process per rank "
+        "(cuda:0..N-1 of the visible GPUs, joined by NCCL; on CPU N processes over gloo). The "
+        "worker process serves gRPC and sends every engine call to rank 0, which runs it and "
+        "broadcasts it to the other ranks, so all schedule the same steps; aggregated workers",
+    )
+    tp_timeout: float = flag(
+        30.0,
+        "tensor parallelism: seconds a collective may wait for the other ranks before the "
+        "rank gives up (a rank that died then takes its worker down instead of hanging it)",
+    )
+
     disable_overlap_schedule: bool | None = flag(
         None,
         "run each step's CPU work (schedule, inputs, outputs) after its GPU work instead of "
@@ -64,6 +78,10 @@ class EngineConfig:
         for name in ("num_pages", "max_model_len", "cuda_graph_max_bs", "default_max_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.tp_size < 1:
+            raise ValueError(f"tp_size={self.tp_size} must be >= 1")
+        if self.tp_timeout <= 0:
+            raise ValueError(f"tp_timeout={self.tp_timeout} must be > 0")
         if self.kv_cache_memory_gb < 0:
             raise ValueError(f"kv_cache_memory_gb={self.kv_cache_memory_gb} must be >= 0")
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -85,6 +103,14 @@ class EngineConfig:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    def for_rank(self, rank: int) -> EngineConfig:
+        """This config on tensor-parallel rank ``rank``: its own GPU (``cuda:<rank>``, or
+        ``cuda:<N + rank>`` from ``cuda:N``); every rank of a CPU worker on the CPU."""
+        device = self.torch_device()
+        if device.type != "cuda":
+            return self
+        return dataclasses.replace(self, device=f"cuda:{(device.index or 0) + rank}")
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype == "auto":

@@ -20,6 +20,10 @@ a request waits there, off the step loop, until its grammar is ready, as with th
 Only aggregated workers run it: the PD sides reach into the engine's KV memory (transfer
 engines registered on it, pages read and written), which stays in the process that owns it.
 
+With ``--tp-size N`` this process is rank 0 of N engine processes (``tp_ranks``): the worker
+starts all N, talks to rank 0 only, and watches the others, so that the death of any rank is
+the engine's death.
+
 If the engine process dies, every request in flight and every later call fails with
 ``EngineDeadError`` and ``on_death`` runs (the worker stops, so it leaves the mesh); if the gRPC
 process dies, the engine process sees the pipe close and exits.
@@ -36,6 +40,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -46,6 +51,7 @@ from pdmesh.engine.async_engine import STARTS, AsyncEngine, Command
 from pdmesh.engine.config import EngineConfig
 from pdmesh.engine.kv_cache import KVLayout
 from pdmesh.engine.sampling_params import SamplingParams
+from pdmesh.engine.tp_ranks import StepSync, TPLaunch, follower_main
 from pdmesh.errors import EngineDeadError, FailedPreconditionError
 from pdmesh.models.source import ModelSource
 
@@ -88,6 +94,8 @@ class EngineProcess(AsyncEngine):
         self._ids = itertools.count()
         self._replies: dict[int, concurrent.futures.Future[Any]] = {}
         self._reader: threading.Thread | None = None
+        self._followers: list[multiprocessing.process.BaseProcess] = []  # tp ranks 1..N-1
+        self._rank_died: str | None = None  # which tp rank took the engine down
 
     # -- life -----------------------------------------------------------------------------
 
@@ -95,33 +103,67 @@ class EngineProcess(AsyncEngine):
         """Start the engine process and wait until its engine is loaded (blocking: call it
         before serving). Raises ``RuntimeError`` with the child's reason if it cannot load."""
         ctx = multiprocessing.get_context("spawn")  # fork would copy CUDA and gRPC state
+        size = self._config.tp_size
+        init = f"tcp://127.0.0.1:{_free_port()}"
+        ready: list[multiprocessing.connection.Connection] = []
+        for rank in range(1, size):
+            parent, child = ctx.Pipe(duplex=False)
+            proc: multiprocessing.process.BaseProcess = ctx.Process(
+                target=follower_main,
+                args=(self._config, TPLaunch(rank, size, init), child),
+                name=f"pdmesh-engine-tp{rank}",
+                daemon=True,
+            )
+            proc.start()
+            child.close()
+            self._followers.append(proc)
+            ready.append(parent)
         parent, child = ctx.Pipe(duplex=True)
+        launch = TPLaunch(0, size, init) if size > 1 else None
         self._proc = ctx.Process(
-            target=_engine_main, args=(self._config, child), name="pdmesh-engine", daemon=True
+            target=_engine_main,
+            args=(self._config, child, launch),
+            name="pdmesh-engine",
+            daemon=True,
         )
         self._proc.start()
         child.close()
         self._conn = parent
         deadline = time.monotonic() + timeout
-        while not parent.poll(0.2):
-            if not self._proc.is_alive():
-                raise RuntimeError(f"the engine process exited with code {self._proc.exitcode}")
-            if time.monotonic() > deadline:
-                self._proc.kill()
-                raise RuntimeError(f"the engine process did not load within {timeout:.0f}s")
         try:
-            kind, value = parent.recv()
-        except EOFError:
-            self._proc.join(_STOP_TIMEOUT_S)
-            raise RuntimeError(
-                f"the engine process exited with code {self._proc.exitcode}"
-            ) from None
-        if kind != "ready":
-            self._proc.join(_STOP_TIMEOUT_S)
-            raise RuntimeError(value)
-        self._facts = value
-        log.info("engine process %d ready", self._proc.pid)
-        return value
+            ranks = [("the engine process", self._proc, parent)] + [
+                (f"tp rank {rank}", proc, conn)
+                for rank, (proc, conn) in enumerate(zip(self._followers, ready), start=1)
+            ]
+            self._facts = _await_ready(ranks, deadline, timeout)[0]
+        except RuntimeError:
+            self._kill_all()
+            raise
+        if self._followers:
+            threading.Thread(target=self._watch_ranks, name="pdmesh-tp-watch", daemon=True).start()
+        log.info(
+            "engine process %d ready%s",
+            self._proc.pid,
+            f" (rank 0 of {size}; ranks {[p.pid for p in self._followers]})" if size > 1 else "",
+        )
+        return self._facts
+
+    def _watch_ranks(self) -> None:
+        """A tp rank that exits takes the engine down: rank 0 is killed, and its pipe's end
+        fails every request with the rank named (not after a collective's timeout)."""
+        sentinels = {p.sentinel: (rank, p) for rank, p in enumerate(self._followers, start=1)}
+        multiprocessing.connection.wait(list(sentinels))
+        if self._stop.is_set():
+            return
+        rank, proc = next((r, p) for r, p in sentinels.values() if not p.is_alive())
+        self._rank_died = f"tp rank {rank} exited (code {proc.exitcode})"
+        log.error("%s: stopping the engine's other ranks", self._rank_died)
+        self._kill_all()
+
+    def _kill_all(self) -> None:
+        for proc in [self._proc, *self._followers]:
+            if proc is not None and proc.is_alive():
+                proc.kill()
 
     def start(self) -> None:
         assert self._conn is not None, "launch() first"
@@ -133,14 +175,15 @@ class EngineProcess(AsyncEngine):
         self._stop.set()
         if self._conn is not None and self._proc is not None and self._proc.is_alive():
             with contextlib.suppress(OSError), self._send_lock:
-                self._conn.send(None)
-            self._proc.join(timeout)
-            if self._proc.is_alive():
-                log.warning(
-                    "engine process %d did not stop in %.0fs: killed", self._proc.pid, timeout
-                )
-                self._proc.kill()
-                self._proc.join(timeout)
+                self._conn.send(None)  # rank 0 tells the other ranks
+        for proc in [self._proc, *self._followers]:
+            if proc is None:
+                continue
+            proc.join(timeout)
+            if proc.is_alive():
+                log.warning("engine process %d did not stop in %.0fs: killed", proc.pid, timeout)
+                proc.kill()
+                proc.join(timeout)
         if self._reader is not None:
             self._reader.join(timeout)
         self._compile_pool.shutdown(wait=False, cancel_futures=True)
@@ -148,6 +191,11 @@ class EngineProcess(AsyncEngine):
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
+
+    @property
+    def rank_pids(self) -> list[int | None]:
+        """The process of each tp rank, rank 0 (``pid``) first."""
+        return [p.pid for p in [self._proc, *self._followers] if p is not None]
 
     @property
     def info(self) -> EngineFacts:
@@ -217,6 +265,8 @@ class EngineProcess(AsyncEngine):
         if self._proc is not None:
             self._proc.join(1.0)
             code = self._proc.exitcode
+        if self._rank_died is not None:
+            reason = self._rank_died
         error = EngineDeadError(f"{reason} (exit code {code})")
         log.error("%s: failing every request", error)
         self._dead = error
@@ -235,13 +285,57 @@ class EngineProcess(AsyncEngine):
 # -- the engine process ---------------------------------------------------------------------
 
 
-def _engine_main(config: EngineConfig, conn: multiprocessing.connection.Connection) -> None:
+def _await_ready(
+    ranks: list[
+        tuple[str, multiprocessing.process.BaseProcess, multiprocessing.connection.Connection]
+    ],
+    deadline: float,
+    timeout: float,
+) -> list[Any]:
+    """What each process sends once its engine is loaded, in order; raises ``RuntimeError``
+    with the reason of the first that sends an error, exits or takes past ``deadline`` (all
+    are waited on at once: a tp rank that fails leaves the others blocked in a collective)."""
+    got: dict[int, Any] = {}
+    while len(got) < len(ranks):
+        for i, (what, proc, conn) in enumerate(ranks):
+            if i in got or not conn.poll(0):
+                if i not in got and not proc.is_alive() and not conn.poll(0):
+                    raise RuntimeError(f"{what} exited with code {proc.exitcode}")
+                continue
+            try:
+                kind, value = conn.recv()
+            except EOFError:
+                proc.join(_STOP_TIMEOUT_S)
+                raise RuntimeError(f"{what} exited with code {proc.exitcode}") from None
+            if kind != "ready":
+                raise RuntimeError(value)
+            got[i] = value
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the engine did not load within {timeout:.0f}s")
+        if len(got) < len(ranks):
+            multiprocessing.connection.wait(
+                [c for i, (_, _, c) in enumerate(ranks) if i not in got], timeout=0.2
+            )
+    return [got[i] for i in range(len(ranks))]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _engine_main(
+    config: EngineConfig, conn: multiprocessing.connection.Connection, launch: TPLaunch | None
+) -> None:
+    from pdmesh.distributed import TPGroup
     from pdmesh.engine.llm_engine import LLMEngine
     from pdmesh.rpc.server import configure_logging
 
     configure_logging(os.environ.get("PDMESH_ENGINE_LOG_LEVEL", "info"))
     try:
-        engine = LLMEngine(config)
+        tp = launch.join(config) if launch is not None else TPGroup.single()
+        engine = LLMEngine(config.for_rank(0), None, tp)
     except BaseException as e:  # bad model, no memory: the parent reports it and exits
         conn.send(("error", f"cannot load the engine for {config.model!r}: {e}"))
         return
@@ -254,15 +348,21 @@ def _engine_main(config: EngineConfig, conn: multiprocessing.connection.Connecti
         engine.kv_layout(),
     )
     conn.send(("ready", facts))
-    _EngineLoop(engine, conn).run()
+    try:
+        _EngineLoop(engine, conn, StepSync(tp)).run()
+    finally:
+        tp.close()
 
 
 class _EngineLoop:
     """The engine process's loop: the pipe's commands between steps, one message per step."""
 
-    def __init__(self, engine: Any, conn: multiprocessing.connection.Connection) -> None:
+    def __init__(
+        self, engine: Any, conn: multiprocessing.connection.Connection, sync: StepSync
+    ) -> None:
         self.engine = engine
         self.conn = conn
+        self.sync = sync  # the other tp ranks (none: size 1)
         self.compiled: queue.SimpleQueue[tuple[int, Command, BaseException | None]] = (
             queue.SimpleQueue()
         )
@@ -271,10 +371,13 @@ class _EngineLoop:
     def run(self) -> None:
         try:
             while self._commands(block=not self.engine.has_work or self.engine.stalled):
-                if self.engine.has_work:
+                will_step = self.engine.has_work
+                self.sync.step(will_step)
+                if will_step:
                     outputs = self.engine.step()
                     if outputs:
                         self.conn.send(("out", outputs))
+            self.sync.stop()
         except (EOFError, OSError, BrokenPipeError):
             log.info("the worker process is gone: the engine process exits")
         except BaseException as e:
@@ -322,6 +425,7 @@ class _EngineLoop:
 
     def _apply(self, call_id: int, command: Command) -> None:
         name, args = command
+        self.sync.ran(command)
         try:
             result = getattr(self.engine, name)(*args)
         except Exception as e:  # a typed error for the caller, not an engine failure

@@ -121,7 +121,9 @@ class LLMEngine:
         self.grammars = GrammarCompiler(
             self.source.path, self.vocab_size, sorted(self.eos_token_ids)
         )
-        num_pages = config.num_pages or self._auto_num_pages()
+        # ranks size their pools from their own free memory: all take the least, so that
+        # they admit and schedule the same requests
+        num_pages = self.tp.min_int(config.num_pages or self._auto_num_pages())
         self.blocks = BlockManager(num_pages, config.page_size, config.enable_prefix_cache)
         self.scheduler = Scheduler(
             self.blocks, config.max_running_requests, config.max_num_batched_tokens

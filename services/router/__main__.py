@@ -14,17 +14,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pdmesh.config import add_dataclass_args, from_args
+from pdmesh.config import from_args
 from pdmesh.rpc.server import configure_logging
-from services.mesh import MeshOptions, add_mesh_args, parse_configs, run_service
+from services.mesh import MeshOptions, parse_configs, run_service, service_parser
 from services.router.config import RouterServiceConfig
 from services.router.server import serve
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m services.router",
-        description=(
+    parser = service_parser(
+        "python -m services.router",
+        (
             "pdmesh router (gRPC pdmesh.v1.RouterService): takes text, token ids or chat "
             "messages, tokenizes them with the tokenizer service, picks a worker by --policy, "
             "streams the worker's tokens back as text (stop strings applied) and manages the "
@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
             "serves grpc.health.v1 and reflection; SIGTERM or Ctrl-C drains in-flight calls, "
             "then exits."
         ),
+        RouterServiceConfig,
     )
-    add_dataclass_args(parser, RouterServiceConfig)
     parser.add_argument(
         "--request-timeout",
         dest="request_timeout_secs",
@@ -50,7 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,  # --request-timeout-secs's default stands
         help="the old spelling of --request-timeout-secs",
     )
-    add_mesh_args(parser)
     return parser
 
 

@@ -258,35 +258,8 @@ async def serve(config: RouterServiceConfig, mesh: MeshOptions | None = None) ->
     telemetry = dataclasses.replace(mesh.telemetry, metrics_port=metrics_port)
     observed = Observed.start("pdmesh-router", metrics_host, telemetry)
     router_metrics = RouterMetrics(observed.metrics.registry)
-    consul = mesh.discovery.discovery == "consul"
-    workers = WorkerSet(config.rpc_timeout, drain_timeout=config.request_timeout_secs, tls=mesh.tls)
-    for role, addresses in config.workers_by_role.items():
-        for address in addresses:
-            workers.add(address, role)
-    # under Consul the tokenizers are the catalog's; --tokenizer (which has a default) is for
-    # static discovery
-    tokenizer = TokenizerClient(
-        [] if consul else [config.tokenizer],
-        config.rpc_timeout,
-        tls=mesh.tls,
-        drain_timeout=config.request_timeout_secs,  # a stream lasts as long as its generation
-    )
-    settings = config.policy_settings()
-    generation = Generation(
-        workers,
-        make_policy(config.policy, settings),
-        tokenizer,
-        prefill_policy=make_policy(config.policy_for("prefill"), settings),
-        disagg_min_prompt_tokens=config.disagg_min_prompt_tokens,
-        # its own instance even when the names agree: a tree of decode placements must not
-        # steer prefills (and round-robin cursors must not interleave)
-        decode_policy=make_policy(config.policy_for("decode"), settings),
-        retry=config.retry_config(),
-        breakers=CircuitBreakers(config.breaker_config()),
-        metrics=router_metrics,
-        parsers=OutputParsers(config.tool_call_parser, config.reasoning_parser),
-    )
-    workers.on_remove.append(generation.forget_worker)
+    workers, tokenizer = _upstreams(config, mesh)
+    generation = _generation(config, workers, tokenizer, router_metrics)
     admission = Admission(config.admission_config())
     router_metrics.watch_admission(lambda: admission.queued, lambda: admission.active)
     router_metrics.watch_workers(lambda: worker_gauges(generation))
@@ -300,7 +273,7 @@ async def serve(config: RouterServiceConfig, mesh: MeshOptions | None = None) ->
     router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, rpc.server)
     rpc.on_drain.append(servicer.drain)
     discovery = make_discovery(mesh.discovery)
-    if consul:
+    if mesh.discovery.discovery == "consul":
         follow_catalog(discovery, workers, tokenizer)
     workers.start_health_checks(config.health_check_interval)
     registration = registration_for(
@@ -313,6 +286,50 @@ async def serve(config: RouterServiceConfig, mesh: MeshOptions | None = None) ->
     finally:
         await workers.close()
         await tokenizer.close()
+
+
+def _upstreams(config: RouterServiceConfig, mesh: MeshOptions) -> tuple[WorkerSet, TokenizerClient]:
+    """The worker set (the command line's workers in it) and the tokenizer client."""
+    workers = WorkerSet(config.rpc_timeout, drain_timeout=config.request_timeout_secs, tls=mesh.tls)
+    for role, addresses in config.workers_by_role.items():
+        for address in addresses:
+            workers.add(address, role)
+    # under Consul the tokenizers are the catalog's; --tokenizer (which has a default) is for
+    # static discovery
+    consul = mesh.discovery.discovery == "consul"
+    tokenizer = TokenizerClient(
+        [] if consul else [config.tokenizer],
+        config.rpc_timeout,
+        tls=mesh.tls,
+        drain_timeout=config.request_timeout_secs,  # a stream lasts as long as its generation
+    )
+    return workers, tokenizer
+
+
+def _generation(
+    config: RouterServiceConfig,
+    workers: WorkerSet,
+    tokenizer: TokenizerClient,
+    metrics: RouterMetrics,
+) -> Generation:
+    """The router's core over those upstreams: policies, retries, breakers, parsers."""
+    settings = config.policy_settings()
+    generation = Generation(
+        workers,
+        make_policy(config.policy, settings),
+        tokenizer,
+        prefill_policy=make_policy(config.policy_for("prefill"), settings),
+        disagg_min_prompt_tokens=config.disagg_min_prompt_tokens,
+        # its own instance even when the names agree: a tree of decode placements must not
+        # steer prefills (and round-robin cursors must not interleave)
+        decode_policy=make_policy(config.policy_for("decode"), settings),
+        retry=config.retry_config(),
+        breakers=CircuitBreakers(config.breaker_config()),
+        metrics=metrics,
+        parsers=OutputParsers(config.tool_call_parser, config.reasoning_parser),
+    )
+    workers.on_remove.append(generation.forget_worker)
+    return generation
 
 
 def worker_gauges(generation: Generation) -> Iterator[WorkerGauges]:

@@ -49,13 +49,24 @@ Serve = Callable[[C, E, MeshOptions], Coroutine[Any, Any, None]]
 
 def load_engine(config: ServiceConfig, engine_config: EngineConfig) -> LLMEngine:
     """The engine in this process (raises what ``LLMEngine`` raises on a bad model)."""
+    _refuse_tp(engine_config, "a prefill worker")
     return LLMEngine(engine_config)
 
 
+def _refuse_tp(engine_config: EngineConfig, who: str) -> None:
+    # the PD sides move KV pages of the one cache in this process; each tp rank holds its own
+    # KV heads in its own process, which the transfers do not reach yet
+    if engine_config.tp_size > 1:
+        raise ValueError(f"--tp-size={engine_config.tp_size}: {who} runs at --tp-size 1 only")
+
+
 def load_worker_engine(config: Any, engine_config: EngineConfig) -> LLMEngine | EngineProcess:
-    """A worker's engine: in this process, or with ``--engine-process`` in its own (loaded
-    before this returns; a child that cannot load raises ``RuntimeError`` with its reason)."""
-    if not getattr(config, "engine_process", False):
+    """A worker's engine: in this process, or with ``--engine-process`` or ``--tp-size`` > 1
+    in processes of its own (loaded before this returns; one that cannot load raises
+    ``RuntimeError`` with its reason)."""
+    if getattr(config, "mode", "aggregated") != "aggregated":
+        _refuse_tp(engine_config, f"a --mode {config.mode} worker")
+    if not getattr(config, "engine_process", False) and engine_config.tp_size == 1:
         return LLMEngine(engine_config)
     engine = EngineProcess(engine_config, on_death=_stop_worker)
     engine.launch()

@@ -2,15 +2,19 @@
 
 Every rank builds the same engine and gets the same requests, so each runs the same schedule;
 the shards' collectives (all-reduce after o_proj / down_proj / the embedding, all-gather of the
-logits) must then give the logits and greedy outputs of the unsharded model.
+logits) must then give the logits and greedy outputs of the unsharded model. Then the worker's
+way of running them, ``EngineProcess`` with ``tp_size``: rank 0 broadcasts what it runs, the
+outputs are the unsharded engine's, and a rank killed mid-stream takes the engine down as one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-import multiprocessing as mp
-import socket
-import traceback
+import json
+import os
+import signal
+import time
 from typing import Any
 
 import numpy as np
@@ -18,7 +22,10 @@ import pytest
 import torch
 
 from pdmesh.distributed import TPGroup
+from pdmesh.distributed.spawn import run_ranks
 from pdmesh.engine import EngineConfig, LLMEngine, SamplingParams
+from pdmesh.engine.engine_process import EngineProcess
+from pdmesh.errors import EngineDeadError
 from pdmesh.models import loader
 from pdmesh.models.config import ModelConfig
 from pdmesh.models.presets import PRESETS
@@ -27,12 +34,6 @@ from pdmesh.models.sharding import TPShard, shard_errors
 RANK_TIMEOUT_S = 240.0
 PROMPTS = [[1, 17, 300, 42, 9, 1000], [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [2000, 3]]
 NEW_TOKENS = 32
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _generate(source: loader.ModelSource, tp: TPGroup) -> dict[str, Any]:
@@ -67,41 +68,13 @@ def _generate(source: loader.ModelSource, tp: TPGroup) -> dict[str, Any]:
     }
 
 
-def _rank(rank: int, size: int, port: int, source: loader.ModelSource, results: Any) -> None:
-    try:
-        tp = TPGroup.join(rank, size, f"tcp://127.0.0.1:{port}", torch.device("cpu"))
-        try:
-            results.put((rank, _generate(source, tp)))
-        finally:
-            tp.close()
-    except BaseException:
-        results.put((rank, traceback.format_exc()))
-
-
-def run_tp(source: loader.ModelSource, size: int) -> list[dict[str, Any]]:
-    """Every rank's result, in rank order; raises with a rank's traceback if it failed."""
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank, args=(r, size, port, source, results)) for r in range(size)]
-    for p in procs:
-        p.start()
-    try:
-        got = dict(results.get(timeout=RANK_TIMEOUT_S) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    for rank, value in sorted(got.items()):
-        if isinstance(value, str):
-            raise AssertionError(f"tp rank {rank} of {size} failed:\n{value}")
-    return [got[r] for r in range(size)]
+def _rank(tp: TPGroup, source: loader.ModelSource) -> dict[str, Any]:
+    return _generate(source, tp)
 
 
 def _assert_equal_to_tp1(source: loader.ModelSource, size: int, kv_heads: int) -> None:
     want = _generate(source, TPGroup.single())
-    ranks = run_tp(source, size)
+    ranks = run_ranks(size, _rank, source, timeout_s=RANK_TIMEOUT_S)
     for rank, got in enumerate(ranks):
         assert got["tokens"] == want["tokens"], f"rank {rank}"
         assert all(len(t) == NEW_TOKENS for t in got["tokens"].values())
@@ -165,3 +138,83 @@ def test_shapes_that_do_not_divide_are_refused() -> None:
     ]
     with pytest.raises(ValueError, match="num_heads=9 is not divisible by --tp-size=2"):
         TPShard.of(smollm, 0, 2)
+
+
+SCHEMA = json.dumps(
+    {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 8}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+    }
+)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is dead, only not yet reaped
+        return f.read().split()[2] != "Z"
+
+
+@pytest.mark.model
+def test_engine_process_tp3_equals_tp1_and_a_killed_rank_takes_it_down() -> None:
+    config = EngineConfig(device="cpu", dtype="float32", num_pages=64, max_model_len=256)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    constrained = SamplingParams(temperature=0.0, json_schema=SCHEMA, max_new_tokens=40)
+    reference = LLMEngine(config)
+    for i, prompt in enumerate(PROMPTS):
+        reference.add_request(f"r{i}", prompt, greedy)
+    reference.add_request("json", PROMPTS[0], constrained)
+    want: dict[str, list[int]] = {}
+    while reference.has_work:
+        for out in reference.step():
+            want.setdefault(out.request_id, []).extend(out.new_token_ids)
+    del reference
+
+    deaths: list[BaseException] = []
+    engine = EngineProcess(dataclasses.replace(config, tp_size=3), on_death=deaths.append)
+    engine.launch(timeout=RANK_TIMEOUT_S)
+    pids = [p for p in engine.rank_pids if p is not None]
+    assert len(pids) == 3 and engine.info.kv_layout().num_kv_heads == 1
+
+    async def collect(rid: str, prompt: list[int], params: SamplingParams) -> list[int]:
+        return [t async for out in engine.generate(rid, prompt, params) for t in out.new_token_ids]
+
+    async def main() -> None:
+        engine.start()
+        got = await asyncio.gather(
+            *(collect(f"r{i}", p, greedy) for i, p in enumerate(PROMPTS)),
+            collect("json", PROMPTS[0], constrained),
+        )
+        assert got == [want["r0"], want["r1"], want["r2"], want["json"]]
+        load = await engine.load()
+        assert load.num_free_pages == load.num_total_pages
+
+        # a non-zero rank killed mid-stream: the stream fails naming it, on_death runs
+        stream = engine.generate(
+            "long", PROMPTS[0], SamplingParams(max_new_tokens=200, ignore_eos=True)
+        )
+        async for _ in stream:
+            os.kill(pids[2], signal.SIGKILL)
+            break
+        with pytest.raises(EngineDeadError, match="tp rank 2 exited"):
+            async with asyncio.timeout(30):
+                async for _ in stream:
+                    pass
+        async with asyncio.timeout(10):
+            while not deaths:
+                await asyncio.sleep(0.02)
+        with pytest.raises(EngineDeadError):
+            await engine.load()
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert len(deaths) == 1
+    deadline = time.monotonic() + 10  # every rank gone, none left in a collective
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(p) for p in pids)
