@@ -126,10 +126,10 @@ def test_shapes_that_do_not_divide_are_refused() -> None:
         "num_kv_heads=3 is not divisible by --tp-size=2",
     ]
     assert shard_errors(smollm, 9) == ["intermediate_size=1536 is not divisible by --tp-size=9"]
-    tiny = ModelConfig.from_hf(PRESETS["tiny"])  # 4 heads, 2 KV heads
+    tiny = dataclasses.replace(ModelConfig.from_hf(PRESETS["tiny"]), intermediate_size=192)
     assert shard_errors(dataclasses.replace(tiny, num_heads=6, num_kv_heads=3), 6) == []
-    assert shard_errors(dataclasses.replace(tiny, num_heads=12, num_kv_heads=4), 6) == [
-        "num_kv_heads=4 is not divisible by --tp-size=6"
+    assert shard_errors(dataclasses.replace(tiny, num_heads=12, num_kv_heads=6), 4) == [
+        "num_kv_heads=6 is not divisible by --tp-size=4"
     ]
     assert shard_errors(dataclasses.replace(tiny, num_heads=16, num_kv_heads=2), 8) == []
     assert shard_errors(dataclasses.replace(tiny, num_heads=12, num_kv_heads=3), 4) == [
