@@ -96,6 +96,7 @@ class EngineProcess(AsyncEngine):
         self._reader: threading.Thread | None = None
         self._followers: list[multiprocessing.process.BaseProcess] = []  # tp ranks 1..N-1
         self._rank_died: str | None = None  # which tp rank took the engine down
+        self._watcher: threading.Thread | None = None
 
     # -- life -----------------------------------------------------------------------------
 
@@ -140,7 +141,10 @@ class EngineProcess(AsyncEngine):
             self._kill_all()
             raise
         if self._followers:
-            threading.Thread(target=self._watch_ranks, name="pdmesh-tp-watch", daemon=True).start()
+            self._watcher = threading.Thread(
+                target=self._watch_ranks, name="pdmesh-tp-watch", daemon=True
+            )
+            self._watcher.start()
         log.info(
             "engine process %d ready%s",
             self._proc.pid,
@@ -155,7 +159,10 @@ class EngineProcess(AsyncEngine):
         multiprocessing.connection.wait(list(sentinels))
         if self._stop.is_set():
             return
-        rank, proc = next((r, p) for r, p in sentinels.values() if not p.is_alive())
+        # the first to go, as far as can be told: a signal's victim before ranks that exited
+        # on their own because a collective with it broke
+        dead = [(r, p) for r, p in sentinels.values() if not p.is_alive()]
+        rank, proc = min(dead, key=lambda rp: ((rp[1].exitcode or 0) >= 0, rp[0]))
         self._rank_died = f"tp rank {rank} exited (code {proc.exitcode})"
         log.error("%s: stopping the engine's other ranks", self._rank_died)
         self._kill_all()
@@ -265,8 +272,12 @@ class EngineProcess(AsyncEngine):
         if self._proc is not None:
             self._proc.join(1.0)
             code = self._proc.exitcode
+        if self._watcher is not None:
+            # rank 0 may see a dead rank first (its collective breaks): give the watcher the
+            # moment it needs to name the rank
+            self._watcher.join(1.0)
         if self._rank_died is not None:
-            reason = self._rank_died
+            reason = f"{self._rank_died}; rank 0: {reason}"
         error = EngineDeadError(f"{reason} (exit code {code})")
         log.error("%s: failing every request", error)
         self._dead = error

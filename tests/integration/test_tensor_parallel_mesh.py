@@ -105,62 +105,46 @@ def _serving(address: str) -> bool:
 
 
 def test_a_killed_rank_takes_the_worker_out_and_its_requests_migrate(
-    tmp_path: Path, tokenizer_proc: ServiceProc
+    tmp_path: Path, tp_worker: ServiceProc, worker_proc: ServiceProc, tokenizer_proc: ServiceProc
 ) -> None:
+    # runs last: it kills the module's TP worker. The requests migrate to the session's worker
     params = common_pb2.SamplingParams(temperature=0.0, max_new_tokens=48, ignore_eos=True)
     request = router_pb2.RouterGenerateRequest(text="Once upon a time", sampling_params=params)
-    tp = ServiceProc(
-        "services.decode",
-        worker_args(*TP_ARGS, "--migration-limit", "3"),
-        "tp",
-        free_port(),
-        tmp_path,
-    )
-    other = ServiceProc(
-        "services.decode", worker_args("--migration-limit", "3"), "tp1", free_port(), tmp_path
-    )
-    try:
-        tp.wait_until_serving()
-        other.wait_until_serving()
-        with (
-            _router(tmp_path, tokenizer_proc, tp) as router,
-            grpc.insecure_channel(router.address) as channel,
-        ):
-            stub = router_pb2_grpc.RouterServiceStub(channel)
-            expected = [t for r in stub.Generate(request, timeout=DEADLINE_S) for t in r.token_ids]
-            results: list[list[int] | BaseException] = []
-            started = threading.Barrier(5)
+    with (
+        _router(tmp_path, tokenizer_proc, tp_worker) as router,
+        grpc.insecure_channel(router.address) as channel,
+    ):
+        stub = router_pb2_grpc.RouterServiceStub(channel)
+        expected = [t for r in stub.Generate(request, timeout=DEADLINE_S) for t in r.token_ids]
+        results: list[list[int] | BaseException] = []
+        started = threading.Barrier(5)
 
-            def stream() -> None:
-                tokens: list[int] = []
-                try:
-                    call = stub.Generate(request, timeout=DEADLINE_S)
-                    for i, r in enumerate(call):
-                        tokens += r.token_ids
-                        if i == 0:
-                            started.wait(timeout=DEADLINE_S)
-                    results.append(tokens)
-                except BaseException as e:  # noqa: BLE001 (asserted below)
-                    results.append(e)
+        def stream() -> None:
+            tokens: list[int] = []
+            try:
+                for i, r in enumerate(stub.Generate(request, timeout=DEADLINE_S)):
+                    tokens += r.token_ids
+                    if i == 0:
+                        started.wait(timeout=DEADLINE_S)
+                results.append(tokens)
+            except BaseException as e:  # noqa: BLE001 (asserted below)
+                results.append(e)
 
-            threads = [threading.Thread(target=stream) for _ in range(4)]
-            for t in threads:
-                t.start()
-            started.wait(timeout=DEADLINE_S)  # every stream has tokens from the TP worker
-            # a second worker for the streams to migrate to, added once they all run on the TP
-            # worker (AddWorker answers after its first health check)
-            added = stub.AddWorker(router_pb2.AddWorkerRequest(address=other.address), timeout=30)
-            assert added.worker.address == other.address
-            killed = time.monotonic()
-            os.kill(_rank_pids(tp)[2], signal.SIGKILL)
-            while _serving(tp.address) and time.monotonic() - killed < 10:
-                time.sleep(0.05)
-            left = time.monotonic() - killed
-            for t in threads:
-                t.join(timeout=DEADLINE_S)
-        assert left <= HEALTH_INTERVAL_S + 2, f"still SERVING {left:.1f}s after the kill"
-        assert results == [expected] * 4
-        assert "tp rank 2 exited" in tp.log
-    finally:
-        tp.stop()
-        other.stop()
+        threads = [threading.Thread(target=stream) for _ in range(4)]
+        for t in threads:
+            t.start()
+        started.wait(timeout=DEADLINE_S)  # every stream has tokens from the TP worker
+        # a worker for the streams to migrate to, added once they all run on the TP worker
+        # (AddWorker answers after its first health check)
+        added = stub.AddWorker(router_pb2.AddWorkerRequest(address=worker_proc.address), timeout=30)
+        assert added.worker.address == worker_proc.address
+        killed = time.monotonic()
+        os.kill(_rank_pids(tp_worker)[2], signal.SIGKILL)
+        while _serving(tp_worker.address) and time.monotonic() - killed < 10:
+            time.sleep(0.05)
+        left = time.monotonic() - killed
+        for t in threads:
+            t.join(timeout=DEADLINE_S)
+    assert left <= HEALTH_INTERVAL_S + 2, f"still SERVING {left:.1f}s after the kill"
+    assert results == [expected] * 4
+    assert "tp rank 2 exited" in tp_worker.log
