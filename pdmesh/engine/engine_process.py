@@ -156,13 +156,16 @@ class EngineProcess(AsyncEngine):
         """A tp rank that exits takes the engine down: rank 0 is killed, and its pipe's end
         fails every request with the rank named (not after a collective's timeout)."""
         sentinels = {p.sentinel: (rank, p) for rank, p in enumerate(self._followers, start=1)}
-        multiprocessing.connection.wait(list(sentinels))
+        ready = multiprocessing.connection.wait(list(sentinels))
         if self._stop.is_set():
             return
-        # the first to go, as far as can be told: a signal's victim before ranks that exited
-        # on their own because a collective with it broke
-        dead = [(r, p) for r, p in sentinels.values() if not p.is_alive()]
-        rank, proc = min(dead, key=lambda rp: ((rp[1].exitcode or 0) >= 0, rp[0]))
+        # a sentinel fires as the process closes its files, a moment before it can be reaped:
+        # join it for its exit code. The first to go, as far as can be told: a signal's victim
+        # before ranks that exited on their own because a collective with it broke
+        gone = [sentinels[s] for s in ready if s in sentinels]
+        for _, proc in gone:
+            proc.join(1.0)
+        rank, proc = min(gone, key=lambda rp: ((rp[1].exitcode or 0) >= 0, rp[0]))
         self._rank_died = f"tp rank {rank} exited (code {proc.exitcode})"
         log.error("%s: stopping the engine's other ranks", self._rank_died)
         self._kill_all()
