@@ -75,3 +75,16 @@ def int_list(text: str) -> list[int]:
         return [int(x) for x in name_list(text)]
     except ValueError:
         return []
+
+
+def positive_ints(cfg: object, name: str) -> list[int]:
+    """The comma-separated ints of field ``name`` (``--decode-batches``, ``--tp-size``, ...);
+    ``ValueError`` naming the flag when one is not an int or not > 0, or there is none."""
+    raw = getattr(cfg, name)
+    try:
+        values = [int(x) for x in name_list(raw)]
+    except ValueError as e:
+        raise ValueError(f"--{dash(name)}={raw!r}: not a list of ints") from e
+    if not values or any(v <= 0 for v in values):
+        raise ValueError(f"--{dash(name)}={raw!r}: values must be > 0")
+    return values

@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.cli import BAD_FLAGS, parse_config
+from benchmarks.config_base import positive_ints
 from pdmesh.config import add_dataclass_args, flag
 from pdmesh.engine.config import EngineConfig
 from pdmesh.engine.llm_engine import LLMEngine
@@ -60,14 +61,7 @@ class GpuBenchConfig:
     json_out: str = flag("", "also write every figure to this JSON file")
 
     def ints(self, name: str) -> list[int]:
-        raw = getattr(self, name)
-        try:
-            values = [int(x) for x in raw.split(",") if x.strip()]
-        except ValueError as e:
-            raise ValueError(f"--{name.replace('_', '-')}={raw!r}: not a list of ints") from e
-        if any(v <= 0 for v in values):
-            raise ValueError(f"--{name.replace('_', '-')}={raw!r}: values must be > 0")
-        return values
+        return positive_ints(self, name)
 
     def __post_init__(self) -> None:
         for name in ("decode_batches", "contexts", "prefill_tokens", "reference_batches"):
@@ -136,6 +130,12 @@ def kv_bytes_per_token(engine: LLMEngine) -> int:
     )
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (nothing to wait for on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def time_decode(engine: LLMEngine, batch: int, context: int, steps: int, tag: str) -> float:
     """Seconds per decode step of ``batch`` requests at ``context`` tokens."""
     params = SamplingParams(max_new_tokens=steps + 4, ignore_eos=True)
@@ -148,7 +148,7 @@ def time_decode(engine: LLMEngine, batch: int, context: int, steps: int, tag: st
     try:
         for _ in range(2):  # warm-up steps
             engine.step()
-        torch.cuda.synchronize()
+        sync(engine.device)
         t0 = time.perf_counter()
         for _ in range(steps):
             engine.step()  # ends in the sampler's .tolist(): the step's work is done
@@ -162,12 +162,12 @@ def time_decode(engine: LLMEngine, batch: int, context: int, steps: int, tag: st
 
 def time_prefill(engine: LLMEngine, tokens: int, tag: str) -> float:
     prompt = torch.randint(0, engine.vocab_size, (tokens,)).tolist()
-    torch.cuda.synchronize()
+    sync(engine.device)
     t0 = time.perf_counter()
     engine.add_request(tag, prompt, SamplingParams(max_new_tokens=1, ignore_eos=True))
     while engine.has_work:
         engine.step()
-    torch.cuda.synchronize()
+    sync(engine.device)
     return time.perf_counter() - t0
 
 

@@ -30,12 +30,13 @@ import torch
 import torch.distributed as dist
 
 from benchmarks.cli import BAD_FLAGS, parse_config, write_json
+from benchmarks.config_base import positive_ints
+from benchmarks.gpu import sync, time_decode, time_prefill
 from pdmesh.config import add_dataclass_args, flag
 from pdmesh.distributed import TPGroup
 from pdmesh.distributed.spawn import run_ranks
 from pdmesh.engine.config import EngineConfig
 from pdmesh.engine.llm_engine import LLMEngine
-from pdmesh.engine.sampling_params import SamplingParams
 
 PAGE = 16
 
@@ -54,14 +55,7 @@ class TPBenchConfig:
     json_out: str = flag("", "also write every figure to this JSON file")
 
     def ints(self, name: str) -> list[int]:
-        raw = getattr(self, name)
-        try:
-            values = [int(x) for x in raw.split(",") if x.strip()]
-        except ValueError as e:
-            raise ValueError(f"--{name.replace('_', '-')}={raw!r}: not a list of ints") from e
-        if not values or any(v <= 0 for v in values):
-            raise ValueError(f"--{name.replace('_', '-')}={raw!r}: values must be > 0")
-        return values
+        return positive_ints(self, name)
 
     def __post_init__(self) -> None:
         self.ints("tp_size")
@@ -84,11 +78,6 @@ class SizeResult:
     bus_gb_s: dict[int, float] = field(default_factory=dict)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _engine(cfg: TPBenchConfig, tp: TPGroup) -> LLMEngine:
     batches = cfg.ints("decode_batches")
     longest = max(cfg.context + cfg.steps + 16, cfg.prefill_tokens + 16)
@@ -108,54 +97,17 @@ def _engine(cfg: TPBenchConfig, tp: TPGroup) -> LLMEngine:
     return LLMEngine(config.for_rank(tp.rank), None, tp)
 
 
-def _decode_s(engine: LLMEngine, batch: int, cfg: TPBenchConfig, tag: str) -> float:
-    """Seconds per decode step of ``batch`` rows at ``cfg.context`` tokens (their KV set up
-    as a PD decode receives it: the values do not change the work)."""
-    params = SamplingParams(max_new_tokens=cfg.steps + 4, ignore_eos=True)
-    gen = torch.Generator().manual_seed(batch)
-    ids = [f"{tag}-{i}" for i in range(batch)]
-    for rid in ids:
-        prompt = torch.randint(0, engine.vocab_size, (cfg.context,), generator=gen).tolist()
-        engine.allocate_incoming(rid, prompt, params)
-        engine.start_decode(rid, prompt[-1])
-    try:
-        for _ in range(2):
-            engine.step()
-        _sync(engine.device)
-        t0 = time.perf_counter()
-        for _ in range(cfg.steps):
-            engine.step()
-        _sync(engine.device)
-        return (time.perf_counter() - t0) / cfg.steps
-    finally:
-        for rid in ids:
-            engine.abort(rid)
-        while engine.has_work:
-            engine.step()
-
-
-def _prefill_s(engine: LLMEngine, tokens: int, tag: str) -> float:
-    prompt = torch.randint(0, engine.vocab_size, (tokens,), generator=torch.Generator()).tolist()
-    _sync(engine.device)
-    t0 = time.perf_counter()
-    engine.add_request(tag, prompt, SamplingParams(max_new_tokens=1, ignore_eos=True))
-    while engine.has_work:
-        engine.step()
-    _sync(engine.device)
-    return time.perf_counter() - t0
-
-
 def _allreduce_s(engine: LLMEngine, tp: TPGroup, batch: int, iters: int = 20) -> float:
     hidden = engine.source.config.hidden_size
     x = torch.ones(batch, hidden, dtype=engine.dtype, device=engine.device)
     for _ in range(3):
         tp.all_reduce(x)
-    _sync(engine.device)
+    sync(engine.device)
     dist.barrier(group=tp.control)
     t0 = time.perf_counter()
     for _ in range(iters):
         tp.all_reduce(x)
-    _sync(engine.device)
+    sync(engine.device)
     return (time.perf_counter() - t0) / iters
 
 
@@ -166,15 +118,16 @@ def _measure(tp: TPGroup, cfg: TPBenchConfig) -> dict[str, Any]:
     out: dict[str, Any] = {"decode": {}, "allreduce": {}}
     for batch in cfg.ints("decode_batches"):
         out["decode"][batch] = med(
-            _decode_s(engine, batch, cfg, f"d{batch}-{r}") for r in range(cfg.repeats)
+            time_decode(engine, batch, cfg.context, cfg.steps, f"d{batch}-{r}")
+            for r in range(cfg.repeats)
         )
         if tp.size > 1:
             out["allreduce"][batch] = med(
                 _allreduce_s(engine, tp, batch) for _ in range(cfg.repeats)
             )
-    _prefill_s(engine, min(cfg.prefill_tokens, 64), "warm")
+    time_prefill(engine, min(cfg.prefill_tokens, 64), "warm")
     out["prefill"] = med(
-        _prefill_s(engine, cfg.prefill_tokens, f"p{r}") for r in range(cfg.repeats)
+        time_prefill(engine, cfg.prefill_tokens, f"p{r}") for r in range(cfg.repeats)
     )
     out["params"] = engine.source.config.num_params
     out["element_size"] = torch.tensor([], dtype=engine.dtype).element_size()

@@ -64,6 +64,13 @@ class GatewayConfig(ServerConfig):
         "that does not implement Stream (an older pdmesh) gets Generate calls either way, "
         "after one warning in the log",
     )
+    migration_limit: int = flag(
+        3,
+        "how many times one request may move to another router after the router streaming it "
+        "went away mid-stream (UNAVAILABLE): it continues there from the prompt and the tokens "
+        "the client already has, as workers' requests migrate; 0: such a stream ends with the "
+        "error. A request that received nothing yet always moves to the next router",
+    )
     workers: int = flag(
         1,
         "gateway processes sharing the HTTP port, for when one process's CPU is not enough: "
@@ -106,6 +113,8 @@ class GatewayConfig(ServerConfig):
             raise ValueError(f"--request-timeout={self.request_timeout} must be > 0")
         if self.workers < 1:
             raise ValueError(f"--workers={self.workers} must be >= 1")
+        if self.migration_limit < 0:
+            raise ValueError(f"--migration-limit={self.migration_limit} must be >= 0")
         for origin in self.cors_origins:
             # browsers send Origin as scheme://host[:port], never with a path
             if origin != "*" and ("://" not in origin or origin.endswith("/")):

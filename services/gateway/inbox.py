@@ -65,6 +65,8 @@ class Output:
         "index",
         "request",
         "received",
+        "token_ids",
+        "resumes",
         "final",
         "done",
         "error",
@@ -81,7 +83,10 @@ class Output:
     def __init__(self, index: int, request: router_pb2.RouterGenerateRequest, inbox: Inbox) -> None:
         self.index = index
         self.request = request
-        self.received = False  # an entry came: the request may not move to another router
+        self.received = False  # an entry came: another router must resume, not restart it
+        # the completion tokens received, over every router it ran on (what a resume sends)
+        self.token_ids: list[int] = []
+        self.resumes = 0  # how many times it moved to another router mid-stream
         self.final = False  # its last entry came (or it failed): nothing more will
         self.done = False  # the HTTP side is done with it: taken to the end, failed or closed
         self.error: BaseException | None = None
@@ -104,6 +109,7 @@ class Output:
         if self.final:
             return
         self.received = True
+        self.token_ids += entry.token_ids
         reason = entry.finish_reason
         if reason == _FINISH_ERROR:  # an in-band failure
             self.fail(GenerationError(entry.error if entry.HasField("error") else "failed"))

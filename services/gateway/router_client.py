@@ -49,13 +49,17 @@ class RouterClient:
         timeout: float,
         tls: TLSConfig = PLAINTEXT,
         stream: bool = True,
+        migration_limit: int = 0,
     ) -> None:
         """``addresses``: the routers to start with; more (or all, when empty) via ``add``.
         ``timeout``: each request's deadline. ``tls``: how the channels to them are secured
-        (``--tls-*``). ``stream``: share one Stream call per router (``--router-stream``)."""
+        (``--tls-*``). ``stream``: share one Stream call per router (``--router-stream``).
+        ``migration_limit``: how often a request a router broke off mid-stream may resume on
+        another (``--migration-limit``)."""
         self.timeout = timeout
         self.tls = tls
         self.stream = stream
+        self.migration_limit = migration_limit
         self._links: dict[str, RouterLink] = {}
         self._retiring: dict[asyncio.Task[None], RouterLink] = {}  # removed, draining
         self._turn = itertools.count()
@@ -110,13 +114,14 @@ class RouterClient:
         context: contextvars.Context,
     ) -> None:
         """Start ``output`` on its ``attempt``-th router (counting round-robin from
-        ``first``); one that is UNAVAILABLE before it sent anything passes it on."""
+        ``first``); one that is UNAVAILABLE before it sent anything passes it on, one that
+        goes away mid-stream has it resumed on the next (``_resumes``)."""
         link = links[(first + attempt) % len(links)]
         last = attempt + 1 >= len(links)
 
         def on_error(error: grpc.aio.AioRpcError) -> None:
-            moves = error.code() == grpc.StatusCode.UNAVAILABLE and not output.received
-            if not moves or last or output.final:
+            unavailable = error.code() == grpc.StatusCode.UNAVAILABLE
+            if not unavailable or last or output.final or not self._resumes(output, link):
                 output.fail(error)
                 return
             log.warning("router %s unavailable: %s", link.address, error.details())
@@ -128,6 +133,30 @@ class RouterClient:
             on_error(router_errors.unavailable(link.address, "removed"))
             return
         link.start(output, trace, context)
+
+    def _resumes(self, output: Output, link: RouterLink) -> bool:
+        """Whether ``output``, whose router went away, goes on at the next one: at once if it
+        received nothing; else resumed from the tokens the client has (``Resume``), within
+        the migration limit."""
+        if not output.received:
+            return True
+        if output.resumes >= self.migration_limit:
+            return False
+        output.resumes += 1
+        request = router_pb2.RouterGenerateRequest()
+        request.CopyFrom(output.request)
+        request.resume.output_token_ids[:] = output.token_ids
+        output.request = request
+        log.warning(
+            "router %s went away after %d tokens of request %s: resuming it on the next "
+            "router (%d of at most %d)",
+            link.address,
+            len(output.token_ids),
+            request.request_id or "(no id)",
+            output.resumes,
+            self.migration_limit,
+        )
+        return True
 
     def _expire(self, output: Output) -> None:
         output.timer = None

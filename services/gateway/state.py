@@ -32,6 +32,7 @@ class Gateway:
             config.request_timeout,
             tls,
             stream=config.router_stream,
+            migration_limit=config.migration_limit,
         )
         self.texts = TokenTexts(config.tokenizer, tls)
         self.started = int(time.time())

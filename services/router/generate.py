@@ -55,7 +55,7 @@ from pdmesh.v1 import common_pb2, router_pb2, worker_pb2
 from services.router import convert, disagg
 from services.router.ids_only import TokenIdsOnly, wants_ids_only
 from services.router.output_parsing import OutputParsers, output_shaper
-from services.router.relay import Emit, WorkerFailed, next_reply, relay
+from services.router.relay import Emit, WorkerFailed, next_reply, relay, resume
 from services.router.tokenizer_client import Detokenizer, TokenizerClient
 from services.router.upstream import OutgoingCalls, UpstreamError
 from services.router.worker_client import GenerationCall
@@ -140,11 +140,20 @@ class Generation:
         route = convert.route_request(request_id, prompt, params, deadline)
         # what the policies see, also after a migration: the client's prompt
         view = route.view
+        # completion tokens passed on to the client, over all workers (and, for a request
+        # another router began, over all routers)
+        sent: list[int] = []
+        if request.HasField("resume"):
+            sent = list(request.resume.output_token_ids)
+            route = route.resumed(sent)
+            resume(detok, shaper, sent)
         prefill_done = None
         # router overhead: everything before the first worker call is issued
         calls.on_next_track(lambda: self.metrics.overhead.observe(time.perf_counter() - admitted))
         with span(ROUTE, policy=_policy_name(self.policy)):
-            started = await self._start_disaggregated(route, params, calls, view)
+            # a resumed request continues on one worker (its prompt's KV is mostly output,
+            # which no prefill worker holds)
+            started = None if sent else await self._start_disaggregated(route, params, calls, view)
             if started is not None:
                 worker, call, reply = started.decode, started.call, started.first
                 prefill_done = started.prefill_done
@@ -156,7 +165,6 @@ class Generation:
         log.debug("request %s: %d prompt tokens on %s", request_id, len(prompt), worker.label)
         event(FIRST_TOKEN)  # on the Generate span: the first token is on its way to the client
         self.loads.start(worker.id, len(prompt))
-        sent: list[int] = []  # completion tokens passed on to the client, over all workers
         failed: tuple[WorkerHandle, ...] = ()  # workers this request migrated away from
         try:
             while True:

@@ -13,12 +13,13 @@ its pages) and the last message says FINISH_REASON_STOP.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import cast
 
 import grpc
 import grpc.aio
 
+from pdmesh.errors import InvalidRequestError
 from pdmesh.telemetry import tracing_installed
 from pdmesh.tokenizer import StreamDelta
 from pdmesh.v1 import common_pb2, router_pb2, worker_pb2
@@ -194,6 +195,23 @@ async def next_reply(
             grpc.StatusCode.INTERNAL, f"{worker.label} ended the stream without a finish reason"
         )
     return reply
+
+
+def resume(
+    detok: Detokenizer | TokenIdsOnly, shaper: OutputShaper | None, sent: Sequence[int]
+) -> None:
+    """Bring a request another router began up to where the client is: its detokenizer (text
+    held back for a stop string or a partial character included) and parsers take the
+    ``sent`` tokens as they took them there; what they release was sent already."""
+    vocab = detok.vocab_size if isinstance(detok, Detokenizer) else None
+    if vocab is not None and any(not 0 <= t < vocab for t in sent):
+        bad = [t for t in sent if not 0 <= t < vocab]
+        raise InvalidRequestError(
+            "resume.output_token_ids", f"ids {bad[:5]} are outside the vocabulary [0, {vocab})"
+        )
+    delta = detok.push(sent, False)
+    if shaper is not None:
+        shaper.shape(router_pb2.RouterGenerateResponse(text=delta.text), final=False)
 
 
 def passed_on(

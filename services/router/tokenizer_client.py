@@ -359,6 +359,10 @@ class Detokenizer:
         self._detok = detok
         self._vocab_size = vocab_size
 
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
     def push(self, token_ids: Sequence[int], final: bool) -> StreamDelta:
         """The new text (never a partial character nor any part of a stop string), whether a
         stop string matched (``stopped``, ``stop_string``: ids after it are ignored) and the

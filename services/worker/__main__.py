@@ -66,7 +66,8 @@ def load_worker_engine(config: Any, engine_config: EngineConfig) -> LLMEngine | 
     ``RuntimeError`` with its reason)."""
     if getattr(config, "mode", "aggregated") != "aggregated":
         _refuse_tp(engine_config, f"a --mode {config.mode} worker")
-    if not getattr(config, "engine_process", False) and engine_config.tp_size == 1:
+    own_process = config.runs_engine_process(engine_config.torch_device().type)
+    if not own_process and engine_config.tp_size == 1:
         return LLMEngine(engine_config)
     engine = EngineProcess(engine_config, on_death=_stop_worker)
     engine.launch()

@@ -125,13 +125,23 @@ class WorkerServiceConfig(PDServerConfig):
         "are unsent (its last ones at once), as SGLang's --stream-interval; 1 = every step. "
         "Larger values cost fewer messages per token and coarser streaming",
     )
-    engine_process: bool = flag(
-        False,
+    engine_process: bool | None = flag(
+        None,
         "run the engine in a process of its own (aggregated workers only): its step loop then "
         "has a core and a GIL to itself, instead of sharing them with this process's gRPC "
         "streams (what SGLang's scheduler and vLLM's EngineCore processes do); worth it on a "
-        "GPU at high batch, where the worker's Python, not the GPU, sets the step time",
+        "GPU at high batch, where the worker's Python, not the GPU, sets the step time (on an "
+        "H100 at batch 256: 1.5-2x the tokens/s through the mesh). Unset: on for an aggregated "
+        "worker on CUDA, off on CPU (where the engine is the slow part and a second process "
+        "only adds a hop); --no-engine-process keeps it in this process",
     )
+
+    def runs_engine_process(self, device: str) -> bool:
+        """Whether the engine gets a process of its own on ``device`` (``--device``'s
+        resolved type: "cuda" or "cpu")."""
+        if self.engine_process is None:
+            return self.mode == "aggregated" and device == "cuda"
+        return self.engine_process
     grace_period: float = grace_flag(30.0, "in-flight generations", NOT_SERVING_AT_ONCE)
 
     @property
