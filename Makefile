@@ -34,6 +34,7 @@ help:
 	@echo "                prints inputs and server errors per API (FUZZ_EXAMPLES=..., PDMESH_FUZZ_SEED=...)"
 	@echo "make chaos      kill -9 / SIGTERM each role (and SIGSTOP a worker) under load; prints the"
 	@echo "                outcome table of docs/chaos.md (CHAOS=role:kill,role:term,... for a few)"
+	@echo "                CHAOS_LOAD=gpu: 256 streams on model-free stepping workers instead"
 	@echo "make soak       minutes of load with cancellations and killed workers; prints RSS, fds,"
 	@echo "                threads and KV pages per process and a verdict (SOAK_SECONDS=300)"
 
@@ -126,7 +127,8 @@ fuzz: install
 # the whole chaos matrix (the default suite runs two of its faults); the table also goes to
 # build/chaos-report.md
 chaos: install
-	PDMESH_CHAOS=$(CHAOS) PDMESH_CHAOS_REPORT=build/chaos-report.md $(PY) -m pytest -q -s -o timeout=0 \
+	PDMESH_CHAOS=$(CHAOS) PDMESH_CHAOS_LOAD=$(CHAOS_LOAD) PDMESH_CHAOS_REPORT=build/chaos-report.md \
+	  $(PY) -m pytest -q -s -o timeout=0 \
 	  tests/chaos/test_chaos.py $(PYTEST_ARGS)
 
 # minutes under load with faults; prints every process's series and the verdict

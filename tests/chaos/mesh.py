@@ -76,11 +76,16 @@ class ChaosMesh:
         pd: bool = True,
         deadline_s: float = 30.0,
         disagg_min_prompt_tokens: int = 32,
+        stepping_ms: float = 0.0,
     ) -> None:
         """``deadline_s``: the gateway's --request-timeout (every request's deadline);
-        ``disagg_min_prompt_tokens``: shorter prompts skip the PD pair."""
+        ``disagg_min_prompt_tokens``: shorter prompts skip the PD pair; ``stepping_ms`` > 0:
+        the two aggregated workers are model-free stepping workers (``benchmarks.mesh.
+        stepping_worker``) giving every active request a token each ``stepping_ms``, so the
+        mesh carries a GPU worker's thousands of tokens per second (no PD pair then)."""
         self.log_dir = log_dir
-        self.pd = pd
+        self.pd = pd and not stepping_ms
+        self.stepping_ms = stepping_ms
         self.deadline_s = deadline_s
         self.disagg_min_prompt_tokens = disagg_min_prompt_tokens
         self.agent = ConsulDevAgent(log_path=log_dir / "consul.log")
@@ -98,10 +103,17 @@ class ChaosMesh:
         """(role, name, module, args) of every member, in start order."""
         grace = ["--grace-period", str(GRACE_S)]
         worker = [*worker_args("--migration-limit", "3", *STEP), *grace]
+        module = "services.decode"
+        if self.stepping_ms:
+            module = "benchmarks.mesh.stepping_worker"
+            worker = [
+                "--step-ms", str(self.stepping_ms), "--max-running-requests", "512",
+                "--num-pages", "65536", "--max-model-len", "2048", *grace,
+            ]  # fmt: skip
         specs = [
             ("tokenizer", "tokenizer", "services.tokenizer", grace),
-            ("worker", "worker-a", "services.decode", worker),
-            ("worker", "worker-b", "services.decode", worker),
+            ("worker", "worker-a", module, worker),
+            ("worker", "worker-b", module, worker),
         ]
         if self.pd:
             specs += [
