@@ -1,4 +1,4 @@
-"""The mesh the chaos and soak runs break: a real ``consul agent -dev``, one tokenizer, two
+"""The mesh the chaos and soak runs break: a real ``consul agent -dev``, two tokenizers, two
 routers, a gateway (which finds both routers in Consul), two aggregated workers and, with
 ``pd=True``, a prefill/decode pair moving KV with Mooncake. Every service is a real process
 (``tests.integration.procs``) registered in Consul; workers allow migration
@@ -111,7 +111,10 @@ class ChaosMesh:
                 "--num-pages", "65536", "--max-model-len", "2048", *grace,
             ]  # fmt: skip
         specs = [
+            # two tokenizers, as a production mesh runs them: the one a fault hits leaves the
+            # routers the other for requests not yet tokenized
             ("tokenizer", "tokenizer", "services.tokenizer", grace),
+            ("tokenizer", "tokenizer-2", "services.tokenizer", grace),
             ("worker", "worker-a", module, worker),
             ("worker", "worker-b", module, worker),
         ]
