@@ -142,6 +142,7 @@ class WorkerServiceConfig(PDServerConfig):
         if self.engine_process is None:
             return self.mode == "aggregated" and device == "cuda"
         return self.engine_process
+
     grace_period: float = grace_flag(30.0, "in-flight generations", NOT_SERVING_AT_ONCE)
 
     @property
