@@ -135,6 +135,11 @@ class WorkerServiceConfig(PDServerConfig):
         "worker on CUDA, off on CPU (where the engine is the slow part and a second process "
         "only adds a hop); --no-engine-process keeps it in this process",
     )
+    grace_period: float = grace_flag(30.0, "in-flight generations", NOT_SERVING_AT_ONCE)
+
+    @property
+    def transfers_kv(self) -> bool:
+        return self.mode == "decode"
 
     def runs_engine_process(self, device: str) -> bool:
         """Whether the engine gets a process of its own on ``device`` (``--device``'s
@@ -142,12 +147,6 @@ class WorkerServiceConfig(PDServerConfig):
         if self.engine_process is None:
             return self.mode == "aggregated" and device == "cuda"
         return self.engine_process
-
-    grace_period: float = grace_flag(30.0, "in-flight generations", NOT_SERVING_AT_ONCE)
-
-    @property
-    def transfers_kv(self) -> bool:
-        return self.mode == "decode"
 
     def __post_init__(self) -> None:
         if self.mode == "prefill":
