@@ -177,11 +177,17 @@ def prefill_flops(engine: LLMEngine, params: int, tokens: int) -> float:
     return 2 * params * tokens + attn
 
 
+def pool_pages(batch: int, context: int, steps: int, longest: int, page: int) -> int:
+    """KV pages for ``batch`` decode rows of ``context`` tokens growing by ``steps`` (and a
+    margin), plus two prompts of ``longest`` tokens."""
+    return batch * -(-(context + steps + 16) // page) + 2 * -(-longest // page)
+
+
 def build_engine(cfg: GpuBenchConfig) -> LLMEngine:
     batches, contexts = cfg.ints("decode_batches"), cfg.ints("contexts")
     longest = max(max(contexts) + cfg.steps + 16, max(cfg.ints("prefill_tokens")) + 16)
     page = 16
-    pages = max(batches) * -(-(max(contexts) + cfg.steps + 16) // page) + 2 * -(-longest // page)
+    pages = pool_pages(max(batches), max(contexts), cfg.steps, longest, page)
     return LLMEngine(
         EngineConfig(
             model=cfg.model,

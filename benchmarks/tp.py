@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from benchmarks.cli import BAD_FLAGS, parse_config, write_json
 from benchmarks.config_base import positive_ints
-from benchmarks.gpu import sync, time_decode, time_prefill
+from benchmarks.gpu import pool_pages, sync, time_decode, time_prefill
 from pdmesh.config import add_dataclass_args, flag
 from pdmesh.distributed import TPGroup
 from pdmesh.distributed.spawn import run_ranks
@@ -81,7 +81,7 @@ class SizeResult:
 def _engine(cfg: TPBenchConfig, tp: TPGroup) -> LLMEngine:
     batches = cfg.ints("decode_batches")
     longest = max(cfg.context + cfg.steps + 16, cfg.prefill_tokens + 16)
-    pages = max(batches) * -(-(cfg.context + cfg.steps + 16) // PAGE) + 2 * -(-longest // PAGE)
+    pages = pool_pages(max(batches), cfg.context, cfg.steps, longest, PAGE)
     config = EngineConfig(
         model=cfg.model,
         device=cfg.device,

@@ -40,13 +40,13 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import queue
-import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pdmesh.distributed.spawn import free_port
 from pdmesh.engine.async_engine import STARTS, AsyncEngine, Command
 from pdmesh.engine.config import EngineConfig
 from pdmesh.engine.kv_cache import KVLayout
@@ -105,7 +105,7 @@ class EngineProcess(AsyncEngine):
         before serving). Raises ``RuntimeError`` with the child's reason if it cannot load."""
         ctx = multiprocessing.get_context("spawn")  # fork would copy CUDA and gRPC state
         size = self._config.tp_size
-        init = f"tcp://127.0.0.1:{_free_port()}"
+        init = f"tcp://127.0.0.1:{free_port()}"
         ready: list[multiprocessing.connection.Connection] = []
         for rank in range(1, size):
             parent, child = ctx.Pipe(duplex=False)
@@ -331,12 +331,6 @@ def _await_ready(
                 [c for i, (_, _, c) in enumerate(ranks) if i not in got], timeout=0.2
             )
     return [got[i] for i in range(len(ranks))]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _engine_main(

@@ -62,7 +62,6 @@ from pdmesh.engine.scheduler import ScheduledBatch, Scheduler
 from pdmesh.engine.sequence import FinishReason, Sequence, SequenceStatus, TokenLogprob
 from pdmesh.errors import InvalidRequestError, RequestNotFoundError, ResourceExhaustedError
 from pdmesh.models import loader
-from pdmesh.models.sharding import TPShard
 
 if TYPE_CHECKING:
     from llguidance import LLMatcher
@@ -118,6 +117,7 @@ class LLMEngine:
             mcfg.max_position_embeddings, _MAX_DEFAULT_CONTEXT
         )
         model = loader.load_model(self.source, self.dtype, self.device, self.tp)
+        self.shard = model.shard  # this rank's part: its KV heads size the cache
         self.grammars = GrammarCompiler(
             self.source.path, self.vocab_size, sorted(self.eos_token_ids)
         )
@@ -270,7 +270,7 @@ class LLMEngine:
             num_layers=mcfg.num_layers,
             num_pages=self.blocks.num_pages,
             page_size=self.blocks.page_size,
-            num_kv_heads=self.runner.model.shard.num_kv_heads,
+            num_kv_heads=self.shard.num_kv_heads,
             head_dim=mcfg.head_dim,
             dtype=str(self.dtype).removeprefix("torch."),
             device=str(self.device),
@@ -536,7 +536,7 @@ class LLMEngine:
             mcfg.num_layers
             * 2
             * self.config.page_size
-            * TPShard.of(mcfg, self.tp.rank, self.tp.size).num_kv_heads
+            * self.shard.num_kv_heads
             * mcfg.head_dim
             * torch.tensor([], dtype=self.dtype).element_size()
         )

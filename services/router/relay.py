@@ -203,11 +203,10 @@ def resume(
     """Bring a request another router began up to where the client is: its detokenizer (text
     held back for a stop string or a partial character included) and parsers take the
     ``sent`` tokens as they took them there; what they release was sent already."""
-    vocab = detok.vocab_size if isinstance(detok, Detokenizer) else None
-    if vocab is not None and any(not 0 <= t < vocab for t in sent):
-        bad = [t for t in sent if not 0 <= t < vocab]
+    if isinstance(detok, Detokenizer) and (bad := detok.unknown(sent)):
         raise InvalidRequestError(
-            "resume.output_token_ids", f"ids {bad[:5]} are outside the vocabulary [0, {vocab})"
+            "resume.output_token_ids",
+            f"ids {bad[:5]} are outside the vocabulary [0, {detok.vocab_size})",
         )
     delta = detok.push(sent, False)
     if shaper is not None:

@@ -363,6 +363,10 @@ class Detokenizer:
     def vocab_size(self) -> int:
         return self._vocab_size
 
+    def unknown(self, token_ids: Sequence[int]) -> list[int]:
+        """The ids outside the tokenizer's vocabulary (the Rust decoder would drop them)."""
+        return [t for t in token_ids if not 0 <= t < self._vocab_size]
+
     def push(self, token_ids: Sequence[int], final: bool) -> StreamDelta:
         """The new text (never a partial character nor any part of a stop string), whether a
         stop string matched (``stopped``, ``stop_string``: ids after it are ignored) and the
@@ -376,7 +380,7 @@ class Detokenizer:
         else:
             known = not token_ids or (min(token_ids) >= 0 and max(token_ids) < vocab)
         if not known:
-            bad = [t for t in token_ids if not 0 <= t < vocab]
+            bad = self.unknown(token_ids)
             raise UpstreamError(
                 grpc.StatusCode.INTERNAL,
                 f"the worker generated ids {bad[:5]} outside the tokenizer's vocabulary "

@@ -64,7 +64,7 @@ def load_worker_engine(config: Any, engine_config: EngineConfig) -> LLMEngine | 
     """A worker's engine: in this process, or with ``--engine-process`` or ``--tp-size`` > 1
     in processes of its own (loaded before this returns; one that cannot load raises
     ``RuntimeError`` with its reason)."""
-    if getattr(config, "mode", "aggregated") != "aggregated":
+    if config.mode != "aggregated":
         _refuse_tp(engine_config, f"a --mode {config.mode} worker")
     own_process = config.runs_engine_process(engine_config.torch_device().type)
     if not own_process and engine_config.tp_size == 1:

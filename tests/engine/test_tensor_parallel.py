@@ -30,6 +30,7 @@ from pdmesh.models import loader
 from pdmesh.models.config import ModelConfig
 from pdmesh.models.presets import PRESETS
 from pdmesh.models.sharding import TPShard, shard_errors
+from tests.engine.test_engine_process import _alive
 
 RANK_TIMEOUT_S = 240.0
 PROMPTS = [[1, 17, 300, 42, 9, 1000], [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [2000, 3]]
@@ -147,15 +148,6 @@ SCHEMA = json.dumps(
         "required": ["name", "age"],
     }
 )
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:  # a zombie is dead, only not yet reaped
-        return f.read().split()[2] != "Z"
 
 
 @pytest.mark.model

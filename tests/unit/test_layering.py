@@ -15,6 +15,8 @@ import ast
 from collections import defaultdict
 from pathlib import Path
 
+from tests.unit.test_import_graph import find_cycle, top_level_imports
+
 REPO = Path(__file__).resolve().parents[2]
 TREES = ("pdmesh", "services")
 GENERATED = ("pdmesh.v1", "pdmesh.sglang")  # the gRPC stubs (scripts/gen_protos.sh)
@@ -46,28 +48,8 @@ def under(module: str, prefixes: tuple[str, ...] | list[str]) -> bool:
 
 def imports_of(path: Path) -> set[str]:
     """The modules ``path`` imports at module level (also inside top-level if / try)."""
-    module = module_name(path)
-    is_package = path.name == "__init__.py"
-    found: set[str] = set()
-    nodes: list[ast.stmt] = list(ast.parse(path.read_text(encoding="utf-8")).body)
-    while nodes:
-        node = nodes.pop()
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:  # relative: resolve against this module's package
-                parts = module.split(".")
-                base = parts[: len(parts) - node.level + is_package]
-                name = ".".join([*base, node.module] if node.module else base)
-            else:
-                name = node.module or ""
-            found.add(name)
-            found.update(f"{name}.{alias.name}" for alias in node.names)
-        elif isinstance(node, (ast.If, ast.Try)):
-            nodes.extend(node.body + node.orelse + getattr(node, "finalbody", []))
-            for handler in getattr(node, "handlers", []):
-                nodes.extend(handler.body)
-    return found
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return top_level_imports(tree, module_name(path), path.name == "__init__.py")
 
 
 def modules() -> dict[str, set[str]]:
@@ -95,20 +77,10 @@ def test_no_import_cycle_between_packages() -> None:
             source, target = package_of(module), package_of(name)
             if target != source and name not in TREES:  # ``import pdmesh``: no package
                 graph[source].setdefault(target, f"{module} imports {name}")
-    cycles = []
-    for start in sorted(graph):
-        # depth-first from each package: a path back to it is a cycle
-        stack = [(start, [start])]
-        seen = set()
-        while stack:
-            node, path = stack.pop()
-            for nxt in graph.get(node, {}):
-                if nxt == start:
-                    cycles.append(" -> ".join([*path, start]))
-                elif nxt not in seen:
-                    seen.add(nxt)
-                    stack.append((nxt, [*path, nxt]))
-    assert not cycles, "import cycles between packages:\n" + "\n".join(sorted(set(cycles)))
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle between packages:\n  " + "\n  ".join(
+        f"{a} -> {b} ({graph[a][b]})" for a, b in zip(cycle, cycle[1:])
+    )
 
 
 def test_no_service_imports_another_services_internals() -> None:
